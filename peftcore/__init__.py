@@ -1,0 +1,28 @@
+"""peftcore: parameter-efficient fine-tuning layers written from scratch, peft-compatible on disk."""
+
+from peftcore.checkpoint import load_adapter, save_adapter
+from peftcore.config import IA3Config, LoRAConfig, NF4Config, PromptTuningConfig
+from peftcore.ia3 import IA3Scaler
+from peftcore.lora import LoRALinear
+from peftcore.stats import ParamCount, count_parameters, memory_footprint, print_trainable_parameters
+from peftcore.surgery import disable_adapters, inject, merge, unload, unmerge
+
+__all__ = [
+    "IA3Config",
+    "IA3Scaler",
+    "LoRAConfig",
+    "LoRALinear",
+    "NF4Config",
+    "ParamCount",
+    "PromptTuningConfig",
+    "count_parameters",
+    "disable_adapters",
+    "inject",
+    "load_adapter",
+    "memory_footprint",
+    "merge",
+    "print_trainable_parameters",
+    "save_adapter",
+    "unload",
+    "unmerge",
+]
