@@ -1,0 +1,49 @@
+"""Parameter counts and memory footprint, the two efficiency figures every comparison reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Logical parameter counts: a 4-bit weight counts as its unpacked number of elements."""
+
+    total: int
+    trainable: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:  # the same line peft's print_trainable_parameters prints
+        return (
+            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
+            f"|| trainable%: {self.trainable_percent:.4f}"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Counts each parameter once (tied weights too), plus the weight of every quantized layer."""
+    total = trainable = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    for module in model.modules():
+        if hasattr(module, "dequantize") and hasattr(module, "in_features"):  # NF4Linear: frozen weight in buffers
+            total += module.in_features * module.out_features
+    return ParamCount(total=total, trainable=trainable)
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers as stored (packed 4-bit weights and their
+    quantization state included), each tensor counted once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(count_parameters(model))

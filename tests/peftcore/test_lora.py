@@ -1,0 +1,189 @@
+"""LoRALinear: invariants, and forward/gradient/init parity with HF peft on the same weights."""
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+from conftest import assert_merged_matches_peft, build_t5, t5_batch
+from torch import nn
+
+from peftcore import LoRAConfig, LoRALinear, disable_adapters, inject, merge, unmerge
+from peftcore.surgery import adapter_layers
+
+PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_niter_4": "pissa_niter_4", "olora": "olora"}
+
+
+def peft_lora(model, config: LoRAConfig):
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            init_lora_weights=PEFT_INIT[config.init],
+            use_rslora=config.use_rslora,
+            task_type="SEQ_2_SEQ_LM",
+        ),
+    )
+
+
+def randomise_adapter(model, seed=3):
+    """Non-zero B, so the adapter path actually contributes to outputs and gradients."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.1)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def copy_into_peft(ours, theirs):
+    with torch.no_grad():
+        for name, layer in adapter_layers(ours):
+            ref = theirs.get_submodule("base_model.model." + name)
+            ref.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            ref.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            ref.get_base_layer().weight.copy_(layer.base.weight)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+# --- the layer on its own ---------------------------------------------------------------------
+
+
+def test_kaiming_init_leaves_output_unchanged():
+    base = nn.Linear(32, 24)
+    layer = LoRALinear(copy.deepcopy(base), r=4, alpha=8)
+    x = torch.randn(5, 32)
+    assert torch.equal(layer(x), base(x))
+    assert layer.lora_A.weight.abs().sum() > 0 and layer.lora_B.weight.abs().sum() == 0
+
+
+def test_only_adapter_trains_and_scale_follows_rslora():
+    layer = LoRALinear(nn.Linear(16, 16), r=4, alpha=8, use_rslora=True)
+    assert layer.scale == pytest.approx(8 / math.sqrt(4))
+    assert LoRALinear(nn.Linear(16, 16), r=4, alpha=8).scale == 2.0
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_forward_is_base_plus_scaled_low_rank_update():
+    layer = LoRALinear(nn.Linear(20, 12), r=3, alpha=6)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 20)
+    expected = layer.base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_update_has_rank_at_most_r():
+    layer = LoRALinear(nn.Linear(64, 48), r=5, alpha=5)
+    nn.init.normal_(layer.lora_B.weight)
+    assert torch.linalg.matrix_rank(layer.delta_weight()) <= 5
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "pissa", "pissa_niter_2", "olora"])
+def test_merge_then_unmerge_is_identity(init):
+    base = nn.Linear(40, 30)
+    original = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, alpha=8, init=init).eval()
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(6, 40)
+    before = layer(x)
+    residual = layer.base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, residual, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    if init in ("kaiming", "gaussian"):
+        torch.testing.assert_close(layer.base.weight, original, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_keep_the_output_at_step_zero(init):
+    base = nn.Linear(48, 32)
+    x = torch.randn(3, 48)
+    expected = base(x).detach()
+    layer = LoRALinear(base, r=8, alpha=16, init=init)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapters_runs_the_base_alone(tiny_t5):
+    reference = copy.deepcopy(tiny_t5)
+    inject(tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q", "v")))
+    randomise_adapter(tiny_t5)
+    batch = t5_batch()
+    with torch.no_grad():
+        adapted = tiny_t5(**batch).logits
+        with disable_adapters(tiny_t5):
+            disabled = tiny_t5(**batch).logits
+        again = tiny_t5(**batch).logits
+        base = reference(**batch).logits
+    torch.testing.assert_close(disabled, base)
+    torch.testing.assert_close(again, adapted)
+    assert not torch.allclose(adapted, base)
+    merge(tiny_t5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with disable_adapters(tiny_t5):
+            pass
+    unmerge(tiny_t5)
+
+
+# --- parity with peft --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
+        LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), init="gaussian"),
+        LoRAConfig(r=8, alpha=16, target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), use_rslora=True),
+        LoRAConfig(r=4, alpha=32, target_modules=("q", "v"), dropout=0.1),  # dropout is off in eval
+        LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), init="pissa"),
+        LoRAConfig(r=4, alpha=8, target_modules=("k", "wo"), init="olora"),
+    ],
+    ids=["kaiming", "gaussian", "rslora-all-linear", "dropout-eval", "pissa", "olora"],
+)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_forward_and_gradients_match_peft(twin_tiny_t5, config, merged):
+    ours, theirs = twin_tiny_t5
+    inject(ours, config)
+    theirs = peft_lora(theirs, config)
+    randomise_adapter(ours)
+    copy_into_peft(ours, theirs)
+    ours.eval(), theirs.eval()
+    batch = t5_batch()
+    if merged:
+        assert_merged_matches_peft(ours, theirs, batch, config)
+        return
+    torch.testing.assert_close(loss_and_grads(ours, batch), loss_and_grads(theirs, batch), atol=1e-5, rtol=1e-5)
+    compared = 0
+    for name, layer in adapter_layers(ours):
+        ref = theirs.get_submodule("base_model.model." + name)
+        for mine, other in ((layer.lora_A, ref.lora_A["default"]), (layer.lora_B, ref.lora_B["default"])):
+            torch.testing.assert_close(mine.weight.grad, other.weight.grad, atol=1e-5, rtol=1e-4)
+            compared += 1
+    assert compared > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_principal_inits_match_peft(init):
+    ours = build_t5("t5-tiny")
+    theirs = copy.deepcopy(ours)
+    config = LoRAConfig(r=4, alpha=8, target_modules=("q", "v", "wi"), init=init)
+    torch.manual_seed(7)  # svd_lowrank draws a random projection: same seed, same draw
+    inject(ours, config)
+    torch.manual_seed(7)
+    theirs = peft_lora(theirs, config)
+    for name, layer in adapter_layers(ours):
+        ref = theirs.get_submodule("base_model.model." + name)
+        torch.testing.assert_close(layer.lora_A.weight, ref.lora_A["default"].weight, atol=1e-4, rtol=0)
+        torch.testing.assert_close(layer.lora_B.weight, ref.lora_B["default"].weight, atol=1e-4, rtol=0)
+        torch.testing.assert_close(layer.base.weight, ref.get_base_layer().weight, atol=1e-4, rtol=0)
