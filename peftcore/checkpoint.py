@@ -70,7 +70,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         grad_flags = {id(p): p.requires_grad for p in model.parameters()}
         inject(model, config)
     try:
-        live = _peft_tensors(model, _injected_config(model))
+        live = {**_peft_tensors(model, _injected_config(model)), **_saved_base_weights(model, saved)}
         _check_fits(saved, live, directory)
     except Exception:
         if injected_here:  # roll back: the model leaves exactly as it came
@@ -106,6 +106,13 @@ def _peft_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Te
             for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
                 tensors[f"{PREFIX}{name}.{key}"] = tensor
     return tensors
+
+
+def _saved_base_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft also saves a target's base weight when it is an embedding-tied layer (lm_head:
+    ``save_embedding_layers``); such a tensor is loaded into the base, as peft does."""
+    keys = {f"{PREFIX}{name}.base_layer.weight": layer for name, layer in adapter_layers(model)}
+    return {key: layer.base.weight for key, layer in keys.items() if key in saved}
 
 
 def _check_same_method(current: AdapterConfig, saved: AdapterConfig, directory: Path) -> None:

@@ -1,0 +1,179 @@
+"""Adapters on disk: peft reads what we write, we read what peft writes, bad files are refused."""
+
+import copy
+import json
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+from conftest import build_t5, t5_batch
+
+import peftcore
+from peftcore import IA3Config, LoRAConfig, inject, load_adapter, save_adapter
+from peftcore.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from peftcore.surgery import adapter_layers
+
+CONFIGS = [
+    LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
+    LoRAConfig(r=4, alpha=16, target_modules=("q", "k", "v", "o", "wi", "wo"), use_rslora=True,
+               modules_to_save=("final_layer_norm",)),
+    IA3Config(),
+    IA3Config(target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), feedforward_modules=("wo",)),
+]
+IDS = ["lora-qv", "lora-rslora-all-modules-to-save", "ia3-default", "ia3-all"]
+
+
+def trained(model, config, seed=11):
+    """Inject and move every trainable tensor away from its init, as training would."""
+    inject(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_peft_loads_what_we_save(tmp_path, config):
+    base = build_t5("t5-tiny")
+    ours = trained(copy.deepcopy(base), config)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    batch = t5_batch()
+    torch.testing.assert_close(logits(theirs, batch), logits(ours, batch), atol=1e-5, rtol=1e-5)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["task_type"] == "SEQ_2_SEQ_LM" and saved["peft_type"] in ("LORA", "IA3")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_we_load_what_peft_saves(tmp_path, config):
+    base = build_t5("t5-tiny")
+    reference = build_t5("t5-tiny")
+    if isinstance(config, LoRAConfig):
+        peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                                      use_rslora=config.use_rslora, modules_to_save=list(config.modules_to_save) or None,
+                                      init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+    else:
+        peft_config = peft.IA3Config(target_modules=list(config.target_modules),
+                                     feedforward_modules=list(config.feedforward_modules), task_type="SEQ_2_SEQ_LM")
+    theirs = peft.get_peft_model(reference, peft_config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(base, tmp_path).eval()
+    batch = t5_batch()
+    torch.testing.assert_close(logits(ours, batch), logits(theirs.eval(), batch), atol=1e-5, rtol=1e-5)
+    assert isinstance(ours.peftcore_config, type(config))
+
+
+def test_save_load_round_trip_and_files(tmp_path):
+    ours = trained(build_t5("t5-tiny"), CONFIGS[0])
+    save_adapter(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left
+    keys = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME).keys()
+    assert "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" in keys
+    fresh = load_adapter(build_t5("t5-tiny"), tmp_path).eval()
+    batch = t5_batch()
+    torch.testing.assert_close(logits(fresh, batch), logits(ours, batch))
+    load_adapter(fresh, tmp_path)  # into a model that already holds the same kind of adapter
+
+
+def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    model = trained(build_t5("t5-tiny"), CONFIGS[0])
+    save_adapter(model, tmp_path)
+    before = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peftcore.checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0], seed=99), tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def assert_untouched(model, reference):
+    assert not list(adapter_layers(model)) and not hasattr(model, "peftcore_config")
+    assert all(p.requires_grad for p in model.parameters())
+    for (name, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_adapter_for_another_shape_names_the_key_and_changes_nothing(tmp_path):
+    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    target = build_t5("t5-small", seed=3)
+    target_copy = copy.deepcopy(target)
+    with pytest.raises(ValueError, match=r"missing key|has shape"):
+        load_adapter(target, tmp_path)
+    assert_untouched(target, target_copy)
+
+
+def test_adapter_with_a_wrong_shape_names_the_key(tmp_path):
+    model = trained(build_t5("t5-tiny"), CONFIGS[0])
+    save_adapter(model, tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    key = "base_model.model.decoder.block.1.layer.0.SelfAttention.v.lora_B.weight"
+    tensors[key] = torch.zeros(3, 3)
+    safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME)
+    target = build_t5("t5-tiny")
+    reference = copy.deepcopy(target)
+    with pytest.raises(ValueError, match=r"decoder\.block\.1\.layer\.0\.SelfAttention\.v\.lora_B\.weight.*\(3, 3\)"):
+        load_adapter(target, tmp_path)
+    assert_untouched(target, reference)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    tensors["base_model.model.encoder.block.0.layer.0.SelfAttention.k.lora_A.weight"] = torch.zeros(4, 64)
+    safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"unexpected key '.*SelfAttention\.k\.lora_A\.weight'"):
+        load_adapter(build_t5("t5-tiny"), tmp_path)
+
+
+def test_truncated_or_corrupt_files_are_refused(tmp_path):
+    model = build_t5("t5-tiny")
+    reference = copy.deepcopy(model)
+    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(model, tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(model, tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter(model, tmp_path)
+    assert_untouched(model, reference)
+
+
+def test_unsupported_adapter_kinds_are_refused(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(ValueError, match="'PREFIX_TUNING' is not supported"):
+        load_adapter(build_t5("t5-tiny"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter directory"):
+        load_adapter(build_t5("t5-tiny"), tmp_path / "missing")
+
+
+def test_loading_into_a_model_with_a_different_adapter_is_refused(tmp_path):
+    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    model = trained(build_t5("t5-tiny"), LoRAConfig(r=8, alpha=8, target_modules=("q", "v")))
+    with pytest.raises(ValueError, match="already holds"):
+        load_adapter(model, tmp_path)
+
+
+def test_save_without_adapter_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no adapter"):
+        save_adapter(build_t5("t5-tiny"), tmp_path)
