@@ -1,0 +1,1 @@
+"""Lightning glue that fine-tunes T5 with peftcore on dialogue summarisation (TweetSumm)."""
