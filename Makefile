@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Offline: fit LoRA on a random-init t5-tiny with the bundled tokenizer and TweetSumm, then test.
 demo: $(STAMP)
-	$(PY) -m experiments.demo
+	$(PY) -m experiments fit --config experiments/configs/demo.yaml
+	$(PY) -m experiments test --config experiments/configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -316,7 +316,7 @@ class LengthGroupedBatchSampler(BatchSampler):
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         generator = torch.Generator().manual_seed(self.seed + getattr(self.sampler, "epoch", 0))
-        return iter([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
 # ----------------------------------------------------------------------------- data module

@@ -1,0 +1,302 @@
+"""Seq2SeqFineTuner: one LightningModule for every method (full, LoRA, QLoRA, IA3).
+
+The model is built, optionally quantized, then given an adapter, all in ``__init__``:
+
+    from_pretrained(name | path)  or  T5 config of a named shape with random weights (explicit)
+    -> peftcore.quantize(model, NF4Config)      (QLoRA)
+    -> peftcore.inject(model, LoRAConfig | IA3Config)
+
+Checkpoints hold only what trains (plus optimizer, scheduler and loop state), so a t5-base LoRA
+checkpoint is megabytes; the frozen base is rebuilt from the same settings on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.fabric.utilities.data import _set_sampler_epoch
+import torch
+import transformers
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+import peftcore
+from peftcore.config import NF4Config
+from peftcore.t5 import SHAPES, t5_config
+from experiments.metrics import ROUGE_KEYS, Rouge
+
+OPTIMIZERS = ("adamw", "paged_adamw")
+
+# Checkpoints store the hyperparameters, method configs included; torch.load(weights_only=True)
+# (Lightning's default on resume) unpickles only allow-listed classes. These are plain dataclasses.
+torch.serialization.add_safe_globals(
+    [peftcore.LoRAConfig, peftcore.IA3Config, peftcore.NF4Config, peftcore.PromptTuningConfig]
+)
+
+
+def build_model(
+    pretrained: Optional[str], shape: Optional[str], random_init: bool, gated: bool, dropout_rate: Optional[float]
+) -> transformers.T5ForConditionalGeneration:
+    """Exactly one of: real weights from ``pretrained``, or a named shape with ``random_init``."""
+    if pretrained and shape:
+        raise ValueError(f"give either pretrained ({pretrained!r}) or shape ({shape!r}), not both")
+    overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    if pretrained:
+        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, **overrides)
+    if not shape:
+        raise ValueError("set pretrained (a hub name such as google-t5/t5-base, or a local path) or shape")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known shapes: {sorted(SHAPES)}")
+    if not random_init:
+        raise ValueError(
+            f"shape={shape!r} builds a model with random weights; set random_init: true to ask for that explicitly, "
+            "or set pretrained to load real weights"
+        )
+    config = t5_config(shape, gated=gated)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+class Seq2SeqFineTuner(L.LightningModule):
+    """Fine-tunes a T5 model for summarisation with full fine-tuning or any peftcore method.
+
+    Args:
+        pretrained: hub name (``google-t5/t5-base``) or local directory of real weights.
+        shape: build from a config instead: ``t5-tiny`` | ``t5-small`` | ``t5-base``.
+        random_init: must be true with ``shape``: random weights are only ever asked for.
+        gated: with ``shape``, the gated feed-forward of T5 v1.1 / flan-t5.
+        dropout_rate: override the model's dropout (None keeps the model's own).
+        peft: the method's config, e.g. ``{class_path: peftcore.LoRAConfig, init_args: {r: 8}}``;
+            None trains every weight (full fine-tuning).
+        quantization: an NF4Config to quantize the frozen base first (QLoRA); None keeps it as loaded.
+        optimizer: ``adamw`` (torch) or ``paged_adamw`` (peftcore.PagedAdamW).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay, applied to matrices only (not to biases, norms,
+            or IA3 vectors, which decay toward a meaningless zero).
+        betas: AdamW betas.
+        warmup_ratio: fraction of the training steps with linear warm-up; then linear decay to 0.
+        gpu_budget_bytes: PagedAdamW's device budget for optimizer state (None: all on device).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        num_beams: beams for generation in validation/test/predict.
+        max_new_tokens: longest generated summary.
+        generate_in_validation: score ROUGE on generated summaries in validation (slower).
+        export_best_adapter: after each validation with a new best loss, save the adapter in
+            peft's format to ``<log_dir>/best_adapter``.
+        predictions_path: where ``predict`` writes JSONL ``{id, dialogue, reference, prediction}``;
+            default ``<log_dir>/predictions.jsonl``.
+    """
+
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        shape: Optional[str] = None,
+        random_init: bool = False,
+        gated: bool = False,
+        dropout_rate: Optional[float] = None,
+        peft: Optional[Any] = None,
+        quantization: Optional[NF4Config] = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.0,
+        gpu_budget_bytes: Optional[int] = None,
+        gradient_checkpointing: bool = False,
+        num_beams: int = 1,
+        max_new_tokens: int = 64,
+        generate_in_validation: bool = True,
+        export_best_adapter: bool = True,
+        predictions_path: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        self.model = build_model(pretrained, shape, random_init, gated, dropout_rate)
+        if quantization is not None:
+            peftcore.quantize(self.model, quantization)
+        if peft is not None:
+            peftcore.inject(self.model, peft)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing lets gradients reach the adapter even when the
+            # checkpointed block's inputs (frozen embeddings) do not require grad.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.strict_loading = False  # checkpoints hold only the trainable part
+        self.val_rouge, self.test_rouge = Rouge(), Rouge()
+        self.best_val_loss = math.inf
+        self._predictions: list[dict] = []
+        self._step_started = 0.0
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def efficiency(self) -> dict[str, float]:
+        counts = peftcore.count_parameters(self.model)
+        return {
+            "all_params": counts.total,
+            "trainable_params": counts.trainable,
+            "trainable_params_percent": counts.trainable_percent,
+            "memory_footprint": peftcore.memory_footprint(self.model) / 2**30,
+        }
+
+    def on_fit_start(self) -> None:
+        stats = self.efficiency()
+        rank_zero_info(f"{peftcore.count_parameters(self.model)} || memory footprint: {stats['memory_footprint']:.4f} GiB")
+        if self.logger is not None:
+            self.logger.log_hyperparams(self.hparams, {f"params/{k}": v for k, v in stats.items()})
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning seeds the sampler with its count of finished epochs, which is one short when a
+        # run resumes from a checkpoint written at an epoch's end: the resumed epoch would replay
+        # the previous one's order. current_epoch is right in both cases.
+        _set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        size = len(batch["ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/padding_fraction", batch["padding_fraction"], batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        self.log("train/tokens_per_s", tokens / elapsed, batch_size=len(batch["ids"]))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["ids"]))
+
+    def _evaluate(self, batch: dict, stage: str, rouge: Rouge, generate: bool) -> None:
+        size = len(batch["ids"])
+        self.log(f"{stage}/loss", self(batch), prog_bar=True, batch_size=size, sync_dist=True)
+        if generate:
+            rouge.update(self.generate_summaries(batch), batch["references"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_rouge, self.hparams.generate_in_validation)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_rouge, True)
+
+    def _log_rouge(self, stage: str, rouge: Rouge) -> None:
+        if rouge.update_count == 0:
+            return
+        scores = rouge.compute()
+        for key in ROUGE_KEYS:
+            self.log(f"{stage}/{key}", scores[key].float(), prog_bar=key == "rougeL", sync_dist=False)
+        rouge.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rouge("val", self.val_rouge)
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None and not self.trainer.sanity_checking and float(loss) < self.best_val_loss:
+            self.best_val_loss = float(loss)
+            if self.hparams.export_best_adapter and self.hparams.peft is not None:
+                self._export_adapter(Path(self._log_dir()) / "best_adapter")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rouge("test", self.test_rouge)
+
+    @torch.no_grad()
+    def generate_summaries(self, batch: dict) -> list[str]:
+        tokens = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            num_beams=self.hparams.num_beams,
+            max_new_tokens=self.hparams.max_new_tokens,
+        )
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    @property
+    def tokenizer(self):
+        return self.trainer.datamodule.tokenizer
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        rows = [
+            {"id": i, "dialogue": src, "reference": refs[0] if len(refs) == 1 else refs, "prediction": pred}
+            for i, src, refs, pred in zip(batch["ids"], batch["sources"], batch["references"], self.generate_summaries(batch))
+        ]
+        self._predictions.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        path = Path(self.hparams.predictions_path or Path(self._log_dir()) / "predictions.jsonl")
+        if self.trainer.world_size > 1:
+            path = path.with_suffix(f".rank{self.global_rank}.jsonl")
+        write_jsonl_atomically(path, self._predictions)
+        rank_zero_info(f"wrote {len(self._predictions)} predictions to {path}")
+        self._predictions = []
+
+    # --- optimisation -------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if self.hparams.optimizer == "paged_adamw":
+            optimizer = peftcore.PagedAdamW(
+                groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), gpu_budget_bytes=self.hparams.gpu_budget_bytes
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(total * self.hparams.warmup_ratio)
+
+        def linear_warmup_then_decay(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: the trainable part only -------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["best_val_loss"] = self.best_val_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(expected - checkpoint["state_dict"].keys())
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]!r}); "
+                "was it written with another peft method, target_modules or model?"
+            )
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+
+    @rank_zero_only
+    def _export_adapter(self, path: Path) -> None:
+        peftcore.save_adapter(self.model, path)
+
+    def _log_dir(self) -> str:
+        logger = self.trainer.logger
+        return (logger.log_dir if logger is not None and logger.log_dir else None) or self.trainer.default_root_dir
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""Seq2SeqFineTuner and the CLI: configs parse, fit runs, resume is exact, checkpoints hold only the
+adapter, the exported adapter loads, bad settings are refused, DDP runs on 2 CPU processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import peftcore
+from experiments.__main__ import lightning_cli
+from experiments.data import DialogSummaryDataModule
+from experiments.module import Seq2SeqFineTuner, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
+LORA = peftcore.LoRAConfig(r=4, alpha=8, target_modules=("q", "v"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_round_trips_through_print_config(config, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        lightning_cli(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "trainer:" in printed
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--config", str(again), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+def test_study_configs_hold_the_study_settings(capsys):
+    def printed(name):
+        with pytest.raises(SystemExit):
+            lightning_cli(["fit", "--config", str(ROOT / "experiments/configs" / name), "--print_config"])
+        return capsys.readouterr().out
+
+    lora, qlora, ia3 = printed("lora.yaml"), printed("qlora.yaml"), printed("ia3.yaml")
+    assert "r: 32" in lora and "alpha: 64" in lora and "lm_head" in lora and "max_epochs: 3" in lora
+    assert "r: 16" in qlora and "double_quant: true" in qlora and "paged_adamw" in qlora
+    assert "IA3Config" in ia3 and "max_epochs: 5" in ia3
+
+
+def test_a_typo_in_a_config_key_is_named(capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--config", str(ROOT / "experiments/configs/demo.yaml"), "--model.learning_rate=0.1"])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_fit_through_the_cli_entry_point(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli([
+        "fit", "--config", str(ROOT / "experiments/configs/demo.yaml"),
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+        "--data.limit_train=12", "--data.limit_val=4", "--data.batch_size=4",
+        "--model.max_new_tokens=8",
+    ])
+    assert cli.trainer.global_step == 3
+    assert (tmp_path / "runs/demo/checkpoints/last.ckpt").exists()
+    assert "val/rougeL" in cli.trainer.callback_metrics
+    adapter = Path(cli.trainer.logger.log_dir) / "best_adapter"
+    L.seed_everything(0)  # the CLI seeds before building: the same random base again
+    fresh = build_model(None, "t5-tiny", True, False, 0.0)
+    peftcore.load_adapter(fresh, adapter)
+    trained = cli.model.model.eval()
+    x = torch.randint(2, 1000, (2, 9))
+    with torch.no_grad():
+        # modules_to_save: [shared] trains the tied embeddings, which the adapter carries in full
+        torch.testing.assert_close(fresh.eval()(input_ids=x, labels=x).logits, trained(input_ids=x, labels=x).logits)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+class StopAfterFirstEpoch(Callback):
+    """An interruption: the run is configured for 2 epochs (same LR schedule) but stops after 1."""
+
+    def on_train_epoch_end(self, trainer, module):
+        trainer.should_stop = True
+
+
+def tiny_run(tmp_path, max_epochs, ckpt_path=None, interrupt=False, **module_kwargs):
+    L.seed_everything(0)
+    module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, dropout_rate=0.0, peft=LORA, lr=1e-2,
+                              generate_in_validation=False, **module_kwargs)
+    data = DialogSummaryDataModule(limit_train=16, limit_val=4, batch_size=4, max_source_length=64,
+                                   max_target_length=16)
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)] + [StopAfterFirstEpoch()] * interrupt,
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return recorder.losses, trainer, module
+
+
+def test_resume_continues_exactly_and_checkpoints_hold_only_the_adapter(tmp_path):
+    straight, _, _ = tiny_run(tmp_path / "a", max_epochs=2)
+    first, _, _ = tiny_run(tmp_path / "b", max_epochs=2, interrupt=True)
+    resumed, _, _ = tiny_run(tmp_path / "c", max_epochs=2, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert len(straight) == 8 and first == straight[:4]
+    assert resumed == pytest.approx(straight[4:], abs=1e-6)
+    assert straight[-1] < straight[0]
+    state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    assert "optimizer_states" in torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+
+
+def test_resuming_with_another_method_is_refused(tmp_path):
+    tiny_run(tmp_path / "b", max_epochs=1)
+    L.seed_everything(0)
+    module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, peft=peftcore.IA3Config())
+    checkpoint = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+    with pytest.raises(ValueError, match="lacks .* trainable tensors"):
+        module.on_load_checkpoint(checkpoint)
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients():
+    def grads(checkpointing):
+        L.seed_everything(0)
+        module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, dropout_rate=0.0, peft=LORA,
+                                  gradient_checkpointing=checkpointing)
+        module.model.train()
+        batch = {"input_ids": torch.randint(2, 1000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long),
+                 "labels": torch.randint(2, 1000, (2, 5))}
+        module(batch).backward()
+        return {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in checkpointed.items() if "lora_B" in n)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(shape="t5-tiny"), "set random_init: true"),
+        (dict(), "set pretrained"),
+        (dict(pretrained="google-t5/t5-base", shape="t5-tiny"), "not both"),
+        (dict(shape="t5-huge", random_init=True), "unknown shape 't5-huge'"),
+        (dict(shape="t5-tiny", random_init=True, optimizer="sgd"), "optimizer must be one of"),
+    ],
+)
+def test_bad_model_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Seq2SeqFineTuner(**kwargs)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments", "fit", "--config", str(ROOT / "experiments/configs/demo.yaml"),
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
+         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+         "--data.limit_train=16", "--data.limit_val=4", "--data.batch_size=4", "--model.max_new_tokens=4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "runs/demo/checkpoints/last.ckpt").exists()
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
