@@ -4,6 +4,8 @@ from peftcore.checkpoint import load_adapter, save_adapter
 from peftcore.config import IA3Config, LoRAConfig, NF4Config, PromptTuningConfig
 from peftcore.ia3 import IA3Scaler
 from peftcore.lora import LoRALinear
+from peftcore.nf4 import NF4Linear, quantize
+from peftcore.paged import PagedAdamW
 from peftcore.stats import ParamCount, count_parameters, memory_footprint, print_trainable_parameters
 from peftcore.surgery import disable_adapters, inject, merge, unload, unmerge
 
@@ -13,6 +15,8 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "NF4Config",
+    "NF4Linear",
+    "PagedAdamW",
     "ParamCount",
     "PromptTuningConfig",
     "count_parameters",
@@ -22,6 +26,7 @@ __all__ = [
     "memory_footprint",
     "merge",
     "print_trainable_parameters",
+    "quantize",
     "save_adapter",
     "unload",
     "unmerge",
