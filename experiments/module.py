@@ -135,6 +135,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         self.best_val_loss = math.inf
         self._predictions: list[dict] = []
         self._step_started = 0.0
+        self.train_runtime = 0.0  # seconds of fit, summed over resumed runs
+        self._fit_started: Optional[float] = None
 
     # --- reports ------------------------------------------------------------------------------
 
@@ -146,6 +148,13 @@ class Seq2SeqFineTuner(L.LightningModule):
             "trainable_params_percent": counts.trainable_percent,
             "memory_footprint": peftcore.memory_footprint(self.model) / 2**30,
         }
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def _runtime(self) -> float:
+        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self.train_runtime + running
 
     def on_fit_start(self) -> None:
         stats = self.efficiency()
@@ -273,6 +282,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["best_val_loss"] = self.best_val_loss
+        checkpoint["train_runtime"] = self._runtime()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
@@ -283,6 +293,7 @@ class Seq2SeqFineTuner(L.LightningModule):
                 "was it written with another peft method, target_modules or model?"
             )
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        self.train_runtime = checkpoint.get("train_runtime", 0.0)
 
     @rank_zero_only
     def _export_adapter(self, path: Path) -> None:
