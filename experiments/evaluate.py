@@ -37,7 +37,7 @@ def evaluate(
     max_new_tokens: Optional[int] = None,
     bertscore_model: Optional[str] = "roberta-large",
     bertscore_layers: Optional[int] = None,
-    geval: Optional[GEvalConfig] = None,
+    geval: GEvalConfig = GEvalConfig(),
     overrides: Optional[list[str]] = None,
 ) -> dict:
     """Evaluate one run on its config's test split and write ``<output_dir>/<run_name>/eval_record.json``.
