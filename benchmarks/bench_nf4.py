@@ -1,6 +1,6 @@
 """NF4 quantize / dequantize speed: peftcore.nf4 next to bitsandbytes, on the current device.
 
-    python -m benchmarks.bench_nf4 [--repeats 20] [--device cuda]
+    python -m benchmarks.bench_nf4 [--repeats 20] [--device cuda] [--threads 1]
 
 For t5-base-sized weights (768x768 attention, 3072x768 feed-forward) it times, in one run:
 quantization of an fp32 weight with double quantization (QLoRA's setting) and dequantization to
@@ -34,19 +34,21 @@ SHAPES = {"attention 768x768": (768, 768), "feed-forward 3072x768": (3072, 768)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds, after two warm-up calls."""
+def median_ms(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
+    """Median wall time of each function in milliseconds, after two warm-up calls. The functions run
+    in turn within each repeat, so that other load on the machine hits them alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    times = []
+    for fn in fns:
+        fn(), fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def device_name(device: torch.device) -> str:
@@ -94,7 +96,7 @@ def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeat
         )
     rows = []
     for op, fn_ours, fn_theirs, identical in cases:
-        ours_ms, theirs_ms = median_ms(fn_ours, repeats, device), median_ms(fn_theirs, repeats, device)
+        ours_ms, theirs_ms = median_ms([fn_ours, fn_theirs], repeats, device)
         rows.append(
             dict(
                 op=op,
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median is reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

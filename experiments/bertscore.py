@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import bert_score
+from experiments.metrics import check_references
 
 DEFAULT_MODEL = "roberta-large"
 # A name, not a path, so that configs can ask for it: resolved to the package's directory at run time.
@@ -54,14 +55,7 @@ def offline_model_path() -> str:
 def _check(predictions: list[str], references: list[list[str]]) -> None:
     if not predictions:
         raise ValueError("bert_scores needs at least one prediction")
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} reference lists; "
-            "each prediction needs the list of its references"
-        )
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or not refs:
-            raise ValueError(f"references[{i}] must be a non-empty list of strings, got {refs!r}")
+    check_references(predictions, references)
 
 
 def _check_local_model(model_type: str) -> None:

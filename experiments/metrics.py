@@ -34,7 +34,7 @@ def _scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
 
-def _check(predictions: list[str], references: list[list[str]]) -> None:
+def check_references(predictions: list[str], references: list[list[str]]) -> None:
     if len(predictions) != len(references):
         raise ValueError(
             f"got {len(predictions)} predictions but {len(references)} reference lists; "
@@ -75,7 +75,7 @@ class Rouge(Metric):
 
     def update(self, predictions: list[str], references: list[list[str]]) -> None:
         """Score one batch: ``references[i]`` holds every reference summary of example ``i``."""
-        _check(predictions, references)
+        check_references(predictions, references)
         for prediction, refs in zip(predictions, references):
             for key, value in _best_f1(self.scorer, prediction, refs).items():
                 setattr(self, key, getattr(self, key) + value)
