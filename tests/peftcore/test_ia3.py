@@ -8,7 +8,7 @@ import torch
 from conftest import assert_merged_matches_peft, t5_batch
 from torch import nn
 
-from peftcore import IA3Config, IA3Scaler, inject, merge, unmerge
+from peftcore import IA3Config, IA3Scaler, inject, unmerge
 from peftcore.surgery import adapter_layers
 
 
