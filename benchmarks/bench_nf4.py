@@ -7,20 +7,19 @@ quantization of an fp32 weight with double quantization (QLoRA's setting) and de
 bf16 (what every forward pass does), median over ``--repeats`` runs after a warm-up (and the
 fastest run, which shared machines disturb least). It checks that both libraries produce identical
 results, prints a table (ratio = ours / bitsandbytes, below 1 is faster) and writes JSON to
-``benchmarks/results/bench_nf4_<device>.json``. On CUDA it also times ``torch.compile(dequantize_nf4)``
-against bitsandbytes' dequantization kernel.
+``benchmarks/results/bench_nf4_<device>.json``.
+
+On CUDA it adds: our Triton kernel (the default there) and ``torch.compile`` of the PyTorch path,
+each against bitsandbytes' kernel, timed with CUDA events; a large 16384x16384 weight, where the
+kernels rather than the launches set the time; and the achieved bandwidth of each dequantization
+(bytes read + written) next to the device-to-device copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,38 +28,34 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 
-from peftcore.nf4 import dequantize_nf4, quantize_nf4
+from benchmarks.common import (
+    machine,
+    measured_ceilings,
+    print_table,
+    ratio,
+    summary,
+    time_gpu_kernel,
+    time_interleaved,
+    write_result,
+)
+from peftcore.nf4 import dequantize_nf4, quantize_nf4, triton_available
 
 SHAPES = {"attention 768x768": (768, 768), "feed-forward 3072x768": (3072, 768)}
-RESULTS = Path(__file__).resolve().parent / "results"
+LARGE = {"large 16384x16384": (16384, 16384)}  # CUDA only: 268 M weights, 671 MB moved per bf16 dequantization
 
 
-def time_ms(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[list[float]]:
-    """Wall times of each function in milliseconds, after two warm-up calls. The functions run in
-    turn within each repeat, so that other load on the machine hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:
-        fn(), fn()
-    times: list[list[float]] = [[] for _ in fns]
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """CUDA: each function timed with events, the two taking turns; CPU: wall clock, interleaved."""
+    if device.type != "cuda":
+        return time_interleaved(fns, repeats, device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append((time.perf_counter() - start) * 1e3)
-    return times
+        for name, fn in fns.items():
+            samples[name] += time_gpu_kernel(fn, repeats=1, warmup=1)
+    return samples
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = "cuda-" + torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu-{torch.get_num_threads()}threads"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-
-
-def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeats: int) -> list[dict]:
+def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeats: int, quantize: bool) -> list[dict]:
     import bitsandbytes.functional as BF
 
     weight = 0.02 * torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -68,67 +63,90 @@ def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeat
     packed, theirs = BF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
     theirs.dtype = torch.bfloat16
     same_state = torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, theirs.absmax)
-    same_weight = torch.equal(dequantize_nf4(ours, torch.bfloat16), BF.dequantize_4bit(packed, theirs))
+    reference = BF.dequantize_4bit(packed, theirs)
+    n = weight.numel()
+    moved = n // 2 + n * 2 + ours.absmax.numel()  # packed bytes read, bf16 written, 8-bit absmax read
 
-    cases = [
-        (
-            "quantize fp32 -> nf4 (+double quant)",
-            lambda: quantize_nf4(weight, 64, double_quant=True),
-            lambda: BF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
-            same_state,
-        ),
-        (
-            "dequantize nf4 -> bf16",
-            lambda: dequantize_nf4(ours, torch.bfloat16),
-            lambda: BF.dequantize_4bit(packed, theirs),
-            same_weight,
-        ),
-    ]
+    cases = []
+    if quantize:
+        cases.append(("quantize fp32 -> nf4 (+double quant)", lambda: quantize_nf4(weight, 64, double_quant=True),
+                      lambda: BF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
+                      same_state))
+    cases.append(("dequantize nf4 -> bf16, torch ops", lambda: dequantize_nf4(ours, torch.bfloat16, backend="torch"),
+                  lambda: BF.dequantize_4bit(packed, theirs),
+                  torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="torch"), reference)))
     if device.type == "cuda":
-        compiled = torch.compile(dequantize_nf4)
-        same_compiled = torch.equal(compiled(ours, torch.bfloat16), BF.dequantize_4bit(packed, theirs))
-        cases.append(
-            (
-                "dequantize nf4 -> bf16, torch.compile",
-                lambda: compiled(ours, torch.bfloat16),
-                lambda: BF.dequantize_4bit(packed, theirs),
-                same_compiled,
-            )
-        )
+        if triton_available():
+            cases.append(("dequantize nf4 -> bf16, Triton kernel",
+                          lambda: dequantize_nf4(ours, torch.bfloat16, backend="triton"),
+                          lambda: BF.dequantize_4bit(packed, theirs),
+                          torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="triton"), reference)))
+        compiled = torch.compile(lambda state: dequantize_nf4(state, torch.bfloat16, backend="torch"))
+        cases.append(("dequantize nf4 -> bf16, torch.compile", lambda: compiled(ours),
+                      lambda: BF.dequantize_4bit(packed, theirs), torch.equal(compiled(ours), reference)))
     rows = []
     for op, fn_ours, fn_theirs, identical in cases:
-        times_ours, times_theirs = time_ms([fn_ours, fn_theirs], repeats, device)
-        ours_ms, theirs_ms = statistics.median(times_ours), statistics.median(times_theirs)
-        rows.append(
-            dict(
-                op=op,
-                weight=label,
-                ours_ms=round(ours_ms, 4),
-                bitsandbytes_ms=round(theirs_ms, 4),
-                ratio=round(ours_ms / theirs_ms, 3),
-                # the fastest run is the least disturbed by other work on a shared machine
-                ours_min_ms=round(min(times_ours), 4),
-                bitsandbytes_min_ms=round(min(times_theirs), 4),
-                ratio_of_min=round(min(times_ours) / min(times_theirs), 3),
-                identical=bool(identical),
-            )
-        )
+        times = timed({"ours": fn_ours, "bitsandbytes": fn_theirs}, repeats, device)
+        row = dict(op=op, weight=label, identical=bool(identical), ours_ms=summary(times["ours"]),
+                   bitsandbytes_ms=summary(times["bitsandbytes"]), ratio=ratio(times["ours"], times["bitsandbytes"]))
+        if op.startswith("dequantize"):
+            row["bytes_moved"] = moved
+            row["ours_gb_s"] = round(moved / (row["ours_ms"]["median"] * 1e-3) / 1e9, 1)
+            row["bitsandbytes_gb_s"] = round(moved / (row["bitsandbytes_ms"]["median"] * 1e-3) / 1e9, 1)
+        rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict], title: str) -> None:
-    header = ("operation", "weight", "peftcore ms", "bnb ms", "ratio", "ratio of fastest runs", "identical")
-    lines = [
-        (r["op"], r["weight"], f"{r['ours_ms']:.3f}", f"{r['bitsandbytes_ms']:.3f}", f"{r['ratio']:.2f}",
-         f"{r['ratio_of_min']:.2f}", "yes" if r["identical"] else "NO")
-        for r in rows
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    print(title)
-    for i, line in enumerate([header, *lines]):
-        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+def sweep_triton(device: torch.device, repeats: int) -> list[dict]:
+    """Time the Triton kernel over its launch settings (bytes per program, warps per program)."""
+    from peftcore import nf4_triton
+    from peftcore.nf4 import _table
+
+    rows = []
+    for label, shape in {**SHAPES, **LARGE}.items():
+        weight = 0.02 * torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0))
+        s = quantize_nf4(weight, 64, double_quant=True)
+        n = weight.numel()
+        moved = n // 2 + n * 2 + s.absmax.numel()
+        for per_program in (512, 1024, 2048, 4096):
+            for warps in (2, 4, 8):
+                def run() -> torch.Tensor:
+                    return nf4_triton.dequantize(s.packed, s.absmax, s.absmax2, s.offset, _table("nf4", device),
+                                                 _table("dynamic8", device), s.shape, 64, torch.bfloat16,
+                                                 bytes_per_program=per_program, num_warps=warps)
+                ms = statistics.median(time_gpu_kernel(run, repeats=repeats, warmup=3))
+                rows.append(dict(weight=label, bytes_per_program=per_program, num_warps=warps, ms=round(ms, 5),
+                                 gb_s=round(moved / (ms * 1e-3) / 1e9, 1)))
+    return rows
+
+
+def probe_reciprocals(device: torch.device) -> list[dict]:
+    """Which ``1 / absmax`` reproduces bitsandbytes' CUDA quantization: for each candidate PTX
+    instruction, the number of packed NF4 bytes and 8-bit absmax codes (double quantization) that
+    differ from bitsandbytes' on 16.8 M Gaussian weights. The library uses the one with no difference."""
+    import bitsandbytes.functional as BF
+
+    from peftcore import nf4_triton
+    from peftcore.nf4 import _table
+
+    rows = []
+    for blocksize in (64, 128, 256):
+        weight = 0.02 * torch.randn(4096 * 4096, device=device, generator=torch.Generator(device).manual_seed(blocksize))
+        packed, theirs = BF.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        blocks = weight.view(-1, blocksize)
+        absmax = blocks.abs().amax(dim=1)
+        centred = (absmax - absmax.mean()).view(-1, 256)
+        absmax2 = centred.abs().amax(dim=1)
+        for name in nf4_triton.RECIPROCALS:
+            scaled = (blocks * nf4_triton.reciprocal(absmax, name).unsqueeze(1)).clamp(-1, 1).view(-1)
+            q = torch.bucketize(scaled, _table("nf4_midpoints", device)).to(torch.uint8)
+            ours = (q[0::2] << 4) | q[1::2]
+            scaled8 = (centred * nf4_triton.reciprocal(absmax2, name).unsqueeze(1)).clamp(-1, 1).view(-1)
+            q8 = torch.bucketize(scaled8, _table("dynamic8_midpoints", device)).to(torch.uint8)
+            rows.append(dict(blocksize=blocksize, reciprocal=name,
+                             nf4_bytes_differing=int((ours != packed.view(-1)).sum()),
+                             absmax_codes_differing=int((q8 != theirs.absmax).sum()), bytes=ours.numel()))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median is reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernel's launch settings")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,27 +162,34 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
-    import bitsandbytes
-
-    rows = [row for label, shape in SHAPES.items() for row in bench_shape(label, shape, device, args.repeats)]
-    name = device_name(device)
-    result = dict(
-        benchmark="nf4 quantize/dequantize, blocksize 64, double quantization",
-        device=name,
-        cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        bitsandbytes=bitsandbytes.__version__,
-        threads=torch.get_num_threads(),
-        load_average=[round(x, 2) for x in os.getloadavg()],  # other work on the machine skews CPU timings
-        repeats=args.repeats,
-        results=rows,
-    )
-    print_table(rows, f"NF4 on {name} (torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-                      f"median of {args.repeats})")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"bench_nf4_{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    shapes = {**SHAPES, **(LARGE if device.type == "cuda" else {})}
+    rows = [row for label, shape in shapes.items()
+            for row in bench_shape(label, shape, device, args.repeats, quantize=label in SHAPES)]
+    result = dict(benchmark="nf4 quantize/dequantize, blocksize 64, double quantization", machine=machine(device),
+                  ceilings=measured_ceilings(device), repeats=args.repeats, results=rows)
+    if args.sweep and device.type == "cuda":
+        result["reciprocal_probe"] = probe_reciprocals(device)
+        for row in result["reciprocal_probe"]:
+            print("reciprocal probe:", row)
+        result["triton_sweep"] = sweep_triton(device, args.repeats)
+        best = {}
+        for r in result["triton_sweep"]:
+            if r["weight"] not in best or r["ms"] < best[r["weight"]]["ms"]:
+                best[r["weight"]] = r
+        print("fastest Triton launch settings:", best)
+    copy_bw = result["ceilings"].get("copy_bandwidth_gb_s")
+    table = []
+    for r in rows:
+        bw = f"{r['ours_gb_s']} GB/s" + (f" ({100 * r['ours_gb_s'] / copy_bw:.0f}% of copy)" if copy_bw else "") \
+            if "ours_gb_s" in r else ""
+        table.append((r["op"], r["weight"], r["ours_ms"]["median"], r["bitsandbytes_ms"]["median"],
+                      f"{r['ratio']['median']:.2f} [{r['ratio']['low']:.2f}, {r['ratio']['high']:.2f}]",
+                      bw, "yes" if r["identical"] else "NO"))
+    print_table(("operation", "weight", "peftcore ms", "bnb ms", "ratio [range]", "our bandwidth", "identical"),
+                table, f"NF4 on {result['machine']['device']}, median of {args.repeats} "
+                       f"(copy bandwidth {copy_bw} GB/s)" if copy_bw else f"NF4 on {result['machine']['device']}")
+    path = write_result("bench_nf4", device, result)
+    print(f"wrote {path}")
     return result
 
 

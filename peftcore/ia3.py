@@ -50,10 +50,11 @@ class IA3Scaler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base(x)
+        # Type promotion multiplies in the vector's float32 (what an explicit up-cast would do) in one kernel.
         if self.feedforward:
-            return self.base((x.to(self.scale.dtype) * self.scale).to(x.dtype))
+            return self.base((x * self.scale).to(x.dtype))
         result = self.base(x)
-        return (result.to(self.scale.dtype) * self.scale).to(result.dtype)
+        return (result * self.scale).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

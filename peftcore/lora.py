@@ -78,7 +78,13 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if self.disabled or self.merged:
             return result
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        # Under autocast the adapter's matmuls run in the autocast dtype whatever x's dtype is, so
+        # casting x to the adapter's float32 first would only add two casts per layer.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(x)))
+        if update.dtype == result.dtype:
+            return torch.add(result, update, alpha=self.scale)  # one kernel for the scale and the sum
         return result + (update * self.scale).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

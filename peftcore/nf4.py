@@ -35,7 +35,10 @@ The 8-bit rounding: CPU versus CUDA (bitsandbytes 0.50). Both backends scale ``c
   weights of those blocks differ by up to ~5e-4 for weights of scale 0.1: far more than rounding noise.
 
 This module rounds as bitsandbytes does on the device that runs the quantization: the table on CPU,
-the nearest code elsewhere. That keeps the promise "bit-exact with bitsandbytes" on every device (the
+the nearest code elsewhere. The scale ``1 / c`` follows the device too: bitsandbytes' CUDA build uses
+fast math, whose ``1.0f / c`` is the approximate reciprocal ``rcp.approx.ftz.f32`` (off by one ulp
+for some ``c``), so on CUDA this module scales by that instruction's result (``nf4_triton.reciprocal``);
+on CPU by the correctly rounded quotient, as bitsandbytes' C++ does. That keeps the promise "bit-exact with bitsandbytes" on every device (the
 CPU tests compare all bytes and all dequantized values exactly), so a peftcore QLoRA model and a
 peft + bitsandbytes one built on the same machine share the same base weights. The price is that
 the same weight quantized on CPU and on GPU can differ in a few absmax codes, as with bitsandbytes.
@@ -56,6 +59,7 @@ Smaller differences between the two bitsandbytes backends, followed here where t
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -135,6 +139,7 @@ def _nf4_byte_table() -> Tensor:
 
 
 _TABLES = {
+    "nf4": NF4_CODES,
     "nf4_midpoints": _midpoints(NF4_CODES),
     "nf4_bytes": _nf4_byte_table(),
     "dynamic8": DYNAMIC_MAP_8BIT,
@@ -153,6 +158,12 @@ def _table(name: str, device: torch.device) -> Tensor:
     return _TABLES_ON[key]
 
 
+def triton_available() -> bool:
+    """Whether the Triton kernels of ``peftcore.nf4_triton`` can run (Triton is installed: it ships
+    with PyTorch's CUDA builds)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _per_block(flat: Tensor, blocksize: int) -> Tensor:
     """View a flat tensor as (blocks, blocksize), zero-padding a partial last block."""
     pad = -flat.numel() % blocksize
@@ -165,6 +176,17 @@ def _check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize must be a power of two in [32, 4096] (64 is the default), got {blocksize!r}")
 
 
+def _inverse(absmax: Tensor) -> Tensor:
+    """``1 / absmax`` per block, as bitsandbytes computes it on ``absmax``'s device: the correctly
+    rounded quotient on CPU, the approximate reciprocal of its fast-math CUDA build on a GPU (see
+    ``nf4_triton``). An all-zero block gets 0 (every element then takes the code of 0.0)."""
+    if absmax.is_cuda and triton_available():
+        from peftcore import nf4_triton
+
+        return torch.where(absmax > 0, nf4_triton.reciprocal(absmax), 0.0)
+    return 1.0 / absmax.clamp(min=_MIN_ABSMAX)
+
+
 def quantize_dynamic8(values: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -> tuple[Tensor, Tensor]:
     """Blockwise 8-bit quantization with the signed dynamic map, rounded as bitsandbytes rounds on
     ``values``' device (CPU: its lookup table; elsewhere: the nearest code). An all-zero block gets
@@ -175,7 +197,7 @@ def quantize_dynamic8(values: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -
     n = values.numel()
     blocks = _per_block(values.reshape(-1).float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=_MIN_ABSMAX)).unsqueeze(1)).clamp_(-1.0, 1.0)
+    scaled = (blocks * _inverse(absmax).unsqueeze(1)).clamp_(-1.0, 1.0)
     if values.device.type == "cpu":
         slot = ((scaled + 1.0) * 0.5 * (LUT_SLOTS - 1) + 0.5).long()  # fp32, in bitsandbytes' order
         q = _table("dynamic8_lut", values.device)[slot]
@@ -223,11 +245,10 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     n = weight.numel()
     blocks = _per_block(weight.reshape(-1).float(), blocksize)  # zero padding never raises an absmax
     absmax = blocks.abs().amax(dim=1)
-    scale = absmax.clamp(min=_MIN_ABSMAX)
-    scaled = blocks * (1.0 / scale).unsqueeze(1)
+    scaled = blocks * _inverse(absmax).unsqueeze(1)
     if n % blocksize and weight.device.type == "cpu":
         # bitsandbytes' CPU path divides the partial last block instead (can differ in the last bit).
-        scaled[-1] = blocks[-1] / scale[-1]
+        scaled[-1] = blocks[-1] / absmax[-1].clamp(min=_MIN_ABSMAX)
     q = torch.bucketize(scaled.clamp_(-1.0, 1.0).view(-1), _table("nf4_midpoints", weight.device), out_int32=True)
     q = q[: n + n % 2].to(torch.uint8)  # an odd length keeps one padding code: the code of 0.0
     state = NF4State((q[0::2] << 4) | q[1::2], absmax, weight.shape, weight.dtype, blocksize)
@@ -244,15 +265,52 @@ def dequantize_absmax(state: NF4State) -> Tensor:
     return dequantize_dynamic8(state.absmax, state.absmax2) + state.offset
 
 
-def dequantize_nf4(state: NF4State, dtype: Optional[torch.dtype] = None) -> Tensor:
+DEQUANTIZE_BACKENDS = ("auto", "torch", "triton")
+
+
+def dequantize_nf4(state: NF4State, dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
     """``NF4[q_i] * absmax[i // blocksize]`` computed in fp32, cast to ``dtype`` (default: the
-    quantized tensor's dtype), in the original shape."""
+    quantized tensor's dtype), in the original shape.
+
+    ``backend``: ``torch`` (plain PyTorch ops, any device), ``triton`` (one fused kernel,
+    ``peftcore.nf4_triton``), or ``auto``: Triton for CUDA tensors when it is installed, else torch.
+    Both give bit-identical results.
+    """
+    if backend not in DEQUANTIZE_BACKENDS:
+        raise ValueError(f"backend must be one of {DEQUANTIZE_BACKENDS}, got {backend!r}")
+    dtype = dtype or state.dtype
+    if backend == "triton" or (backend == "auto" and state.packed.is_cuda and triton_available()):
+        from peftcore import nf4_triton
+
+        device = state.packed.device
+        return nf4_triton.dequantize(
+            state.packed, state.absmax, state.absmax2, state.offset, _table("nf4", device),
+            _table("dynamic8", device), state.shape, state.blocksize, dtype,
+        )
     absmax = dequantize_absmax(state)
     pairs = _table("nf4_bytes", state.packed.device).index_select(0, state.packed.reshape(-1).int())
     values = pairs.view(torch.float32)
     n = state.shape.numel()
     weight = (_per_block(values, state.blocksize) * absmax.unsqueeze(1)).view(-1)[:n]
-    return weight.view(state.shape).to(dtype or state.dtype)
+    return weight.view(state.shape).to(dtype)
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` dequantized in forward and again in backward (as bitsandbytes'
+    ``MatMul4Bit`` does). Autograd would otherwise keep each layer's dequantized weight alive from
+    forward to backward: for t5-base in bf16 that is 340 MB of frozen copies, on top of the 4-bit
+    weights QLoRA exists to keep small. The weight and bias are frozen: no gradient for them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "NF4Linear", bias: Optional[Tensor]) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad_output @ ctx.layer.dequantize().to(grad_output.dtype), None, None
 
 
 class NF4Linear(nn.Module):
@@ -333,9 +391,8 @@ class NF4Linear(nn.Module):
             self.absmax_offset.copy_(state.offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.dequantize()
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+        return _DequantizingLinear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype), .half() and Lightning's "bf16-true" cast every floating buffer; the fp32

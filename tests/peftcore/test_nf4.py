@@ -306,6 +306,31 @@ def test_gradients_reach_the_input_and_nothing_trains():
     assert not hasattr(layer, "weight")  # a quantized layer has no full weight matrix to hand out
 
 
+def test_backward_keeps_no_dequantized_weight():
+    """The weight is dequantized again in backward (as bitsandbytes' MatMul4Bit does), so a frozen
+    4-bit layer holds no full-precision copy of its weight between forward and backward."""
+    layer = NF4Linear.from_linear(make_linear(128, 64), NF4Config(compute_dtype=torch.float32))
+    x = torch.randn(4, 128, requires_grad=True)
+
+    def saved_sizes(fn) -> list[int]:
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn()
+        return sizes
+
+    assert 64 * 128 in saved_sizes(lambda: F.linear(x, layer.dequantize()))  # what plain autograd would keep
+    assert 64 * 128 not in saved_sizes(lambda: layer(x))
+    y = layer(x)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * y.detach() @ layer.dequantize())
+
+
+def test_dequantize_backend_is_checked():
+    state = quantize_nf4(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="backend must be one of .*'cuda'"):
+        dequantize_nf4(state, backend="cuda")
+
+
 def test_state_is_held_in_buffers_with_the_real_bytes():
     layer = NF4Linear.from_linear(make_linear(128, 64), NF4Config(double_quant=True))
     sizes = {name: b.numel() * b.element_size() for name, b in layer.named_buffers()}
@@ -450,7 +475,29 @@ def test_cuda_quantization_matches_bitsandbytes_cuda(blocksize):
     assert torch.equal(ours.offset, ref.offset) and torch.equal(ours.absmax2, ref.state2.absmax)
     assert torch.equal(ours.absmax, ref.absmax)  # nearest 8-bit code, as the CUDA kernel rounds
     for dtype in DTYPES:
-        assert torch.equal(dequantize_nf4(ours, dtype), bnb_dequantize(packed, ref, dtype, w.shape))
+        expected = bnb_dequantize(packed, ref, dtype, w.shape)
+        for backend in ("torch", "triton"):
+            assert torch.equal(dequantize_nf4(ours, dtype, backend=backend), expected), (dtype, backend)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "shape,blocksize,double_quant",
+    [((768, 768), 64, True), ((3072, 768), 64, False), ((7,), 64, True), ((33, 30), 32, False),
+     ((5, 4099), 4096, True), ((1000, 1001), 256, True), ((4096, 4096), 64, True)],
+)
+def test_cuda_triton_kernel_equals_the_torch_path(shape, blocksize, double_quant):
+    """Bit for bit, on fresh random weights of several scales, for every output dtype."""
+    for seed, scale in ((0, 0.02), (1, 1.0), (2, 30.0)):
+        g = torch.Generator("cuda").manual_seed(seed)
+        state = quantize_nf4(scale * torch.randn(shape, device="cuda", generator=g), blocksize, double_quant)
+        for dtype in DTYPES:
+            expected = dequantize_nf4(state, dtype, backend="torch")
+            got = dequantize_nf4(state, dtype, backend="triton")
+            assert got.shape == expected.shape and got.dtype == dtype
+            assert torch.equal(got, expected), (seed, dtype)
+    assert dequantize_nf4(state).dtype == torch.float32  # auto picks Triton on CUDA, keeps the default dtype
 
 
 @pytest.mark.gpu
@@ -468,3 +515,41 @@ def test_cuda_nf4linear_forward_and_backward():
     cpu = NF4Linear(128, 64, config=NF4Config())
     cpu.load_state_dict(layer.state_dict())
     assert torch.equal(cpu.cuda().dequantize(), layer.dequantize())
+
+
+def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype, device: str) -> nn.Module:
+    theirs = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True, device="cpu")
+    theirs.weight = bnb.nn.Params4bit(linear.weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=True, blocksize=64)
+    if linear.bias is not None:
+        theirs.bias = nn.Parameter(linear.bias.detach().cpu().clone(), requires_grad=False)
+    return theirs.to(device).train()  # moving it to the device quantizes it there
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("tokens", [4096, 64])
+def test_cuda_nf4linear_matches_bitsandbytes_linear4bit_bf16(tokens):
+    """bf16 compute, a t5-base feed-forward shape. With more than 1,536 rows bitsandbytes
+    dequantizes and calls F.linear, as we do: identical outputs and input gradients. With fewer it
+    runs its fused 4-bit GEMM, whose accumulation order differs: equal within bf16 rounding
+    (relative L2 error under 1e-2; one bf16 rounding is 2^-8 = 3.9e-3)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 3072).cuda()
+    ours = NF4Linear.from_linear(linear, NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16))
+    theirs = bnb_linear4bit(linear, torch.bfloat16, "cuda")
+    assert torch.equal(ours.weight_packed, theirs.weight.data.view(-1))
+    assert torch.equal(ours.absmax, theirs.weight.quant_state.absmax)
+    x1 = torch.randn(tokens, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = ours(x1), theirs(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    if tokens > 1536:
+        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+    else:
+        assert ((y1.float() - y2.float()).norm() / y2.float().norm()).item() < 1e-2
+        assert torch.equal(x1.grad, x2.grad)  # backward is dequantize + matmul in both

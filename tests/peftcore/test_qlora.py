@@ -92,3 +92,91 @@ def test_unload_without_merge_gives_back_the_nf4_model():
     )
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------- against peft + bitsandbytes
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def t5_without_dropout(shape: str, device: str) -> torch.nn.Module:
+    """Dropout off, so the two libraries' steps are comparable (they would draw different masks)."""
+    import transformers
+
+    from peftcore.t5 import t5_config
+
+    torch.manual_seed(0)
+    config = t5_config(shape)
+    config.dropout_rate = 0.0
+    with torch.device(device):
+        return transformers.T5ForConditionalGeneration(config).train()
+
+
+def peft_qlora_as_users_build_it(model, directory, device: str, lora: LoRAConfig):
+    """transformers loads the saved model through BitsAndBytesConfig (NF4, double quantization,
+    bf16 compute; it keeps T5's wo and lm_head unquantized), then peft wraps it."""
+    import peft
+    import transformers
+
+    model.save_pretrained(directory)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    base = transformers.T5ForConditionalGeneration.from_pretrained(
+        directory, quantization_config=quantization, dtype=torch.float32, device_map=device
+    )
+    peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                                  lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
+    return peft.get_peft_model(base.train(), peft_config)
+
+
+@pytest.mark.parametrize(
+    "shape,device,batch",
+    [("t5-tiny", "cpu", (2, 7, 5)),
+     pytest.param("t5-base", "cuda", (8, 512, 128), marks=[pytest.mark.gpu, requires_cuda])],
+)
+def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_path):
+    """Same fp32 weights, quantized by each library on ``device``; our adapter, perturbed away from
+    its init (B != 0), copied into peft's. Loss and every adapter gradient agree within bf16
+    tolerance: |loss difference| <= 1e-3 * loss, and each gradient's relative L2 difference <= 1e-2
+    (the quantized matmuls run in bf16, where one rounding is 2^-8 = 3.9e-3)."""
+    import peft
+    from safetensors.torch import load_file
+
+    lora = LoRAConfig(r=16, alpha=32, target_modules=("q", "v"))
+    model = t5_without_dropout(shape, device)
+    ours = copy.deepcopy(model)
+    quantize(ours, NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16))
+    inject(ours, lora)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in adapter_layers(ours):
+            layer.lora_B.weight.copy_(0.02 * torch.randn(layer.lora_B.weight.shape, generator=g))
+    theirs = peft_qlora_as_users_build_it(model, tmp_path / "base", device, lora)
+    peftcore.save_adapter(ours, tmp_path / "adapter")
+    loaded = peft.set_peft_model_state_dict(theirs, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not loaded.unexpected_keys
+
+    ours_nf4 = {n.removesuffix(".base"): m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
+    theirs_nf4 = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+                  for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert ours_nf4.keys() == theirs_nf4.keys() and ours_nf4
+    for name, layer in ours_nf4.items():  # the same 4-bit base, byte for byte
+        assert torch.equal(layer.weight_packed, theirs_nf4[name].weight.data.view(-1)), name
+
+    data = {k: v.to(device) for k, v in t5_batch(*batch).items()}
+    results = []
+    for model_ in (ours, theirs):
+        loss = model_(**data).loss
+        loss.backward()
+        grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                 for n, p in model_.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    (loss_ours, grads_ours), (loss_theirs, grads_theirs) = results
+    print(f"{shape} on {device}: loss {loss_ours:.6f} (peft + bitsandbytes {loss_theirs:.6f})")
+    assert abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs)
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 2 * len([n for n in ours_nf4 if n.endswith((".q", ".v"))])
+    worst = max(((grads_ours[k] - grads_theirs[k]).norm() / grads_theirs[k].norm()).item() for k in grads_ours)
+    print(f"largest relative gradient difference: {worst:.2e}")
+    assert worst <= 1e-2
