@@ -14,8 +14,10 @@ LOGS=/tmp/peftcore-gpu-logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
 if [ -d .gpu/wheels ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
-    cp -r .gpu/site/. /tmp/site/
+    if [ ! -e /tmp/site/.installed ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+        cp -r .gpu/site/. /tmp/site/ && touch /tmp/site/.installed
+    fi
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD
