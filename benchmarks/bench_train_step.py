@@ -125,7 +125,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def make_step(model: nn.Module, batch: dict, autocast, forward=None) -> Callable[[], torch.Tensor]:
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-5)
-    forward = forward or model
+    forward = model if forward is None else forward
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)

@@ -202,9 +202,25 @@ def quantize_dynamic8(values: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -
         slot = ((scaled + 1.0) * 0.5 * (LUT_SLOTS - 1) + 0.5).long()  # fp32, in bitsandbytes' order
         q = _table("dynamic8_lut", values.device)[slot]
     else:
-        q = torch.bucketize(scaled, _table("dynamic8_midpoints", values.device), out_int32=True).to(torch.uint8)
+        q = nearest_dynamic8_code(scaled)
     q.masked_fill_((absmax == 0).unsqueeze(1), 0)
     return q.view(-1)[:n], absmax
+
+
+def nearest_dynamic8_code(scaled: Tensor) -> Tensor:
+    """uint8 index of the dynamic-map code nearest to each value in [-1, 1], as bitsandbytes' CUDA
+    ``dQuantize`` picks it: a 7-step binary search from index 127, then the nearer of the two codes
+    around the value. A value exactly on the midpoint of two codes goes to the code the search
+    probed last (the lower one when the value lies above that probe, else the upper one), not
+    always to the lower one."""
+    codes = _table("dynamic8", scaled.device)
+    nearest = torch.bucketize(scaled, _table("dynamic8_midpoints", scaled.device))  # ties: lower code
+    probe = torch.full_like(nearest, 127)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        probe += torch.where(scaled > codes[probe], step, -step)
+    midpoints = _table("dynamic8_midpoints", scaled.device)
+    on_midpoint = scaled == midpoints[nearest.clamp(max=midpoints.numel() - 1)]
+    return torch.where(on_midpoint, probe, nearest).to(torch.uint8)
 
 
 def dequantize_dynamic8(q: Tensor, absmax: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -> Tensor:

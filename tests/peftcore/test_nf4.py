@@ -198,6 +198,44 @@ def test_cpu_8bit_rounding_is_a_lookup_table_not_nearest():
     assert (gap <= 1 / 65535).all()
 
 
+def bnb_cuda_dquantize(code: list[float], x: float) -> int:
+    """bitsandbytes' CUDA ``dQuantize<0>`` (csrc/kernels.cu), step by step in fp32: the reference
+    for how the CUDA kernels round a value to an 8-bit code, ties included."""
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    pivot, upper_pivot, lower_pivot = 127, 255, 0
+    lower, upper, val = -1.0, 1.0, code[127]
+    for i in (64, 32, 16, 8, 4, 2, 1):
+        if x > val:
+            lower_pivot, lower, pivot = pivot, val, pivot + i
+        else:
+            upper_pivot, upper, pivot = pivot, val, pivot - i
+        val = code[pivot]
+    if upper_pivot == 255:
+        upper = code[255]
+    if lower_pivot == 0:
+        lower = code[0]
+    if x > val:
+        return upper_pivot if x > f32(f32(upper + val) * 0.5) else pivot
+    return lower_pivot if x < f32(f32(lower + val) * 0.5) else pivot
+
+
+def test_8bit_codes_follow_bitsandbytes_cuda_search_ties_included():
+    from peftcore.nf4 import nearest_dynamic8_code
+
+    code = DYNAMIC_MAP_8BIT.tolist()
+    midpoints = (DYNAMIC_MAP_8BIT[:-1] + DYNAMIC_MAP_8BIT[1:]) / 2
+    ulp = torch.finfo(torch.float32).eps * midpoints.abs().clamp(min=1e-6)
+    values = torch.cat([
+        midpoints, midpoints + ulp, midpoints - ulp, DYNAMIC_MAP_8BIT,
+        torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.tensor([-1.0, 0.0, 1.0]),
+    ]).float().clamp(-1, 1)
+    expected = torch.tensor([bnb_cuda_dquantize(code, float(v)) for v in values], dtype=torch.uint8)
+    got = nearest_dynamic8_code(values)
+    assert torch.equal(got, expected), values[got != expected][:5]
+    ties = (values[:255] == midpoints)  # exact midpoints: some go up, some down
+    assert ties.all() and 0 < int((got[:255] == torch.arange(255)).sum()) < 255
+
+
 def test_double_quantized_absmax_error_is_bounded():
     # The table picks the code nearest to the slot centre, at most half a slot (1 / 65535) from the
     # value, so the error is at most half the widest code gap plus half a slot, times the block scale.

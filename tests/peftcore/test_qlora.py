@@ -162,8 +162,18 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
     theirs_nf4 = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
                   for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"}
     assert ours_nf4.keys() == theirs_nf4.keys() and ours_nf4
-    for name, layer in ours_nf4.items():  # the same 4-bit base, byte for byte
-        assert torch.equal(layer.weight_packed, theirs_nf4[name].weight.data.view(-1)), name
+    # Each library quantized the fp32 weights itself: count the bytes that differ, then step on
+    # bitsandbytes' 4-bit state in both, so the comparison below is on the same weights whatever the count.
+    differing = {}
+    with torch.no_grad():
+        for name, layer in ours_nf4.items():
+            weight = theirs_nf4[name].weight
+            differing[name] = int((layer.weight_packed != weight.data.view(-1)).sum())
+            differing[name] += int((layer.absmax != weight.quant_state.absmax).sum())
+            layer.weight_packed.copy_(weight.data.view(-1))
+            layer.absmax.copy_(weight.quant_state.absmax)
+            layer.absmax2.copy_(weight.quant_state.state2.absmax)
+            layer.absmax_offset.copy_(weight.quant_state.offset)
 
     data = {k: v.to(device) for k, v in t5_batch(*batch).items()}
     results = []
@@ -180,3 +190,5 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
     worst = max(((grads_ours[k] - grads_theirs[k]).norm() / grads_theirs[k].norm()).item() for k in grads_ours)
     print(f"largest relative gradient difference: {worst:.2e}")
     assert worst <= 1e-2
+    print(f"4-bit bytes and absmax codes quantized differently: {sum(differing.values())} in {len(differing)} layers")
+    assert not any(differing.values()), {k: v for k, v in differing.items() if v}  # bit-exact quantization
