@@ -4,18 +4,27 @@
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight   (r, in)
                                  base_model.model.<module>.lora_B.weight   (out, r)
                                  base_model.model.<module>.ia3_l           (out, 1), or (1, in) feed-forward
-                                 base_model.model.<module>.<param>         modules_to_save, in full
+                                 base_model.model.<module>.<param>         modules_to_save, the trained copy
+    adapter_model.bin            the same tensors pickled (peft's safe_serialization=False); read
+                                 with torch.load(weights_only=True), which runs no code from the file
 
-Names are translated here and nowhere else. Files are written to temporary names and renamed
-into place, so an interrupted save never leaves a half-written adapter behind.
+Each method translates its own config fields and tensor names (``config_from_peft``,
+``config_to_peft``, ``peft_tensors``, ``saved_tensors`` in its module); this module handles the
+files, the fields every method shares, and the checks. A loaded adapter computes exactly what it
+computed where it was saved, or the load is refused with the reason: every key and shape is
+checked before anything is copied, and on a mismatch the model is left as it was. Files are
+written to temporary names and renamed into place, so an interrupted save never leaves a
+half-written adapter behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Union
 
 import torch
@@ -23,15 +32,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftcore import ia3, lora
 from peftcore.config import IA3Config, LoRAConfig
-from peftcore.ia3 import IA3Scaler
-from peftcore.lora import LoRALinear
-from peftcore.surgery import AdapterConfig, adapter_layers, find_targets, inject, unload
+from peftcore.matching import resolve_targets, shown, why_not_selected
+from peftcore.peft_fields import PEFT_FORMAT_VERSION
+from peftcore.surgery import AdapterConfig, adapter_layers, inject, trained_copies, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
+# The method modules by the config class they translate, and by the peft_type they load.
+TRANSLATIONS: dict[type, ModuleType] = {LoRAConfig: lora, IA3Config: ia3}
+BY_PEFT_TYPE = {module.PEFT_TYPE: module for module in TRANSLATIONS.values()}
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> None:
@@ -39,8 +53,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     config = _injected_config(model)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _peft_tensors(model, config).items()}
-    peft_config = _to_peft_config(config, model)
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, config, saving=True).items()}
+    peft_config = {**_shared_fields(config, model), **TRANSLATIONS[type(config)].config_to_peft(config)}
     _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_atomically(
         directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
@@ -52,26 +66,28 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     has none). Every key and shape is checked before anything is copied; on a mismatch the model
     is left as it was."""
     directory = Path(path)
-    config = _from_peft_config(_read_json(directory / CONFIG_NAME))
-    try:
-        saved = load_file(directory / WEIGHTS_NAME)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; an adapter directory holds it and {CONFIG_NAME}")
-    except (SafetensorError, OSError, ValueError) as err:
+    data = _read_json(directory / CONFIG_NAME)
+    method = BY_PEFT_TYPE.get(data.get("peft_type"))
+    if method is None:
         raise ValueError(
-            f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({err}); it may be truncated or "
-            "corrupt: save the adapter again"
-        ) from None
+            f"adapter peft_type {data.get('peft_type')!r} is not supported ({directory}); peftcore loads "
+            f"{' and '.join(repr(t) for t in BY_PEFT_TYPE)} adapters"
+        )
+    try:
+        config = method.config_from_peft(data, model)
+    except ValueError as err:
+        raise ValueError(f"cannot load the adapter in {directory}: {err}") from None
+    saved = _read_tensors(directory)
 
-    injected_here = next(adapter_layers(model), None) is None
+    injected_here = next(adapter_layers(model), None) is None and next(trained_copies(model), None) is None
     if not injected_here:
-        _check_same_method(_injected_config(model), config, directory)
+        _check_same_method(model, config, directory)
     else:
         grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-        inject(model, config)
+        inject(model, config, initialise=False)  # the init may rewrite the base: only after the checks
     try:
-        live = {**_peft_tensors(model, _injected_config(model)), **_saved_base_weights(model, saved)}
-        _check_fits(saved, live, directory)
+        live = {**_tensors(model, config), **_saved_base_weights(model, saved)}
+        _check_fits(saved, live, directory, model, config)
     except Exception:
         if injected_here:  # roll back: the model leaves exactly as it came
             unload(model, merge=False)
@@ -79,8 +95,11 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
                 p.requires_grad_(grad_flags[id(p)])
         raise
     with torch.no_grad():
+        if injected_here:
+            for _, layer in adapter_layers(model):
+                layer.initialise()  # PiSSA / OLoRA rebuild the residual base here, as peft does on load
         for key, tensor in live.items():
-            tensor.copy_(saved[key].reshape(tensor.shape))
+            tensor.copy_(saved[key])
     return model
 
 
@@ -91,20 +110,61 @@ def _injected_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _peft_tensors(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
-    """The live adapter tensors under the names peft saves them as (views where shapes differ)."""
+def _tensors(model: nn.Module, config: AdapterConfig, saving: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names: live ones (to load into), or as saved."""
+    method = TRANSLATIONS[type(config)]
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
-        if isinstance(layer, LoRALinear):
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-        elif isinstance(layer, IA3Scaler):
-            shape = (1, -1) if layer.feedforward else (-1, 1)
-            tensors[f"{PREFIX}{name}.ia3_l"] = layer.scale.view(shape)
-    if config.modules_to_save:
-        for name in find_targets(model, config.modules_to_save, "modules_to_save"):
-            for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
-                tensors[f"{PREFIX}{name}.{key}"] = tensor
+        for key, tensor in (method.saved_tensors if saving else method.peft_tensors)(layer).items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor
+    for name, copy in trained_copies(model):
+        for key, tensor in copy.trained.state_dict(keep_vars=True).items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor
+    return tensors
+
+
+def _shared_fields(config: AdapterConfig, model: nn.Module) -> dict:
+    """The fields of adapter_config.json that every method writes the same way."""
+    return {
+        "task_type": "SEQ_2_SEQ_LM",
+        "peft_version": PEFT_FORMAT_VERSION,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": shown(config.target_modules),
+        "exclude_modules": shown(config.exclude_modules),
+        "modules_to_save": list(config.modules_to_save) or None,
+    }
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors, or peft's pickled adapter_model.bin when that is all there is."""
+    if (directory / WEIGHTS_NAME).exists() or not (directory / PICKLED_WEIGHTS_NAME).exists():
+        try:
+            return load_file(directory / WEIGHTS_NAME)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no {WEIGHTS_NAME} (or {PICKLED_WEIGHTS_NAME}) in {directory}; an adapter directory holds it and "
+                f"{CONFIG_NAME}"
+            ) from None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({err}); it may be truncated or "
+                "corrupt: save the adapter again"
+            ) from None
+    path = directory / PICKLED_WEIGHTS_NAME
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds Python objects other than tensors ({str(err).splitlines()[0]}). peftcore reads .bin "
+            "adapters only with torch.load(weights_only=True), which runs no code from the file; re-save the adapter "
+            "with safetensors (peft: save_pretrained(..., safe_serialization=True))"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable torch file ({err}); it may be truncated or corrupt") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path} does not hold a mapping of names to tensors, as an adapter file does")
     return tensors
 
 
@@ -115,95 +175,61 @@ def _saved_base_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> dic
     return {key: layer.base.weight for key, layer in keys.items() if key in saved}
 
 
-def _check_same_method(current: AdapterConfig, saved: AdapterConfig, directory: Path) -> None:
+def _check_same_method(model: nn.Module, saved: AdapterConfig, directory: Path) -> None:
     """An adapter loaded into an injected model must compute the same function it was trained as."""
-    fields = ("r", "alpha", "use_rslora") if isinstance(saved, LoRAConfig) else ("feedforward_modules",)
-    if type(current) is not type(saved) or any(getattr(current, f) != getattr(saved, f) for f in fields):
+    current = _injected_config(model)
+    if type(current) is not type(saved):
         raise ValueError(
-            f"the adapter in {directory} is {saved}, but the model already holds {current}; "
-            "load it into a model without an adapter (or call peftcore.unload(model) first)"
+            f"the adapter in {directory} is a {type(saved).__name__}, but the model already holds a "
+            f"{type(current).__name__}; load it into a model without an adapter (or call peftcore.unload(model) first)"
         )
+    method = TRANSLATIONS[type(saved)]
+    for name, layer in adapter_layers(model):
+        difference = method.differs(layer, name, saved)
+        if difference:
+            raise ValueError(
+                f"the adapter in {directory} does not compute what the model's adapter does: {difference}; the model "
+                "already holds an adapter, so load it into a model without one (or call peftcore.unload(model) first)"
+            )
 
 
-def _check_fits(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path) -> None:
+def _check_fits(
+    saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path, model: nn.Module, config: AdapterConfig
+) -> None:
     missing = [k for k in live if k not in saved]
     unexpected = [k for k in saved if k not in live]
     if missing or unexpected:
-        first = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        key = unexpected[0] if unexpected else missing[0]
+        first = f"unexpected key {key!r}" if unexpected else f"missing key {key!r}"
         raise ValueError(
-            f"the adapter in {directory} does not fit this model: {first} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected). Was it trained on another architecture "
-            "or with other target_modules?"
+            f"the adapter in {directory} does not fit this model: {first} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected). {_explain(key, key in saved, model, config)}"
         )
     for key, tensor in live.items():
-        if saved[key].numel() != tensor.numel() or saved[key].dim() != tensor.dim():
+        if saved[key].shape != tensor.shape:  # exact: a (1, n) feed-forward vector never fills an (n, 1) slot
             raise ValueError(
                 f"the adapter in {directory} does not fit this model: {key!r} has shape "
                 f"{tuple(saved[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
 
 
-def _to_peft_config(config: AdapterConfig, model: nn.Module) -> dict:
-    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    common = {
-        "task_type": "SEQ_2_SEQ_LM",
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "target_modules": targets,
-        "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "revision": None,
-    }
-    if isinstance(config, IA3Config):
-        ff = config.feedforward_modules
-        return {
-            **common,
-            "peft_type": "IA3",
-            "feedforward_modules": ff if isinstance(ff, str) else list(ff),
-            "init_ia3_weights": True,
-        }
-    # peft would re-run a PiSSA/OLoRA init on load; a trained adapter is a plain LoRA over the
-    # residual base, so it is saved as one (peft's own PiSSA example does the same).
-    init = {"kaiming": True, "gaussian": "gaussian"}.get(config.init, True)
-    return {
-        **common,
-        "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": init,
-        "bias": "none",
-    }
-
-
-def _from_peft_config(data: dict) -> AdapterConfig:
-    peft_type = data.get("peft_type")
-    to_save = tuple(data.get("modules_to_save") or ())
-    targets = data.get("target_modules")
-    if isinstance(targets, list):
-        targets = tuple(targets)
-    if peft_type == "LORA":
-        unsupported = {k: data[k] for k in ("use_dora", "fan_in_fan_out") if data.get(k)}
-        if data.get("bias", "none") != "none":
-            unsupported["bias"] = data["bias"]
-        if unsupported or data.get("rank_pattern") or data.get("alpha_pattern"):
-            raise ValueError(
-                f"this LoRA adapter uses settings peftcore does not implement: {unsupported or 'rank/alpha patterns'}"
-            )
-        return LoRAConfig(
-            r=data["r"],
-            alpha=data["lora_alpha"],
-            dropout=data.get("lora_dropout", 0.0),
-            target_modules=targets,
-            use_rslora=bool(data.get("use_rslora", False)),
-            modules_to_save=to_save,
-        )
-    if peft_type == "IA3":
-        ff = data.get("feedforward_modules") or ()
-        return IA3Config(target_modules=targets, feedforward_modules=tuple(ff) if isinstance(ff, list) else ff,
-                         modules_to_save=to_save)
-    raise ValueError(f"adapter peft_type {peft_type!r} is not supported; peftcore loads 'LORA' and 'IA3' adapters")
+def _explain(key: str, in_file: bool, model: nn.Module, config: AdapterConfig) -> str:
+    """Which config field explains a key that does not fit, when one does."""
+    modules = dict(model.named_modules())
+    path = key.removeprefix(PREFIX).split(".")
+    name = next((".".join(path[:i]) for i in range(len(path) - 1, 0, -1) if ".".join(path[:i]) in modules), None)
+    if name is None:
+        return f"This model has no module {'.'.join(path[:-1])!r}: was the adapter trained on another architecture?"
+    tensor = key.removeprefix(f"{PREFIX}{name}.")
+    adapted = {n for n, _ in adapter_layers(model)} | {n for n, _ in trained_copies(model)}
+    if not in_file:
+        return f"The config adapts {name!r}, but the file has no {tensor!r} for it."
+    if name in adapted:
+        return f"The file holds {tensor!r} for {name!r}, which this adapter does not have."
+    if tensor in modules[name].state_dict():
+        return f"The file holds {name!r} in full, but modules_to_save={list(config.modules_to_save)} does not name it."
+    reason = why_not_selected(name, config, resolve_targets(model, config.target_modules))
+    return f"The file has adapter tensors for {name!r}, but {reason}."
 
 
 def _read_json(path: Path) -> dict:

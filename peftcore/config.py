@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-# A tuple of names matched against the end of a module's dotted name, or one regex string
-# matched against the whole dotted name (peft's two conventions).
-TargetModules = Union[tuple[str, ...], str]
+from peftcore.matching import TargetModules, pattern_key
 
 LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 PROMPT_INITS = ("random", "vocab", "text")
@@ -46,6 +44,43 @@ def _positive_int(cls: str, name: str, value: object) -> None:
         _fail(cls, name, value, "a positive integer")
 
 
+def _positive_number(cls: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        _fail(cls, name, value, "a positive number")
+
+
+def _optional_targets(cls: str, name: str, value: object) -> Optional[TargetModules]:
+    """exclude_modules: None, a list of names or one regex; an empty list means None."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    return _normalise_targets(cls, name, value)
+
+
+def _pattern(cls: str, name: str, value: object, check_value) -> dict:
+    """rank_pattern / alpha_pattern: {regex for a dotted tail of the module name: value}."""
+    if not isinstance(value, dict):
+        _fail(cls, name, value, "a mapping of module-name patterns to values")
+    for key, item in value.items():
+        try:
+            re.compile(key) if isinstance(key, str) else _fail(cls, name, value, "a mapping with string keys")
+        except re.error as err:
+            _fail(cls, name, value, f"a mapping whose keys are valid regular expressions ({key!r}: {err})")
+        check_value(cls, f"{name}[{key!r}]", item)
+    return dict(value)
+
+
+def _layers(cls: str, value: object) -> Optional[tuple[int, ...]]:
+    """layers_to_transform: one index or a list of them; an empty list means every layer (None)."""
+    if value is None:
+        return None
+    indices = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(indices, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+    ):
+        _fail(cls, "layers_to_transform", value, "a layer index or a list of non-negative layer indices")
+    return tuple(indices) or None
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Low-rank adaptation (Hu et al., 2021): ``y = W x + (alpha / r) * B A x``.
@@ -59,7 +94,16 @@ class LoRAConfig:
             (``("q", "v")``), or one regex string matched against the whole name.
         init: ``kaiming`` | ``gaussian`` | ``pissa`` | ``pissa_niter_<N>`` | ``olora``.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
-        modules_to_save: modules trained in full next to the adapter (e.g. ``lm_head``).
+        modules_to_save: modules trained in full next to the adapter (e.g. ``lm_head``): each
+            gets its own trainable copy, as in peft; matched as a plain suffix of the name.
+        exclude_modules: names (or one regex) of modules never to adapt, matched as target_modules.
+        rank_pattern: ``{pattern: r}`` overriding ``r`` for the modules whose dotted name ends
+            with a match of ``pattern`` (a regex); the first matching pattern wins.
+        alpha_pattern: ``{pattern: alpha}``, the same for ``alpha``.
+        layers_to_transform: adapt only the layers with these indices (the number after
+            ``layers_pattern`` in the name, e.g. ``block`` in T5); needs a list ``target_modules``.
+        layers_pattern: the name(s) of the layer list, e.g. ``block``; None takes the first
+            numbered segment of the name.
     """
 
     r: int = 8
@@ -69,26 +113,63 @@ class LoRAConfig:
     init: str = "kaiming"
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    exclude_modules: Optional[TargetModules] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: Optional[tuple[int, ...]] = None
+    layers_pattern: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _positive_int(name, "r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            _fail(name, "alpha", self.alpha, "a positive number")
+        _positive_number(name, "alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             _fail(name, "dropout", self.dropout, "a number in [0, 1)")
         if not _is_lora_init(self.init):
             _fail(name, "init", self.init, "one of " + " | ".join(LORA_INITS))
-        object.__setattr__(self, "target_modules", _normalise_targets(name, "target_modules", self.target_modules))
-        object.__setattr__(
-            self, "modules_to_save", _normalise_targets(name, "modules_to_save", self.modules_to_save, allow_empty=True)
-        )
-        if isinstance(self.modules_to_save, str):
-            _fail(name, "modules_to_save", self.modules_to_save, "a list of module names")
+        _normalise_common(self)
+        object.__setattr__(self, "rank_pattern", _pattern(name, "rank_pattern", self.rank_pattern, _positive_int))
+        object.__setattr__(self, "alpha_pattern", _pattern(name, "alpha_pattern", self.alpha_pattern, _positive_number))
+        object.__setattr__(self, "layers_to_transform", _layers(name, self.layers_to_transform))
+        if isinstance(self.layers_pattern, str):
+            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
+        if self.layers_pattern is not None:
+            object.__setattr__(self, "layers_pattern", _normalise_targets(name, "layers_pattern", self.layers_pattern))
+            if self.layers_to_transform is None:
+                _fail(name, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set too")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            _fail(
+                name, "layers_to_transform", self.layers_to_transform,
+                f"None when target_modules is one string ({self.target_modules!r}), as in peft; list the module names",
+            )
 
     @property
     def scale(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return self.scale_of(self.r, self.alpha)
+
+    def scale_of(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha of the adapter on ``module_name`` (rank_pattern / alpha_pattern applied)."""
+        r_key = pattern_key(self.rank_pattern, module_name)
+        alpha_key = pattern_key(self.alpha_pattern, module_name)
+        return (
+            self.r if r_key is None else self.rank_pattern[r_key],
+            self.alpha if alpha_key is None else self.alpha_pattern[alpha_key],
+        )
+
+
+def _normalise_common(config) -> None:
+    """The targeting fields every layer method has: target_modules, exclude_modules, modules_to_save."""
+    name = type(config).__name__
+    object.__setattr__(config, "target_modules", _normalise_targets(name, "target_modules", config.target_modules))
+    object.__setattr__(config, "exclude_modules", _optional_targets(name, "exclude_modules", config.exclude_modules))
+    if isinstance(config.modules_to_save, str):
+        _fail(name, "modules_to_save", config.modules_to_save, "a list of module names")
+    object.__setattr__(
+        config, "modules_to_save", _normalise_targets(name, "modules_to_save", config.modules_to_save or (), allow_empty=True)
+    )
 
 
 def _is_lora_init(init: object) -> bool:
@@ -108,26 +189,24 @@ class IA3Config:
     Args:
         target_modules: module names (matched against the end of the dotted name) or one regex.
         feedforward_modules: the subset of targets whose input is scaled; must be targets too.
-        modules_to_save: modules trained in full next to the adapter.
+            Matched as a plain suffix of the name, as in peft (``"o"`` also selects ``wo``).
+        modules_to_save: modules trained in full next to the adapter (each gets its own copy).
+        exclude_modules: names (or one regex) of modules never to adapt.
     """
 
     target_modules: TargetModules = ("k", "v", "wo")
     feedforward_modules: TargetModules = ("wo",)
     modules_to_save: tuple[str, ...] = ()
+    exclude_modules: Optional[TargetModules] = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        object.__setattr__(self, "target_modules", _normalise_targets(name, "target_modules", self.target_modules))
+        _normalise_common(self)
         object.__setattr__(
             self,
             "feedforward_modules",
             _normalise_targets(name, "feedforward_modules", self.feedforward_modules, allow_empty=True),
         )
-        object.__setattr__(
-            self, "modules_to_save", _normalise_targets(name, "modules_to_save", self.modules_to_save, allow_empty=True)
-        )
-        if isinstance(self.modules_to_save, str):
-            _fail(name, "modules_to_save", self.modules_to_save, "a list of module names")
         if isinstance(self.target_modules, tuple) and isinstance(self.feedforward_modules, tuple):
             stray = [m for m in self.feedforward_modules if m not in self.target_modules]
             if stray:

@@ -10,9 +10,16 @@ in ``l`` cannot be merged.
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 from torch import nn
 
+from peftcore import t5
+from peftcore.config import IA3Config
+from peftcore.matching import shown
+from peftcore.peft_fields import check_fields
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
 
@@ -46,6 +53,10 @@ class IA3Scaler(nn.Module):
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"scale": self.scale}
+
+    @torch.no_grad()
+    def initialise(self) -> None:
+        self.scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
@@ -90,3 +101,56 @@ class IA3Scaler(nn.Module):
         write_weight(self.base, weight * factor[:, None])
         if self.base.bias is not None:
             self.base.bias.copy_((self.base.bias.float() * factor).to(self.base.bias.dtype))
+
+
+# --- peft's format -------------------------------------------------------------------------------
+#
+# Every field of peft's IA3Config (unchanged from release 0.17 to 0.21) is in one of these tables;
+# PeftConfig's own fields are in peft_fields.METADATA (see peft_fields.check_fields).
+
+PEFT_TYPE = "IA3"
+
+PEFT_IMPLEMENTED = (
+    "target_modules", "exclude_modules", "feedforward_modules", "modules_to_save",
+    "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
+)
+PEFT_AT_DEFAULT: dict[str, tuple[object, str]] = {}
+PEFT_INERT = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
+
+
+def config_from_peft(data: dict, model: nn.Module) -> IA3Config:
+    """The IA3Config that computes what peft computes with ``data`` on ``model``."""
+    check_fields(data, "IA3", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT)
+    targets = data.get("target_modules") or t5.IA3_TARGETS
+    feedforward = data.get("feedforward_modules")
+    feedforward = t5.IA3_FEEDFORWARD if feedforward is None else feedforward  # peft's default for T5
+    if data.get("fan_in_fan_out"):
+        warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
+    return IA3Config(
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),
+        modules_to_save=tuple(data.get("modules_to_save") or ()),
+        exclude_modules=data.get("exclude_modules"),
+    )
+
+
+def config_to_peft(config: IA3Config) -> dict:
+    """peft's IA3Config fields for ``config`` (the shared fields are written by checkpoint.py)."""
+    return {
+        "peft_type": PEFT_TYPE,
+        "feedforward_modules": shown(config.feedforward_modules),
+        "init_ia3_weights": True,
+        "fan_in_fan_out": False,
+    }
+
+
+def peft_tensors(layer: IA3Scaler) -> dict[str, torch.Tensor]:
+    """peft's ``ia3_l``: (1, in_features) for a feed-forward target, else (out_features, 1)."""
+    return {"ia3_l": layer.scale.view((1, -1) if layer.feedforward else (-1, 1))}
+
+
+saved_tensors = peft_tensors
+
+
+def differs(layer: IA3Scaler, name: str, config: IA3Config) -> Optional[str]:
+    return None  # feed-forward or not shows in the shape of ia3_l, which load_adapter compares

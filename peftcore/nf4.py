@@ -60,7 +60,6 @@ Smaller differences between the two bitsandbytes backends, followed here where t
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftcore.config import NF4Config
+from peftcore.matching import matches
 from peftcore.t5 import KEEP_IN_FULL_PRECISION
 
 # bitsandbytes' hard-coded NF4 table: create_normal_map(offset=0.9677083) in fp32 (Gaussian quantiles,
@@ -475,9 +475,7 @@ def _skip_list(model: nn.Module, config: NF4Config) -> Union[tuple[str, ...], st
 
 
 def _is_skipped(name: str, skip: Union[Sequence[str], str]) -> bool:
-    if isinstance(skip, str):  # NF4Config accepts one regex, as target_modules does
-        return re.fullmatch(skip, name) is not None
-    return any(name == s or name.endswith("." + s) for s in skip)
+    return matches(name, skip)  # skip_modules follows target_modules' rule: a dotted suffix, or one regex
 
 
 def quantize(model: nn.Module, config: NF4Config) -> nn.Module:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftcore.weights import is_quantized
+
 
 @dataclass(frozen=True)
 class ParamCount:
@@ -33,7 +35,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
         if param.requires_grad:
             trainable += param.numel()
     for module in model.modules():
-        if hasattr(module, "dequantize") and hasattr(module, "in_features"):  # NF4Linear: frozen weight in buffers
+        if is_quantized(module):  # NF4Linear: the frozen weight lives in buffers
             total += module.in_features * module.out_features
     return ParamCount(total=total, trainable=trainable)
 

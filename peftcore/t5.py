@@ -7,6 +7,9 @@ Module names inside a T5 block (transformers):
 
 from __future__ import annotations
 
+from typing import Optional
+
+from torch import nn
 from transformers import T5Config
 
 # peft's defaults for the T5 family.
@@ -17,6 +20,27 @@ IA3_FEEDFORWARD = ("wo",)
 # transformers keeps T5's output projection of the feed-forward in fp32 when loading in 4/8 bit
 # (T5ForConditionalGeneration._keep_in_fp32_modules); lm_head stays unquantized too.
 KEEP_IN_FULL_PRECISION = ("wo", "lm_head")
+
+
+
+def unused_in_forward(model: nn.Module, name: str) -> Optional[str]:
+    """Why a trained copy of module ``name`` would never run, or None.
+
+    T5's ``shared`` embedding is never called in forward: each stack looks tokens up through its
+    own ``embed_tokens``, which shares ``shared``'s weight. peft's copy of ``shared`` therefore
+    trains nothing and changes nothing.
+    """
+    encoder = getattr(model, "encoder", None)
+    embed = getattr(encoder, "embed_tokens", None)
+    if name == "shared" and embed is not None and embed is not getattr(model, "shared", None):
+        return (
+            "a copy of T5's 'shared' embedding is never used in forward (the encoder and decoder call their own "
+            "embed_tokens, which share its weight), so it would train nothing (peft accepts it and does just that). "
+            "Name 'embed_tokens' to train the input embeddings (the encoder and decoder each get a copy, as in "
+            "peft) and/or 'lm_head' for the output projection"
+        )
+    return None
+
 
 # Shapes of the public checkpoints, for building models with random weights offline.
 SHAPES: dict[str, dict[str, int]] = {

@@ -8,13 +8,38 @@ write, which rounds: such merges are lossy.
 
 from __future__ import annotations
 
+from typing import Optional, Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 
+@runtime_checkable
+class QuantizedLinear(Protocol):
+    """A linear layer whose weight is stored quantized (``NF4Linear``): it has no ``weight``
+    Parameter, reads it with ``dequantize`` and writes it with ``set_weight_`` (lossy)."""
+
+    in_features: int
+    out_features: int
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor: ...
+
+    def set_weight_(self, weight: torch.Tensor) -> None: ...
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """The one place that decides whether a layer's weight is stored quantized."""
+    return isinstance(module, QuantizedLinear)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer an adapter can wrap: nn.Linear, or a quantized stand-in with the same interface."""
+    return isinstance(module, nn.Linear) or is_quantized(module)
+
+
 def read_weight(base: nn.Module) -> torch.Tensor:
     """The base's weight as a float32 (out_features, in_features) tensor (a copy)."""
-    if hasattr(base, "dequantize"):
+    if is_quantized(base):
         return base.dequantize(torch.float32)
     return base.weight.detach().to(torch.float32).clone()
 
@@ -22,7 +47,7 @@ def read_weight(base: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def write_weight(base: nn.Module, weight: torch.Tensor) -> None:
     """Store ``weight`` into the base in the base's own dtype (re-quantizing if need be)."""
-    if hasattr(base, "set_weight_"):
+    if is_quantized(base):
         base.set_weight_(weight)
     else:
         base.weight.copy_(weight.to(base.weight.dtype))

@@ -177,3 +177,28 @@ def test_loading_into_a_model_with_a_different_adapter_is_refused(tmp_path):
 def test_save_without_adapter_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no adapter"):
         save_adapter(build_t5("t5-tiny"), tmp_path)
+
+
+def test_a_refused_pissa_file_leaves_the_base_exactly_as_it_was(tmp_path):
+    """PiSSA rewrites the base on load; it runs only after the file passed every check."""
+    model = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8, init="pissa"))
+    save_adapter(model, tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    key = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"
+    tensors[key] = torch.zeros(5, 64)
+    safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME)
+    target = build_t5("t5-tiny")
+    reference = copy.deepcopy(target)
+    with pytest.raises(ValueError, match=r"lora_A\.weight' has shape \(5, 64\)"):
+        load_adapter(target, tmp_path)
+    assert_untouched(target, reference)
+
+
+def test_loading_into_a_model_that_computes_differently_is_refused(tmp_path):
+    save_adapter(trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8, init="pissa")), tmp_path)
+    plain = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8))
+    with pytest.raises(ValueError, match="initialised with 'kaiming' here; the file's adapter expects 'pissa'"):
+        load_adapter(plain, tmp_path)
+    rescaled = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=16, init="pissa"))
+    with pytest.raises(ValueError, match="scale 4 here; the file gives rank 4, scale 2"):
+        load_adapter(rescaled, tmp_path)

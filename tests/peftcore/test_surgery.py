@@ -9,6 +9,7 @@ import torch
 import transformers
 from conftest import build_t5, t5_batch
 
+import peftcore
 from peftcore import IA3Config, LoRAConfig, count_parameters, inject, memory_footprint, merge, unload
 from peftcore.surgery import adapter_layers
 from peftcore.t5 import t5_config
@@ -66,8 +67,8 @@ def test_memory_footprint_counts_bytes_as_stored():
 def test_only_adapter_and_modules_to_save_train(tiny_t5):
     inject(tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), modules_to_save=("final_layer_norm",)))
     trainable = [n for n, p in tiny_t5.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or n.endswith("final_layer_norm.weight") for n in trainable)
-    assert sum("final_layer_norm" in n for n in trainable) == 2  # encoder's and decoder's
+    assert trainable and all("lora_" in n or n.endswith("final_layer_norm.trained.weight") for n in trainable)
+    assert sum("final_layer_norm" in n for n in trainable) == 2  # encoder's and decoder's, each a trained copy
 
 
 def test_regex_targets_match_whole_name(tiny_t5):
@@ -171,3 +172,72 @@ def test_merging_into_the_tied_lm_head_leaves_the_embeddings_alone(tiny_t5):
             merge(tiny_t5)
         torch.testing.assert_close(tiny_t5(**batch).logits, adapted, atol=1e-5, rtol=1e-5)
     assert torch.equal(tiny_t5.shared.weight, embeddings)
+
+
+# --- modules_to_save: trained copies, as peft makes them ---------------------------------------
+
+
+def test_a_trained_copy_of_the_tied_lm_head_leaves_the_embeddings_alone(tiny_t5):
+    embeddings = tiny_t5.shared.weight.detach().clone()
+    inject(tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q",), modules_to_save=("lm_head",)))
+    with torch.no_grad():
+        tiny_t5.lm_head.trained.weight.mul_(2.0)
+    assert torch.equal(tiny_t5.shared.weight, embeddings) and torch.equal(tiny_t5.encoder.embed_tokens.weight, embeddings)
+    batch = t5_batch()
+    with torch.no_grad():
+        adapted = tiny_t5(**batch).logits
+        with peftcore.disable_adapters(tiny_t5):  # the original runs again
+            assert not torch.allclose(tiny_t5(**batch).logits, adapted)
+    merged = unload(copy.deepcopy(tiny_t5), merge=True)
+    assert isinstance(merged.lm_head, torch.nn.Linear) and merged.lm_head.weight is not merged.shared.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted)
+    plain = unload(tiny_t5, merge=False)
+    assert plain.lm_head.weight is plain.shared.weight and torch.equal(plain.shared.weight, embeddings)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (LoRAConfig(modules_to_save=("shared",)), r"'shared'.*never used in forward.*'embed_tokens'"),
+        (LoRAConfig(modules_to_save=("block.0", "layer_norm")), r"selects both 'encoder\.block\.0' and .*inside it"),
+        (LoRAConfig(target_modules=("q", "wo"), modules_to_save=("o",)), r"'o'.*selects .*wo.*adapts"),
+        (IA3Config(target_modules=("k", "v"), feedforward_modules=()), None),
+    ],
+)
+def test_ill_defined_copies_are_refused(tiny_t5, config, message):
+    if message is None:  # a sanity case: a valid config injects
+        inject(tiny_t5, config)
+        return
+    with pytest.raises(ValueError, match=message):
+        inject(tiny_t5, config)
+    assert not list(adapter_layers(tiny_t5))
+
+
+def test_rank_and_alpha_patterns_set_each_layers_rank_and_scale(tiny_t5):
+    config = LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), rank_pattern={r"decoder\..*\.q": 2},
+                        alpha_pattern={"v": 2})
+    inject(tiny_t5, config)
+    layers = dict(adapter_layers(tiny_t5))
+    assert layers["decoder.block.0.layer.0.SelfAttention.q"].r == 2
+    assert layers["decoder.block.0.layer.0.SelfAttention.q"].scale == 8 / 2
+    assert layers["encoder.block.0.layer.0.SelfAttention.q"].r == 4
+    assert layers["encoder.block.1.layer.0.SelfAttention.v"].scale == 2 / 4
+
+
+def test_a_pattern_that_matches_no_target_warns(tiny_t5):
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['wo'\] match none of the 12 adapted modules"):
+        inject(tiny_t5, LoRAConfig(target_modules=("q", "v"), rank_pattern={"wo": 2, "q": 2}))
+
+
+def test_layers_and_exclusions_select_as_peft_does(tiny_t5):
+    inject(tiny_t5, LoRAConfig(target_modules=("q", "v", "wi"), layers_to_transform=(1,), layers_pattern="block",
+                               exclude_modules=r"decoder\..*\.EncDecAttention\..*"))
+    names = sorted(n for n, _ in adapter_layers(tiny_t5))
+    assert names and all(".block.1." in n and "EncDecAttention" not in n for n in names)
+    assert len(names) == 3 + 3  # q, v, wi in each stack's block 1
+
+
+def test_a_layer_filter_that_leaves_nothing_names_itself(tiny_t5):
+    with pytest.raises(ValueError, match=r"adapts no module.*layers_to_transform=\[7\] leaves out its layer 0"):
+        inject(tiny_t5, LoRAConfig(layers_to_transform=(7,)))

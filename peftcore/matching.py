@@ -1,0 +1,172 @@
+"""Which modules a config field selects, by peft's rule for that field, so a peft config means
+the same thing here. Each rule is one function; nothing else in peftcore matches names.
+
+    target_modules, exclude_modules   a list entry equals the dotted name or its tail after a dot
+                                      ("q" selects "encoder.block.0.layer.0.SelfAttention.q");
+                                      a string is a regex for the whole name; "all-linear" is every
+                                      linear layer except the output head (lm_head)
+    modules_to_save,                  a plain suffix, no dot boundary ("o" also selects "wo",
+    IA3 feedforward_modules           "layer_norm" also "final_layer_norm"); feedforward_modules
+                                      as a string is a regex for the whole name
+    rank_pattern, alpha_pattern       each key is a regex for a dotted tail of the name,
+                                      re.match(rf"(.*\\.)?({key})$", name); the first key that matches wins
+    layers_to_transform               the layer index is the number after one of layers_pattern
+                                      ("block.3." -> 3) or, without a pattern, the first
+                                      "<name>.<number>." segment (peft >= 0.20; "last" for <= 0.19)
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from peftcore import t5
+from peftcore.weights import is_linear, is_quantized
+
+# A tuple of names matched against the end of a module's dotted name, or one regex string
+# matched against the whole dotted name (peft's two conventions).
+TargetModules = Union[tuple[str, ...], str]
+
+ALL_LINEAR = "all-linear"
+
+
+def matches(name: str, targets: TargetModules) -> bool:
+    """peft's rule for target_modules and exclude_modules (``all-linear`` is resolved by the caller)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def ends_with(name: str, suffixes: TargetModules) -> bool:
+    """peft's rule for modules_to_save and IA3's feedforward_modules: a plain string suffix."""
+    if isinstance(suffixes, str):
+        return re.fullmatch(suffixes, name) is not None
+    return any(name.endswith(s) for s in suffixes)
+
+
+def inside(name: str, modules: Sequence[str]) -> Optional[str]:
+    """The entry of ``modules`` (modules_to_save) that ``name`` is, or lies within, by peft's
+    rule for keeping adapters off those modules; None when there is none."""
+    return next((m for m in modules if re.match(rf"(^|.*\.){m}($|\..*)", name)), None)
+
+
+def pattern_key(patterns: Mapping[str, object], name: str) -> Optional[str]:
+    """The first key of rank_pattern / alpha_pattern that matches ``name``, or None."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def layer_index(name: str, layers_pattern: Optional[Sequence[str]], rule: str = "first") -> Optional[int]:
+    """The layer number of ``name`` that layers_to_transform is compared with.
+
+    ``rule="first"`` is peft >= 0.20 (the first numbered segment); ``"last"`` is peft <= 0.19,
+    whose greedy regex read the last one: on T5 that is the sub-layer index inside a block
+    (``encoder.block.3.layer.0.SelfAttention.q`` -> 0), not the block.
+    """
+    lead = r".*?\." if rule == "first" else r".*\."
+    if not layers_pattern:
+        match = re.match(lead + r"[^.]*\.(\d+)\.", name)
+    else:
+        start = rf"(?:^|{lead})" if rule == "first" else lead
+        match = next(
+            (m for p in layers_pattern if (m := re.match(rf"{start}{p}\.(\d+)\.", name))), None
+        )
+    return int(match.group(1)) if match else None
+
+
+# --- over a model ---------------------------------------------------------------------------
+
+
+def _every_entry_matches(model: nn.Module, names: list[str], entries: TargetModules, field: str, rule) -> None:
+    """Raise, naming the closest module name, when an entry of ``field`` selects no module by ``rule``."""
+    singles = [entries] if isinstance(entries, str) else [(entry,) for entry in entries]
+    unmatched = [s if isinstance(s, str) else s[0] for s in singles if not any(rule(n, s) for n in names)]
+    if unmatched:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+        closest = difflib.get_close_matches(str(unmatched[0]), leaves, n=1)
+        hint = f" Closest match: {closest[0]!r}." if closest else ""
+        raise ValueError(
+            f"{field} {unmatched[0]!r} matches no module in {type(model).__name__}.{hint} "
+            f"Module names that exist (last part of the dotted name): {leaves}"
+        )
+
+
+def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
+    """``all-linear`` becomes the full names of every linear layer except the output head, as in peft."""
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return targets
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return tuple(name for name, m in model.named_modules() if name and is_linear(m) and m is not head)
+
+
+def why_not_selected(name: str, config: Any, targets: TargetModules, layer_rule: str = "first") -> Optional[str]:
+    """None when ``config`` adapts the module ``name``; otherwise the field that leaves it out.
+    The checks run in peft's order: excluded, inside a module to save, targeted, in a chosen layer."""
+    if config.exclude_modules and matches(name, config.exclude_modules):
+        return f"exclude_modules={shown(config.exclude_modules)} excludes it"
+    saved = inside(name, config.modules_to_save)
+    if saved is not None:
+        return f"it lies in modules_to_save entry {saved!r}, which trains in full instead"
+    if not matches(name, targets):
+        return f"target_modules={shown(config.target_modules)} does not select it"
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None and name not in targets:  # a full name in the list bypasses the layer filter (peft)
+        pattern = config.layers_pattern
+        index = layer_index(name, pattern, layer_rule)
+        if index is None:
+            return f"layers_pattern={shown(pattern)} finds no layer index in its name"
+        if index not in layers:
+            return f"layers_to_transform={list(layers)} leaves out its layer {index}"
+    return None
+
+
+def shown(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def select_targets(model: nn.Module, config: Any, layer_rule: str = "first") -> list[str]:
+    """Dotted names of the layers ``config`` adapts; raises if a target entry selects nothing."""
+    names = [name for name, _ in model.named_modules() if name]
+    targets = resolve_targets(model, config.target_modules)
+    _every_entry_matches(model, names, targets, "target_modules", matches)
+    if config.exclude_modules and not any(matches(n, config.exclude_modules) for n in names):
+        warnings.warn(f"exclude_modules={shown(config.exclude_modules)} matches no module", stacklevel=3)
+    reasons = {name: why_not_selected(name, config, targets, layer_rule) for name in names if matches(name, targets)}
+    selected = [name for name, reason in reasons.items() if reason is None]
+    if not selected:
+        first = next(iter(reasons))
+        raise ValueError(f"the config adapts no module: {first!r} is targeted, but {reasons[first]}")
+    return selected
+
+
+def select_copies(model: nn.Module, config: Any, targets: list[str]) -> list[str]:
+    """Dotted names of the modules_to_save (peft's plain-suffix rule); refuses the ones whose copy
+    would be ill-defined or never used."""
+    if not config.modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    _every_entry_matches(model, names, config.modules_to_save, "modules_to_save", ends_with)
+    found = [name for name in names if ends_with(name, config.modules_to_save)]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in found:
+        trap = t5.unused_in_forward(model, name)
+        if trap:
+            raise ValueError(f"modules_to_save={list(config.modules_to_save)} selects {name!r}: {trap}")
+        outer = next((other for other in found if name.startswith(other + ".")), None)
+        if outer:
+            raise ValueError(
+                f"modules_to_save={list(config.modules_to_save)} selects both {outer!r} and {name!r}, which lies "
+                "inside it; name only the outer module"
+            )
+        adapted = next((t for t in targets if t == name or t.startswith(name + ".")), None)
+        if adapted:
+            raise ValueError(
+                f"modules_to_save={list(config.modules_to_save)} selects {name!r} (a plain suffix match, as in peft), "
+                f"but target_modules adapts {adapted!r} there; a module is either adapted or trained in full"
+            )
+        if any(is_quantized(m) for m in modules[name].modules()):
+            raise ValueError(f"modules_to_save selects {name!r}, which is quantized; a 4-bit module cannot train in full")
+    return found

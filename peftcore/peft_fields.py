@@ -1,0 +1,74 @@
+"""peft's ``adapter_config.json``, field by field: what every method's translation shares.
+
+A method's translation (``lora.py``, ``ia3.py``) accounts for every field of peft's config class
+of releases 0.17 to 0.21 in one of three ways, and ``check_fields`` enforces it:
+
+    implemented   the translation reads the field and honours its value (or refuses the value)
+    at default    accepted only at peft's default or an empty value; any other value is refused
+                  by name, since peftcore does not implement what it turns on
+    inert         accepted at any value because it has no effect on the saved model (e.g. the
+                  settings of an init that only runs while training starts)
+
+A field of a later peft release is accepted only while empty (None, false, "", [] or {}); a
+value is refused by name, never dropped (peft drops unknown fields with a warning).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# The peft release whose file format and matching rules peftcore follows when it writes.
+PEFT_FORMAT_VERSION = "0.21.2"
+
+# PeftConfig's fields: they describe the file, not what the adapter computes.
+METADATA = (
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+)
+# Never written by peft (LoraConfig.to_dict drops it); on load peft ignores it with a warning.
+RUNTIME_ONLY = ("runtime_config",)
+
+
+def is_empty(value: object) -> bool:
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+def check_fields(
+    data: Mapping[str, object],
+    method: str,
+    implemented: tuple[str, ...],
+    at_default: Mapping[str, tuple[object, str]],
+    inert: Mapping[str, str],
+) -> None:
+    """Refuse, by name and value, every field of ``data`` peftcore cannot honour.
+
+    ``at_default`` maps a field to (peft's default, what a other value would turn on).
+    """
+    refused = []
+    for key, value in data.items():
+        if key in METADATA or key in RUNTIME_ONLY or key in implemented or key in inert:
+            continue
+        if key in at_default:
+            default, feature = at_default[key]
+            if value != default and not is_empty(value):
+                refused.append(f"{key}={value!r} ({feature})")
+        elif not is_empty(value):
+            refused.append(f"{key}={value!r} (a field peftcore does not know: from a later peft release?)")
+    if refused:
+        raise ValueError(
+            f"this {method} adapter sets {'; '.join(refused)}, which peftcore does not implement, so it cannot "
+            "load the adapter exactly. Use peft for this adapter, or train one without these settings"
+        )
+
+
+def peft_version(data: Mapping[str, object]) -> tuple[int, int]:
+    """(major, minor) of the peft release that wrote ``data``; (0, 17) when unrecorded (peft
+    writes ``peft_version`` since 0.18)."""
+    text = str(data.get("peft_version") or "0.17").partition("@")[0]
+    parts = [int(p) if p.isdigit() else 0 for p in text.split(".")[:2]] + [0, 0]
+    return parts[0], parts[1]
