@@ -20,7 +20,7 @@ def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
     L.seed_everything(0)  # evaluate's CLI seeds 0 too: the same random base
     model = build_model(None, "t5-tiny", True, False, 0.0)
     peftcore.inject(model, peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "k", "v", "o", "wi", "wo"),
-                                               modules_to_save=("shared",)))
+                                               modules_to_save=("embed_tokens", "lm_head")))
     peftcore.save_adapter(model, tmp_path / "adapter")
     out = str(tmp_path / "eval")
     main(["evaluate", "--train_config", DEMO, "--run_name", "base", "--base_model", "true", "--output_dir", out,

@@ -1,6 +1,7 @@
 """Seq2SeqFineTuner and the CLI: configs parse, fit runs, resume is exact, checkpoints hold only the
 adapter, the exported adapter loads, bad settings are refused, DDP runs on 2 CPU processes."""
 
+import copy
 import math
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import peft
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -68,12 +70,17 @@ def test_fit_through_the_cli_entry_point(tmp_path, monkeypatch):
     adapter = Path(cli.trainer.logger.log_dir) / "best_adapter"
     L.seed_everything(0)  # the CLI seeds before building: the same random base again
     fresh = build_model(None, "t5-tiny", True, False, 0.0)
+    reference = copy.deepcopy(fresh)
     peftcore.load_adapter(fresh, adapter)
     trained = cli.model.model.eval()
     x = torch.randint(2, 1000, (2, 9))
     with torch.no_grad():
-        # modules_to_save: [shared] trains the tied embeddings, which the adapter carries in full
-        torch.testing.assert_close(fresh.eval()(input_ids=x, labels=x).logits, trained(input_ids=x, labels=x).logits)
+        # modules_to_save: [embed_tokens, lm_head] trains copies of the tied embeddings, carried in full
+        expected = trained(input_ids=x, labels=x).logits
+        torch.testing.assert_close(fresh.eval()(input_ids=x, labels=x).logits, expected)
+        # and peft reads the demo's adapter as the same model
+        theirs = peft.PeftModel.from_pretrained(reference, adapter).eval()
+        torch.testing.assert_close(theirs(input_ids=x, labels=x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 class LossRecorder(Callback):
