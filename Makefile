@@ -19,11 +19,11 @@ install: $(STAMP)
 # Offline: fit LoRA on a random-init t5-tiny with the bundled tokenizer and TweetSumm, then test.
 demo: $(STAMP)
 	$(PY) -m experiments fit --config experiments/configs/demo.yaml
-	$(PY) -m experiments test --config experiments/configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
+	$(PY) -m experiments test --config experiments/configs/demo.yaml --ckpt_path last
 	$(PY) -m experiments evaluate --train_config experiments/configs/demo.yaml --run_name base \
 	    --base_model true --bertscore_model offline:all-MiniLM-L6-v2
 	$(PY) -m experiments evaluate --train_config experiments/configs/demo.yaml --run_name demo-lora \
-	    --ckpt_path runs/demo/checkpoints/last.ckpt --bertscore_model offline:all-MiniLM-L6-v2
+	    --ckpt_path last --bertscore_model offline:all-MiniLM-L6-v2
 	$(PY) -m experiments report --records '[runs/eval/base, runs/eval/demo-lora]' --base_run base --out_dir runs/report
 
 test: $(STAMP)

@@ -70,7 +70,7 @@ class _Clock:
 def run_ours(shape: str, steps: int, warmup: int, device: torch.device, workdir: Path) -> dict:
     from lightning.pytorch.callbacks import Callback
 
-    from experiments.__main__ import lightning_cli
+    from experiments.cli import lightning_cli
 
     clock = _Clock(warmup, device)
 

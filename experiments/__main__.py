@@ -1,45 +1,61 @@
-"""``python -m experiments {fit,validate,test,predict} --config experiments/configs/lora.yaml``
+"""``python -m experiments <command> ...``: every command of the project in one table.
 
-LightningCLI builds Seq2SeqFineTuner (``model:``), DialogSummaryDataModule (``data:``) and the
-Trainer (``trainer:``) from the YAML and the command line; ``--help`` documents every option from
-the classes' docstrings. ``evaluate`` and ``report`` are this project's own subcommands.
+fit / validate / test / predict are LightningCLI's (experiments/cli.py); the others are this
+project's own. ``python -m experiments <command> --help`` documents a command's options.
 """
 
 from __future__ import annotations
 
 import sys
-
-from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-
-from experiments.data import DialogSummaryDataModule
-from experiments.module import Seq2SeqFineTuner
-
-# The TensorBoard logger by default; configs add checkpointing and the rich progress bar.
-TRAINER_DEFAULTS = {"logger": lazy_instance(TensorBoardLogger, save_dir="runs")}
+from typing import Callable
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
-        Seq2SeqFineTuner,
-        DialogSummaryDataModule,
-        seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
+def _lightning(argv: list[str]) -> None:
+    from experiments.cli import lightning_cli
+
+    lightning_cli(argv)
+
+
+def _evaluate(argv: list[str]) -> None:
+    from experiments.evaluate import evaluate_cli
+
+    evaluate_cli(argv[1:])
+
+
+def _report(argv: list[str]) -> None:
+    from experiments.evaluate import report_cli
+
+    report_cli(argv[1:])
+
+
+# name -> (function of the whole argument list, one line of help)
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "fit": (_lightning, "train (or resume with --ckpt_path last) from a config: --config, --model.*, --data.*, --trainer.*"),
+    "validate": (_lightning, "score a checkpoint on the validation split"),
+    "test": (_lightning, "score a checkpoint on the test split (loss and ROUGE)"),
+    "predict": (_lightning, "write a checkpoint's summaries of the test split to predictions.jsonl"),
+    "evaluate": (_evaluate, "one run on the test split: ROUGE, BERTScore, G-Eval, parameters, runtime, memory"),
+    "report": (_report, "tables (metrics, change against a base run) and plots from evaluated runs"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "usage: python -m experiments <command> [options]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\n`python -m experiments <command> --help` lists a command's options."
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("evaluate", "report"):
-        from experiments.evaluate import evaluate_cli, report_cli
-
-        (evaluate_cli if argv[0] == "evaluate" else report_cli)(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return
-    lightning_cli(argv)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    COMMANDS[argv[0]][0](argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ The corpus value is the mean over examples. No IDF weighting, no baseline rescal
 """
 
 import json
+import os
 from pathlib import Path
 
 import bert_score
@@ -50,6 +51,39 @@ def offline_model_path() -> str:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{OFFLINE_MODEL_PACKAGE} is installed but {path} holds no model; reinstall it")
     return str(path)
+
+
+class ModelUnavailable(RuntimeError):
+    """The BERTScore model cannot be loaded here; the message names the offline options."""
+
+
+def check_available(model_type: str | None) -> None:
+    """Fail fast, before any summary is generated, when ``model_type`` cannot be loaded: the
+    packaged offline model is not installed, or a hub model is neither in the local Hugging Face
+    cache nor downloadable (no network, or ``HF_HUB_OFFLINE``)."""
+    if not model_type:
+        return
+    if model_type == OFFLINE_MODEL:
+        offline_model_path()
+        return
+    if Path(model_type).expanduser().is_dir():
+        return
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(model_type, "config.json"), str):
+        return
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+            raise RuntimeError("HF_HUB_OFFLINE is set")
+        huggingface_hub.model_info(model_type, timeout=10)
+    except Exception as err:  # no network, no such model, a proxy error: it cannot be downloaded
+        raise ModelUnavailable(
+            f"BERTScore model {model_type!r} is not in the local Hugging Face cache and cannot be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, use "
+            f"--bertscore_model {OFFLINE_MODEL} (the packaged stand-in, extra peftcore[{OFFLINE_MODEL_EXTRA}]; its "
+            "scores are not comparable with roberta-large's), a local model directory with --bertscore_layers, "
+            "or null to skip BERTScore"
+        ) from None
 
 
 def _check(predictions: list[str], references: list[list[str]]) -> None:

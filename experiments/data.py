@@ -257,13 +257,15 @@ class EpochShuffle(Sampler[int]):
 
     def __init__(self, size: int, seed: int = 0) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.skip = 0  # indices the next pass leaves out at its start (see skip_batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        skip, self.skip = self.skip, 0
+        return iter(torch.randperm(self.size, generator=generator).tolist()[skip:])
 
     def __len__(self) -> int:
         return self.size
@@ -301,6 +303,7 @@ class LengthGroupedBatchSampler(BatchSampler):
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         self.lengths, self.bucket_batches, self.seed = lengths, bucket_batches, seed
+        self.skip = 0  # batches the next pass leaves out at its start (see skip_batches)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
@@ -316,7 +319,28 @@ class LengthGroupedBatchSampler(BatchSampler):
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         generator = torch.Generator().manual_seed(self.seed + getattr(self.sampler, "epoch", 0))
-        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+        skip, self.skip = self.skip, 0
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()[skip:])
+
+
+def skip_batches(dataloader: DataLoader, batches: int) -> None:
+    """Make the next pass over a training loader start after its first ``batches`` batches.
+
+    A run resumed from a checkpoint written mid-epoch: Lightning restarts the loader at the
+    epoch's beginning and counts the batches already done, so without this the resumed epoch
+    would train on its first batches again instead of the ones that were still to come.
+    """
+    if batches <= 0:
+        return
+    if isinstance(dataloader.batch_sampler, LengthGroupedBatchSampler):
+        dataloader.batch_sampler.skip = batches
+    elif isinstance(dataloader.sampler, EpochShuffle):
+        dataloader.sampler.skip = batches * dataloader.batch_size
+    else:
+        raise ValueError(
+            f"cannot resume mid-epoch with a {type(dataloader.sampler).__name__}: it cannot start after the "
+            f"{batches} batches already done. Resume from an epoch-end checkpoint, or use group_by_length: true"
+        )
 
 
 # ----------------------------------------------------------------------------- data module
@@ -344,7 +368,9 @@ class DialogSummaryDataModule(L.LightningDataModule):
         test_split: Name of the test split (also used by predict).
         dialogue_field: Field holding the dialogue: one string, a list of strings, or a list
             of turn dicts.
-        summary_field: Field holding the reference summary: a string or a list of strings.
+        summary_field: Field holding the reference summaries (a string, or a list of strings), or a
+            list of fields each holding some (DialogSum's ``[summary1, summary2, summary3]``):
+            every reference counts for multi-reference ROUGE; the first is the training target.
         id_field: Field holding the example id; ids "<split>-<row>" are made up when it is
             missing or None.
         speaker_key: Key of the speaker in a turn dict.
@@ -377,7 +403,7 @@ class DialogSummaryDataModule(L.LightningDataModule):
         val_split: str = "valid",
         test_split: str = "test",
         dialogue_field: str = "turns",
-        summary_field: str = "summaries",
+        summary_field: str | list[str] = "summaries",
         id_field: str | None = "id",
         speaker_key: str = "speaker",
         text_key: str = "text",
@@ -409,7 +435,10 @@ class DialogSummaryDataModule(L.LightningDataModule):
         self.dataset, self.data_files = dataset, dict(data_files) if data_files else None
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
-        self.dialogue_field, self.summary_field, self.id_field = dialogue_field, summary_field, id_field
+        self.dialogue_field, self.id_field = dialogue_field, id_field
+        self.summary_fields = [summary_field] if isinstance(summary_field, str) else list(summary_field)
+        if not self.summary_fields or not all(isinstance(f, str) and f for f in self.summary_fields):
+            raise ValueError(f"summary_field must be a field name or a non-empty list of them, got {summary_field!r}")
         self.speaker_key, self.text_key = speaker_key, text_key
         self.rename_speakers = dict(rename_speakers or {})
         self.strip_mentions_and_links, self.prefix = strip_mentions_and_links, prefix
@@ -471,7 +500,7 @@ class DialogSummaryDataModule(L.LightningDataModule):
             raise ValueError(f"{where} is empty")
         ids, sources, references = [], [], []
         for i, row in enumerate(rows):
-            for field in (self.dialogue_field, self.summary_field):
+            for field in (self.dialogue_field, *self.summary_fields):
                 if field not in row:
                     raise ValueError(f"field {field!r} not found in row {i + 1} of {where}; "
                                      f"the fields that exist are {sorted(row)}")
@@ -482,9 +511,10 @@ class DialogSummaryDataModule(L.LightningDataModule):
                                                self.rename_speakers, self.strip_mentions_and_links))
             except ValueError as err:
                 raise ValueError(f"row {i + 1} (id {ids[-1]}) of {where}: {err}") from None
-            references.append(as_references(row[self.summary_field]))
+            references.append([ref for field in self.summary_fields for ref in as_references(row[field])])
             if not references[-1]:
-                raise ValueError(f"row {i + 1} (id {ids[-1]}) of {where} has no summary in {self.summary_field!r}")
+                fields = " or ".join(repr(f) for f in self.summary_fields)
+                raise ValueError(f"row {i + 1} (id {ids[-1]}) of {where} has no summary in {fields}")
 
         # Which reference each example learns from: the first, or one example per reference.
         every = train and self.target_summaries == "all"

@@ -229,11 +229,49 @@ def geval_available(config: GEvalConfig) -> tuple[bool, str]:
     return True, f"G-Eval with {config.model} at {config.base_url or 'the OpenAI API'}"
 
 
-def _client(config: GEvalConfig) -> openai.OpenAI:
+def _client(config: GEvalConfig, max_retries: int | None = None, timeout: float | None = None) -> openai.OpenAI:
     api_key = os.environ.get(config.api_key_env) or "no-key"  # local servers ignore it; openai requires one
     return openai.OpenAI(
-        api_key=api_key, base_url=config.base_url, max_retries=config.max_retries, timeout=config.timeout
+        api_key=api_key,
+        base_url=config.base_url,
+        max_retries=config.max_retries if max_retries is None else max_retries,
+        timeout=config.timeout if timeout is None else timeout,
     )
+
+
+class GEvalUnavailable(RuntimeError):
+    """The judge cannot be used at all: the server is unreachable, the key is refused, the model is
+    unknown, or errors persist after the retries. The message names the server and the model."""
+
+
+def describe_failure(config: GEvalConfig, err: Exception) -> str:
+    where = config.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    if isinstance(err, openai.APIConnectionError):
+        check = "that a server is listening at that URL (an OpenAI-compatible base_url ends in /v1)"
+    elif isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        check = f"the API key in ${config.api_key_env}"
+    elif isinstance(err, openai.NotFoundError):
+        check = f"that the server serves the model {config.model!r} (--geval.model)"
+    else:
+        check = "the server's status"
+    return (
+        f"G-Eval failed at {where} with model {config.model!r} ({type(err).__name__}: {err}). Check {check}; "
+        "a rerun resumes from the request cache"
+    )
+
+
+def check_judge(config: GEvalConfig) -> None:
+    """Fail fast, before any scoring: one request for the server's model list, without retries.
+    Raises GEvalUnavailable when the server cannot be reached or refuses the key."""
+    client = _client(config, max_retries=0, timeout=min(config.timeout, 10.0))
+    try:
+        client.models.list()
+    except openai.NotFoundError:
+        pass  # a server without /models: the scoring requests will tell
+    except (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError) as err:
+        raise GEvalUnavailable(describe_failure(config, err)) from None
+    finally:
+        client.close()
 
 
 # ----------------------------------------------------------------------------- cache
@@ -371,9 +409,9 @@ def geval_scores(
         None per example) and ``"settings"`` (the config, without any key).
 
     Raises:
-        openai.APIError: Authentication, permission or model-not-found errors, and rate-limit,
-            server or connection errors still failing after ``max_retries``. What was answered
-            before is in the cache: rerun to resume.
+        GEvalUnavailable: Authentication, permission or model-not-found errors, and rate-limit,
+            server or connection errors still failing after ``max_retries``, with the server and
+            model named. What was answered before is in the cache: rerun to resume.
     """
     if len(dialogues) != len(summaries):
         raise ValueError(f"got {len(dialogues)} dialogues but {len(summaries)} summaries")
@@ -388,9 +426,11 @@ def geval_scores(
             futures = [pool.submit(judge.score, c, dialogues[i], summaries[i]) for c, i in jobs]
             try:
                 outcomes = [f.result() for f in futures]
-            except BaseException:
+            except BaseException as err:
                 for f in futures:  # stop paying for requests whose results would be thrown away
                     f.cancel()
+                if isinstance(err, openai.APIError):
+                    raise GEvalUnavailable(describe_failure(config, err)) from err
                 raise
     finally:
         judge.client.close()

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 from lightning.fabric.utilities.data import _set_sampler_epoch
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 import peftcore
 from peftcore.config import NF4Config
 from peftcore.t5 import SHAPES, t5_config
+from experiments.data import skip_batches
 from experiments.metrics import ROUGE_KEYS, Rouge
 
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -74,7 +75,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         gated: with ``shape``, the gated feed-forward of T5 v1.1 / flan-t5.
         dropout_rate: override the model's dropout (None keeps the model's own).
         peft: the method's config, e.g. ``{class_path: peftcore.LoRAConfig, init_args: {r: 8}}``;
-            None trains every weight (full fine-tuning).
+            None trains every weight (full fine-tuning). ``--model.peft.help LoRAConfig`` lists a
+            method's fields.
         quantization: an NF4Config to quantize the frozen base first (QLoRA); None keeps it as loaded.
         optimizer: ``adamw`` (torch) or ``paged_adamw`` (peftcore.PagedAdamW).
         lr: peak learning rate.
@@ -100,7 +102,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         random_init: bool = False,
         gated: bool = False,
         dropout_rate: Optional[float] = None,
-        peft: Optional[Any] = None,
+        peft: Optional[Union[peftcore.LoRAConfig, peftcore.IA3Config]] = None,
         quantization: Optional[NF4Config] = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
@@ -151,6 +153,14 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter()
+        # A run resumed from a checkpoint written mid-epoch: Lightning continues that epoch without
+        # calling on_train_epoch_start and restarts the loader at the epoch's beginning; put the
+        # order on this epoch and start after the batches already done.
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        done = epoch_loop.batch_progress.current.processed
+        if epoch_loop.restarting and 0 < done < self.trainer.num_training_batches:
+            _set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
+            skip_batches(self.trainer.train_dataloader, done)
 
     def _runtime(self) -> float:
         running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
@@ -297,7 +307,8 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     @rank_zero_only
     def _export_adapter(self, path: Path) -> None:
-        peftcore.save_adapter(self.model, path)
+        if not self.trainer.fast_dev_run:  # fast_dev_run writes nothing, as Lightning promises
+            peftcore.save_adapter(self.model, path)
 
     def _log_dir(self) -> str:
         logger = self.trainer.logger

@@ -73,6 +73,16 @@ def percent_change(value: float | None, base: float | None) -> float | None:
     return 100.0 * (value - base) / base
 
 
+def _change_cell(percent: float | None, value: float | None, base: float | None) -> str:
+    """A % change, or where the base is 0 (a % is undefined) the absolute difference, labelled."""
+    if percent is not None:
+        return f"{percent:+.2f}"
+    if value is None or base is None:
+        return ""
+    difference = value - base
+    return f"{difference:+,.0f} abs" if float(difference).is_integer() else f"{difference:+.4f} abs"
+
+
 def format_row(values: list[float | None]) -> list[str]:
     """Table cells for one metric across runs, alike within the row: blank for missing; whole
     numbers with thousands separators when every value is whole; else 4 decimals, or 1 from 100 up
@@ -220,7 +230,8 @@ def write_report(
         written["change_csv"] = out_dir / "change.csv"
         header = [f"% change vs {base_run}", *others]
         _write_atomic(written["change_csv"], _csv_text(header, [[m, *change[m]] for m in metrics]))
-        cells = [[m, *("" if v is None else f"{v:+.2f}" for v in change[m])] for m in metrics]
+        cells = [[m, *(_change_cell(v, table[m][runs.index(r)], table[m][b]) for v, r in zip(change[m], others))]
+                 for m in metrics]
         md_change = _markdown_table(["metric", *others], cells)
 
     figures = {"metrics_png": ("metrics.png", _metric_bars(runs, table))}
@@ -233,8 +244,9 @@ def write_report(
 
     sections = ["# Results\n", "## Metrics\n", md_metrics]
     if md_change is not None:
-        sections += [f"## Change vs `{base_run}` (%)\n", "100 * (run - base) / base; blank where either is "
-                     "missing or the base is 0.\n", md_change]  # fmt: skip
+        sections += [f"## Change vs `{base_run}` (%)\n", "100 * (run - base) / base; where the base is 0, the "
+                     "absolute difference run - base, marked *abs*; blank where either is missing.\n",
+                     md_change]  # fmt: skip
     sections += ["## Plots\n", *(f"![{name}]({name})\n" for name, _ in figures.values())]
     settings = "".join(f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded)
     sections += ["## Settings\n", settings]

@@ -173,6 +173,8 @@ def changes_base(init: Optional[str]) -> bool:
 # tables below (PeftConfig's own fields are in peft_fields.METADATA); see peft_fields.check_fields.
 
 PEFT_TYPE = "LORA"
+# peft's names of LoRAConfig's fields where they differ (the CLI points peft users to ours).
+PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 PEFT_IMPLEMENTED = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "modules_to_save",

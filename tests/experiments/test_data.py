@@ -425,3 +425,24 @@ def test_example_is_what_batches_are_made_of():
     assert batch["padding_fraction"] == pytest.approx(2 / 10)
     assert data_mod.resolve_split("valid", ["train", "validation"], "src") == "validation"
     assert data_mod.resolve_split("validation", ["valid"], "src") == "valid"
+
+
+def test_references_from_several_columns_score_multi_reference(tmp_path):
+    """DialogSum's test split keeps its three references in summary1, summary2, summary3."""
+    from experiments.metrics import rouge_scores
+
+    rows = [{"id": "d1", "dialogue": "#Person1#: hi\n#Person2#: hello", "summary1": "they greet each other",
+             "summary2": "person one says hi to person two", "summary3": ["a greeting", "two people greet"]}]
+    path = tmp_path / "dialogsum.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    dm = DialogSummaryDataModule(dataset=str(path), dialogue_field="dialogue", rename_speakers={},
+                                 summary_field=["summary1", "summary2", "summary3"])
+    dm.setup("test")
+    (example,) = dm.examples["test"]
+    assert example.references == ["they greet each other", "person one says hi to person two", "a greeting",
+                                  "two people greet"]
+    # a prediction equal to the second reference is a perfect score: the best over all references counts
+    assert rouge_scores(["person one says hi to person two"], [example.references])["rougeL"] == pytest.approx(1.0)
+    assert rouge_scores(["person one says hi to person two"], [example.references[:1]])["rougeL"] < 0.5
+    with pytest.raises(ValueError, match=r"field 'summary4' not found"):
+        DialogSummaryDataModule(dataset=str(path), dialogue_field="dialogue", summary_field=["summary1", "summary4"]).setup("test")

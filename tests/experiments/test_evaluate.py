@@ -1,6 +1,7 @@
 """evaluate and report through the real entry point, offline, on the demo config."""
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +31,8 @@ def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
     base = json.loads((tmp_path / "eval/base/eval_record.json").read_text())
     lora = json.loads((tmp_path / "eval/lora/eval_record.json").read_text())
     assert base["metrics"]["trainable_params"] == 0 and lora["metrics"]["trainable_params"] > 0
+    assert base["metrics"]["epoch"] == 0 and lora["metrics"]["epoch"] is None  # an adapter directory does not say
+    assert lora["metrics"]["train_runtime"] is None
     assert lora["metrics"]["all_params"] > base["metrics"]["all_params"]
     assert set(base["metrics"]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "memory_footprint"}
     assert "OPENAI_API_KEY is not set" in lora["settings"]["geval"]
@@ -40,5 +43,32 @@ def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluate_needs_exactly_one_source():
-    with pytest.raises(ValueError, match="exactly one of ckpt_path, adapter or base_model"):
+    with pytest.raises(SystemExit, match="exactly one of ckpt_path, adapter or base_model"):
         main(["evaluate", "--train_config", DEMO, "--run_name", "x"])
+
+
+def test_an_unreachable_g_eval_server_keeps_the_other_metrics(tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--train_config", DEMO, "--run_name", "base", "--base_model", "true", "--output_dir", out,
+              "--bertscore_model", "null", "--overrides", SMALL, "--geval.base_url", "http://127.0.0.1:9/v1",
+              "--geval.model", "judge", "--geval.cache_path", str(tmp_path / "cache.sqlite")])
+    message = str(info.value.code)
+    assert "G-Eval failed at http://127.0.0.1:9/v1 with model 'judge' (APIConnectionError" in message
+    assert "a server is listening" in message and time.monotonic() - started < 60  # no minute of retries
+    record = json.loads((tmp_path / "eval/base/eval_record.json").read_text())
+    assert "rougeL" in record["metrics"] and "trainable_params" in record["metrics"]
+    assert "APIConnectionError" in record["settings"]["geval"]["error"]
+
+
+def test_an_unreachable_bertscore_model_fails_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--train_config", DEMO, "--run_name", "base", "--base_model", "true", "--output_dir",
+              str(out), "--bertscore_model", "an-uncached/model", "--overrides", SMALL])
+    message = str(info.value.code)
+    assert "'an-uncached/model' is not in the local Hugging Face cache" in message
+    assert "offline:all-MiniLM-L6-v2" in message and "null to skip" in message
+    assert not out.exists()  # decided before any summary was generated

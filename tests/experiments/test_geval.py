@@ -17,6 +17,7 @@ import pytest
 from experiments.geval import (
     CRITERIA,
     GEvalConfig,
+    GEvalUnavailable,
     build_prompt,
     geval_available,
     geval_scores,
@@ -257,8 +258,10 @@ def test_rate_limit_is_retried_with_backoff(server, tmp_path):
 
 def test_rate_limit_without_retries_left_raises(server, tmp_path):
     server.respond = lambda body, n: (429, {"error": {"message": "slow down"}}, {"retry-after-ms": "1"})
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(GEvalUnavailable, match=r"G-Eval failed at http://127\.0\.0\.1:\d+/v1 with model 'judge' "
+                                               r"\(RateLimitError") as info:
         geval_scores(DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, max_retries=1), ("consistency",))
+    assert isinstance(info.value.__cause__, openai.RateLimitError)
     assert len(server.requests) == 2  # the request and its one retry
 
 
@@ -281,7 +284,7 @@ def test_interrupted_run_resumes_where_it_stopped(server, tmp_path):
         return 200, completion(["3"], [[token("3", 1.0, {"3": 1.0})]]), {}
 
     server.respond = failing
-    with pytest.raises(openai.InternalServerError):
+    with pytest.raises(GEvalUnavailable, match="InternalServerError"):
         geval_scores(DIALOGUES, SUMMARIES, config(server, tmp_path, concurrency=1))
     answered = {json.dumps(r, sort_keys=True) for r in server.requests if "crashes" not in r["messages"][0]["content"]}
     assert answered  # some work got done before the failure

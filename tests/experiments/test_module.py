@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import peftcore
-from experiments.__main__ import lightning_cli
+from experiments.cli import lightning_cli
 from experiments.data import DialogSummaryDataModule
 from experiments.module import Seq2SeqFineTuner, build_model
 
@@ -65,7 +65,7 @@ def test_fit_through_the_cli_entry_point(tmp_path, monkeypatch):
         "--model.max_new_tokens=8",
     ])
     assert cli.trainer.global_step == 3
-    assert (tmp_path / "runs/demo/checkpoints/last.ckpt").exists()
+    assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
     assert "val/rougeL" in cli.trainer.callback_metrics
     adapter = Path(cli.trainer.logger.log_dir) / "best_adapter"
     L.seed_everything(0)  # the CLI seeds before building: the same random base again
@@ -179,7 +179,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "runs/demo/checkpoints/last.ckpt").exists()
+    assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
     assert "distributed_backend=gloo" in result.stderr + result.stdout
 
 
