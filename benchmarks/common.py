@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from peftcore.files import write_atomically
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -114,10 +116,7 @@ def write_result(name: str, device: torch.device, result: dict) -> Path:
     """benchmarks/results/<name>_<device tag>.json, written atomically."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_{device_tag(device)}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple], title: str) -> None:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+
+from peftcore.files import write_atomically
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -64,12 +65,12 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if trainer.fast_dev_run:
             return
-        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
-        super()._save_checkpoint(trainer, tmp)
+        save = super()._save_checkpoint
         if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+            write_atomically(filepath, lambda tmp: save(trainer, tmp))
+        else:
+            save(trainer, filepath)  # writes nothing off rank 0; takes part in any collective of the save
         self._last_checkpoint_saved = filepath
-        trainer.strategy.barrier()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.fast_dev_run:

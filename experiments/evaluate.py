@@ -9,8 +9,6 @@ report: several such records -> tables (+ % change against a base run) and plots
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +18,7 @@ from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import peftcore
+from peftcore.files import write_atomically
 from experiments.bertscore import bert_scores
 from experiments.bertscore import ModelUnavailable
 from experiments.bertscore import check_available as check_bertscore_model
@@ -120,7 +119,7 @@ def evaluate(
     record = {"run": run_name, "metrics": metrics, "settings": settings, "predictions": module.hparams.predictions_path}
 
     def save() -> None:
-        _write_json(out / "eval_record.json", record)
+        write_atomically(out / "eval_record.json", json.dumps(record, indent=2))
 
     metrics.update(rouge_scores(predictions, references))
     save()
@@ -158,14 +157,6 @@ def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", ba
         raise ValueError("--records is required: a list of eval_record.json files or run directories")
     written = write_report(records, out_dir, base_run=base_run)
     print(Path(written["markdown"]).read_text() if "markdown" in written else written)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def evaluate_cli(argv: list[str]) -> None:

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import openai
+
+from peftcore.files import write_atomically
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -451,18 +452,6 @@ def geval_scores(
             result["failure_texts"] += [{"criterion": criterion, "index": i, "text": t} for t in o.failures]
     result["settings"] = asdict(config)
     if failures_path is not None:
-        _write_atomic(Path(failures_path), "".join(json.dumps(f) + "\n" for f in result["failure_texts"]))
+        write_atomically(Path(failures_path), "".join(json.dumps(f) + "\n" for f in result["failure_texts"]))
         result["failures_path"] = str(failures_path)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import peftcore
 from peftcore.config import NF4Config
+from peftcore.files import write_atomically
 from peftcore.t5 import SHAPES, t5_config
 from experiments.data import skip_batches
 from experiments.metrics import ROUGE_KEYS, Rouge
@@ -258,7 +257,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         path = Path(self.hparams.predictions_path or Path(self._log_dir()) / "predictions.jsonl")
         if self.trainer.world_size > 1:
             path = path.with_suffix(f".rank{self.global_rank}.jsonl")
-        write_jsonl_atomically(path, self._predictions)
+        write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._predictions))
         rank_zero_info(f"wrote {len(self._predictions)} predictions to {path}")
         self._predictions = []
 
@@ -313,12 +312,3 @@ class Seq2SeqFineTuner(L.LightningModule):
     def _log_dir(self) -> str:
         logger = self.trainer.logger
         return (logger.log_dir if logger is not None and logger.log_dir else None) or self.trainer.default_root_dir
-
-
-def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -17,14 +17,14 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from peftcore.files import write_atomically
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
@@ -219,7 +219,7 @@ def write_report(
     written: dict[str, Path] = {}
 
     written["csv"] = out_dir / "metrics.csv"
-    _write_atomic(written["csv"], _csv_text(["metric", *runs], [[m, *table[m]] for m in metrics]))
+    write_atomically(written["csv"], _csv_text(["metric", *runs], [[m, *table[m]] for m in metrics]))
     md_metrics = _markdown_table(["metric", *runs], [[m, *format_row(table[m])] for m in metrics])
 
     md_change = None
@@ -229,7 +229,7 @@ def write_report(
         change = {m: [percent_change(table[m][runs.index(r)], table[m][b]) for r in others] for m in metrics}
         written["change_csv"] = out_dir / "change.csv"
         header = [f"% change vs {base_run}", *others]
-        _write_atomic(written["change_csv"], _csv_text(header, [[m, *change[m]] for m in metrics]))
+        write_atomically(written["change_csv"], _csv_text(header, [[m, *change[m]] for m in metrics]))
         cells = [[m, *(_change_cell(v, table[m][runs.index(r)], table[m][b]) for v, r in zip(change[m], others))]
                  for m in metrics]
         md_change = _markdown_table(["metric", *others], cells)
@@ -240,7 +240,7 @@ def write_report(
         figures["params_png"] = ("params_vs_rougeL.png", params_fig)
     for key, (name, fig) in figures.items():
         written[key] = out_dir / name
-        _write_atomic(written[key], _png_bytes(fig))
+        write_atomically(written[key], _png_bytes(fig))
 
     sections = ["# Results\n", "## Metrics\n", md_metrics]
     if md_change is not None:
@@ -251,7 +251,7 @@ def write_report(
     settings = "".join(f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded)
     sections += ["## Settings\n", settings]
     written["markdown"] = out_dir / "report.md"
-    _write_atomic(written["markdown"], "\n".join(sections))
+    write_atomically(written["markdown"], "\n".join(sections))
 
     written["tensorboard"] = _write_tensorboard(out_dir / "tensorboard", runs, table, md_metrics, md_change, figures)
     return written
@@ -287,15 +287,3 @@ def _write_tensorboard(
 
 def _safe_name(run: str) -> str:
     return re.sub(r"[^\w.-]+", "_", run) or "_"
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

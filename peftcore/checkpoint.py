@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Union
@@ -34,6 +33,7 @@ from torch import nn
 
 from peftcore import ia3, lora
 from peftcore.config import IA3Config, LoRAConfig
+from peftcore.files import write_atomically
 from peftcore.matching import resolve_targets, shown, why_not_selected
 from peftcore.peft_fields import PEFT_FORMAT_VERSION
 from peftcore.surgery import AdapterConfig, adapter_layers, inject, trained_copies, unload
@@ -55,10 +55,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, config, saving=True).items()}
     peft_config = {**_shared_fields(config, model), **TRANSLATIONS[type(config)].config_to_peft(config)}
-    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(
-        directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-    )
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
@@ -239,14 +237,3 @@ def _read_json(path: Path) -> dict:
         raise FileNotFoundError(f"no {path.name} in {path.parent}; is this an adapter directory?") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again") from None
-
-
-def _write_atomically(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
