@@ -33,7 +33,7 @@ from typing import Iterator, NoReturn, Optional
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from peftcore.checkpoint import TRANSLATIONS
+from peftcore import methods
 
 from experiments.data import DialogSummaryDataModule
 from experiments.module import Seq2SeqFineTuner
@@ -45,7 +45,7 @@ TRAINER_DEFAULTS = {"logger": {"class_path": TENSORBOARD, "init_args": {"save_di
 NAMED_CHECKPOINTS = ("last", "best")
 # The method configs are dataclasses; as "subclass" types their class_path stays in the parsed and
 # saved config (config.yaml says which method ran) and --model.peft.help <class> lists the fields.
-set_parsing_settings(subclasses_enabled=list(TRANSLATIONS))
+set_parsing_settings(subclasses_enabled=list(methods.config_classes()))
 
 
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
@@ -126,7 +126,7 @@ def _check_method(parser: LightningArgumentParser, config: Namespace) -> None:
     if not isinstance(spec, Namespace):
         return
     fields = dict(spec.get("init_args") or spec) if spec.get("class_path") else dict(spec)
-    for cls in TRANSLATIONS:
+    for cls in methods.config_classes():
         if set(fields) == {f.name for f in dataclasses.fields(cls)}:
             try:
                 cls(**fields)
@@ -147,14 +147,14 @@ def explain_method_error(message: str) -> str:
         return message
     unknown = re.search(r"Problem with given class_path '([\w.]+)':\s*module '[\w.]+' has no attribute", message)
     if unknown:
-        known = ", ".join(f"peftcore.{cls.__name__}" for cls in TRANSLATIONS)
+        known = ", ".join(f"peftcore.{cls.__name__}" for cls in methods.config_classes())
         return f'Parser key "model.peft": {unknown.group(1)!r} is not a method config; the methods are {known}'
     bad = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
     if bad is None:
         return message
     cls = _config_class(bad.group(1))
     key, fields = bad.group(2), [f.name for f in dataclasses.fields(cls)]
-    renamed = dict(getattr(TRANSLATIONS.get(cls), "PEFT_NAMES", {}))  # peft's name -> peftcore's
+    renamed = dict(getattr(methods.for_config_class(cls), "PEFT_NAMES", {}))  # peft's name -> peftcore's
     close = difflib.get_close_matches(key, [*fields, *renamed], n=1)
     if key in renamed:
         hint = f"; peft's {key!r} is peftcore's {renamed[key]!r}"

@@ -4,7 +4,7 @@ The model is built, optionally quantized, then given an adapter, all in ``__init
 
     from_pretrained(name | path)  or  T5 config of a named shape with random weights (explicit)
     -> peftcore.quantize(model, NF4Config)      (QLoRA)
-    -> peftcore.inject(model, LoRAConfig | IA3Config)
+    -> peftcore.inject(model, the method's config)   (any of peftcore.methods.METHODS)
 
 Checkpoints hold only what trains (plus optimizer, scheduler and loop state), so a t5-base LoRA
 checkpoint is megabytes; the frozen base is rebuilt from the same settings on resume.
@@ -12,6 +12,7 @@ checkpoint is megabytes; the frozen base is rebuilt from the same settings on re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -25,8 +26,10 @@ import transformers
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import peftcore
+from peftcore import methods
 from peftcore.config import NF4Config
 from peftcore.files import write_atomically
+from peftcore.loraplus import param_groups
 from peftcore.t5 import SHAPES, t5_config
 from experiments.data import skip_batches
 from experiments.metrics import ROUGE_KEYS, Rouge
@@ -35,9 +38,16 @@ OPTIMIZERS = ("adamw", "paged_adamw")
 
 # Checkpoints store the hyperparameters, method configs included; torch.load(weights_only=True)
 # (Lightning's default on resume) unpickles only allow-listed classes. These are plain dataclasses.
-torch.serialization.add_safe_globals(
-    [peftcore.LoRAConfig, peftcore.IA3Config, peftcore.NF4Config, peftcore.PromptTuningConfig]
-)
+torch.serialization.add_safe_globals([*methods.config_classes(), NF4Config])
+# The method option: any method's config (the CLI then knows their fields).
+MethodConfig = Union[methods.config_classes()]
+
+
+def method_fields() -> str:
+    """One line per method: its config class and its fields (for ``fit --help``)."""
+    return "; ".join(
+        f"{cls.__name__} ({', '.join(f.name for f in dataclasses.fields(cls))})" for cls in methods.config_classes()
+    )
 
 
 def build_model(
@@ -74,8 +84,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         gated: with ``shape``, the gated feed-forward of T5 v1.1 / flan-t5.
         dropout_rate: override the model's dropout (None keeps the model's own).
         peft: the method's config, e.g. ``{class_path: peftcore.LoRAConfig, init_args: {r: 8}}``;
-            None trains every weight (full fine-tuning). ``--model.peft.help LoRAConfig`` lists a
-            method's fields.
+            None trains every weight (full fine-tuning). The methods and their fields:
+            {method_fields}. ``--model.peft.help <config>`` describes each field.
         quantization: an NF4Config to quantize the frozen base first (QLoRA); None keeps it as loaded.
         optimizer: ``adamw`` (torch) or ``paged_adamw`` (peftcore.PagedAdamW).
         lr: peak learning rate.
@@ -83,6 +93,10 @@ class Seq2SeqFineTuner(L.LightningModule):
             or IA3 vectors, which decay toward a meaningless zero).
         betas: AdamW betas.
         warmup_ratio: fraction of the training steps with linear warm-up; then linear decay to 0.
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B factors and the 1-D adapter
+            parameters train at ``lr * loraplus_lr_ratio`` (as peft's create_loraplus_optimizer);
+            None (the default) is plain training. peft requires the ratio; so does this: no
+            default ratio is assumed (the paper uses about 16).
         gpu_budget_bytes: PagedAdamW's device budget for optimizer state (None: all on device).
         gradient_checkpointing: recompute activations in backward to save memory.
         num_beams: beams for generation in validation/test/predict.
@@ -101,13 +115,14 @@ class Seq2SeqFineTuner(L.LightningModule):
         random_init: bool = False,
         gated: bool = False,
         dropout_rate: Optional[float] = None,
-        peft: Optional[Union[peftcore.LoRAConfig, peftcore.IA3Config]] = None,
+        peft: Optional[MethodConfig] = None,
         quantization: Optional[NF4Config] = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.0,
+        loraplus_lr_ratio: Optional[float] = None,
         gpu_budget_bytes: Optional[int] = None,
         gradient_checkpointing: bool = False,
         num_beams: int = 1,
@@ -121,6 +136,8 @@ class Seq2SeqFineTuner(L.LightningModule):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be a positive number (about 16 in the paper), got {loraplus_lr_ratio}")
         self.save_hyperparameters()
         self.model = build_model(pretrained, shape, random_init, gated, dropout_rate)
         if quantization is not None:
@@ -264,10 +281,7 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        groups = param_groups(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.loraplus_lr_ratio)
         if self.hparams.optimizer == "paged_adamw":
             optimizer = peftcore.PagedAdamW(
                 groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), gpu_budget_bytes=self.hparams.gpu_budget_bytes
@@ -312,3 +326,7 @@ class Seq2SeqFineTuner(L.LightningModule):
     def _log_dir(self) -> str:
         logger = self.trainer.logger
         return (logger.log_dir if logger is not None and logger.log_dir else None) or self.trainer.default_root_dir
+
+
+# fit --help shows the docstring: the method list in it comes from peftcore.methods.
+Seq2SeqFineTuner.__doc__ = Seq2SeqFineTuner.__doc__.replace("{method_fields}", method_fields())

@@ -8,9 +8,11 @@
     adapter_model.bin            the same tensors pickled (peft's safe_serialization=False); read
                                  with torch.load(weights_only=True), which runs no code from the file
 
+    prompt_embeddings            a soft prompt (prompt tuning), (num_virtual_tokens x 2, d_model)
+
 Each method translates its own config fields and tensor names (``config_from_peft``,
-``config_to_peft``, ``peft_tensors``, ``saved_tensors`` in its module); this module handles the
-files, the fields every method shares, and the checks. A loaded adapter computes exactly what it
+``config_to_peft``, ``peft_tensors``, ``saved_tensors`` in its module, found through
+peftcore.methods); this module handles the files, the fields every method shares, and the checks. A loaded adapter computes exactly what it
 computed where it was saved, or the load is refused with the reason: every key and shape is
 checked before anything is copied, and on a mismatch the model is left as it was. Files are
 written to temporary names and renamed into place, so an interrupted save never leaves a
@@ -31,8 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftcore import ia3, lora
-from peftcore.config import IA3Config, LoRAConfig
+from peftcore import methods
 from peftcore.files import write_atomically
 from peftcore.matching import resolve_targets, shown, why_not_selected
 from peftcore.peft_fields import PEFT_FORMAT_VERSION
@@ -43,18 +44,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
-# The method modules by the config class they translate, and by the peft_type they load.
-TRANSLATIONS: dict[type, ModuleType] = {LoRAConfig: lora, IA3Config: ia3}
-BY_PEFT_TYPE = {module.PEFT_TYPE: module for module in TRANSLATIONS.values()}
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> None:
     """Write the model's adapter (and modules_to_save) to directory ``path`` in peft's format."""
     config = _injected_config(model)
+    method = methods.for_config(config)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, config, saving=True).items()}
-    peft_config = {**_shared_fields(config, model), **TRANSLATIONS[type(config)].config_to_peft(config)}
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, method, saving=True).items()}
+    peft_config = to_peft_config(config, model)
     write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
 
@@ -65,17 +64,14 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     is left as it was."""
     directory = Path(path)
     data = _read_json(directory / CONFIG_NAME)
-    method = BY_PEFT_TYPE.get(data.get("peft_type"))
-    if method is None:
-        raise ValueError(
-            f"adapter peft_type {data.get('peft_type')!r} is not supported ({directory}); peftcore loads "
-            f"{' and '.join(repr(t) for t in BY_PEFT_TYPE)} adapters"
-        )
     try:
+        method = methods.for_peft(data)
         config = method.config_from_peft(data, model)
+        saved = _read_tensors(directory)
+        if hasattr(method, "read_file_tensors"):
+            saved = method.read_file_tensors(saved, data)
     except ValueError as err:
         raise ValueError(f"cannot load the adapter in {directory}: {err}") from None
-    saved = _read_tensors(directory)
 
     injected_here = next(adapter_layers(model), None) is None and next(trained_copies(model), None) is None
     if not injected_here:
@@ -84,7 +80,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         grad_flags = {id(p): p.requires_grad for p in model.parameters()}
         inject(model, config, initialise=False)  # the init may rewrite the base: only after the checks
     try:
-        live = {**_tensors(model, config), **_saved_base_weights(model, saved)}
+        live = {**_tensors(model, method), **_saved_base_weights(model, saved)}
         _check_fits(saved, live, directory, model, config)
     except Exception:
         if injected_here:  # roll back: the model leaves exactly as it came
@@ -108,31 +104,37 @@ def _injected_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _tensors(model: nn.Module, config: AdapterConfig, saving: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's names: live ones (to load into), or as saved."""
-    method = TRANSLATIONS[type(config)]
+def _tensors(model: nn.Module, method: ModuleType, saving: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names: live ones (to load into), or as saved. A layer's
+    names follow its module's dotted name; an input transform's stand alone (prompt_embeddings)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
+        prefix = f"{PREFIX}{name}." if method.KIND == "layer" else ""
         for key, tensor in (method.saved_tensors if saving else method.peft_tensors)(layer).items():
-            tensors[f"{PREFIX}{name}.{key}"] = tensor
+            tensors[prefix + key] = tensor
     for name, copy in trained_copies(model):
         for key, tensor in copy.trained.state_dict(keep_vars=True).items():
             tensors[f"{PREFIX}{name}.{key}"] = tensor
     return tensors
 
 
-def _shared_fields(config: AdapterConfig, model: nn.Module) -> dict:
-    """The fields of adapter_config.json that every method writes the same way."""
-    return {
+def to_peft_config(config: AdapterConfig, model: nn.Module) -> dict:
+    """adapter_config.json for ``config``: the fields every method writes the same way (and the
+    targeting fields, for the methods that have them), then the method's own."""
+    fields = {
         "task_type": "SEQ_2_SEQ_LM",
         "peft_version": PEFT_FORMAT_VERSION,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
-        "target_modules": shown(config.target_modules),
-        "exclude_modules": shown(config.exclude_modules),
-        "modules_to_save": list(config.modules_to_save) or None,
     }
+    if hasattr(config, "target_modules"):
+        fields.update(
+            target_modules=shown(config.target_modules),
+            exclude_modules=shown(config.exclude_modules),
+            modules_to_save=list(config.modules_to_save) or None,
+        )
+    return {**fields, **methods.for_config(config).config_to_peft(config, model)}
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -181,7 +183,7 @@ def _check_same_method(model: nn.Module, saved: AdapterConfig, directory: Path) 
             f"the adapter in {directory} is a {type(saved).__name__}, but the model already holds a "
             f"{type(current).__name__}; load it into a model without an adapter (or call peftcore.unload(model) first)"
         )
-    method = TRANSLATIONS[type(saved)]
+    method = methods.for_config(saved)
     for name, layer in adapter_layers(model):
         difference = method.differs(layer, name, saved)
         if difference:
@@ -224,6 +226,8 @@ def _explain(key: str, in_file: bool, model: nn.Module, config: AdapterConfig) -
         return f"The config adapts {name!r}, but the file has no {tensor!r} for it."
     if name in adapted:
         return f"The file holds {tensor!r} for {name!r}, which this adapter does not have."
+    if not hasattr(config, "target_modules"):
+        return f"This adapter has no {tensor!r} for {name!r}."
     if tensor in modules[name].state_dict():
         return f"The file holds {name!r} in full, but modules_to_save={list(config.modules_to_save)} does not name it."
     reason = why_not_selected(name, config, resolve_targets(model, config.target_modules))

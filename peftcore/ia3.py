@@ -11,16 +11,58 @@ in ``l`` cannot be merged.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from peftcore import t5
-from peftcore.config import IA3Config
-from peftcore.matching import shown
+from peftcore.config import fail, normalise_common, normalise_targets
+from peftcore.matching import TargetModules, ends_with, shown
 from peftcore.peft_fields import check_fields
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
+
+__all__ = ["IA3Config", "IA3Scaler"]
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    """(IA)^3 (Liu et al., 2022): learned vectors that rescale activations.
+
+    Feed-forward targets scale their input, ``y = W (l * x)``; every other target scales its
+    output, ``y = l * (W x)``. Each ``l`` starts at ones, so the model starts unchanged.
+
+    Args:
+        target_modules: module names (matched against the end of the dotted name) or one regex.
+        feedforward_modules: the subset of targets whose input is scaled; must be targets too.
+            Matched as a plain suffix of the name, as in peft (``"o"`` also selects ``wo``).
+        modules_to_save: modules trained in full next to the adapter (each gets its own copy).
+        exclude_modules: names (or one regex) of modules never to adapt.
+    """
+
+    target_modules: TargetModules = ("k", "v", "wo")
+    feedforward_modules: TargetModules = ("wo",)
+    modules_to_save: tuple[str, ...] = ()
+    exclude_modules: Optional[TargetModules] = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        normalise_common(self)
+        object.__setattr__(
+            self,
+            "feedforward_modules",
+            normalise_targets(name, "feedforward_modules", self.feedforward_modules, allow_empty=True),
+        )
+        if isinstance(self.target_modules, tuple) and isinstance(self.feedforward_modules, tuple):
+            stray = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if stray:
+                fail(
+                    name,
+                    "feedforward_modules",
+                    self.feedforward_modules,
+                    f"a subset of target_modules {list(self.target_modules)} ({stray} are not targets)",
+                )
 
 
 class IA3Scaler(nn.Module):
@@ -103,6 +145,30 @@ class IA3Scaler(nn.Module):
             self.base.bias.copy_((self.base.bias.float() * factor).to(self.base.bias.dtype))
 
 
+# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+
+KIND = "layer"
+Config = IA3Config
+Layer = IA3Scaler
+IDENTITY_AT_INIT = True  # the vectors start at ones
+
+
+def wrap(base: nn.Module, config: IA3Config, name: str, initialise: bool = True) -> IA3Scaler:
+    """Feed-forward targets are those whose name ends with a feedforward_modules entry (peft's rule)."""
+    return IA3Scaler(base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules))
+
+
+def check(config: IA3Config, targets: list[str]) -> None:
+    """Every feedforward_modules entry must select one of the targets: otherwise it does nothing."""
+    entries = config.feedforward_modules
+    for entry in (entries,) if isinstance(entries, str) else entries:
+        if not any(ends_with(name, entry if isinstance(entries, str) else (entry,)) for name in targets):
+            raise ValueError(
+                f"feedforward_modules must be targets too; {entry!r} selects none of the {len(targets)} modules "
+                f"that target_modules={shown(config.target_modules)!r} selects"
+            )
+
+
 # --- peft's format -------------------------------------------------------------------------------
 #
 # Every field of peft's IA3Config (unchanged from release 0.17 to 0.21) is in one of these tables;
@@ -116,6 +182,10 @@ PEFT_IMPLEMENTED = (
 )
 PEFT_AT_DEFAULT: dict[str, tuple[object, str]] = {}
 PEFT_INERT = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
+
+
+def claims(data: dict) -> bool:
+    return data.get("peft_type") == PEFT_TYPE
 
 
 def config_from_peft(data: dict, model: nn.Module) -> IA3Config:
@@ -134,7 +204,7 @@ def config_from_peft(data: dict, model: nn.Module) -> IA3Config:
     )
 
 
-def config_to_peft(config: IA3Config) -> dict:
+def config_to_peft(config: IA3Config, model: nn.Module) -> dict:
     """peft's IA3Config fields for ``config`` (the shared fields are written by checkpoint.py)."""
     return {
         "peft_type": PEFT_TYPE,

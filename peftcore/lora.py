@@ -21,6 +21,8 @@ it is saved.
 from __future__ import annotations
 
 import dataclasses
+import re
+from dataclasses import dataclass, field
 import math
 import warnings
 from typing import Optional
@@ -29,15 +31,119 @@ import torch
 from torch import nn
 
 from peftcore import t5
-from peftcore.config import LoRAConfig
-from peftcore.matching import select_targets, shown
+from peftcore.config import (
+    fail,
+    check_pattern,
+    layer_indices,
+    normalise_common,
+    normalise_targets,
+    positive_int,
+    positive_number,
+)
+from peftcore.matching import TargetModules, pattern_key, select_targets, shown
 from peftcore.peft_fields import check_fields, peft_version
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
+__all__ = ["LoRAConfig", "LoRALinear"]
+
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adaptation (Hu et al., 2021): ``y = W x + (alpha / r) * B A x``.
+
+    Args:
+        r: rank of the update ``B @ A``.
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+            with ``use_rslora``).
+        dropout: dropout probability applied to the adapter's input, in [0, 1).
+        target_modules: module names matched against the end of each dotted name
+            (``("q", "v")``), or one regex string matched against the whole name.
+        init: ``kaiming`` | ``gaussian`` | ``pissa`` | ``pissa_niter_<N>`` | ``olora``.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
+        modules_to_save: modules trained in full next to the adapter (e.g. ``lm_head``): each
+            gets its own trainable copy, as in peft; matched as a plain suffix of the name.
+        exclude_modules: names (or one regex) of modules never to adapt, matched as target_modules.
+        rank_pattern: ``{pattern: r}`` overriding ``r`` for the modules whose dotted name ends
+            with a match of ``pattern`` (a regex); the first matching pattern wins.
+        alpha_pattern: ``{pattern: alpha}``, the same for ``alpha``.
+        layers_to_transform: adapt only the layers with these indices (the number after
+            ``layers_pattern`` in the name, e.g. ``block`` in T5); needs a list ``target_modules``.
+        layers_pattern: the name(s) of the layer list, e.g. ``block``; None takes the first
+            numbered segment of the name.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: TargetModules = ("q", "v")
+    init: str = "kaiming"
+    use_rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    exclude_modules: Optional[TargetModules] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: Optional[tuple[int, ...]] = None
+    layers_pattern: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        positive_int(name, "r", self.r)
+        positive_number(name, "alpha", self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            fail(name, "dropout", self.dropout, "a number in [0, 1)")
+        if not _is_lora_init(self.init):
+            fail(name, "init", self.init, "one of " + " | ".join(LORA_INITS))
+        normalise_common(self)
+        object.__setattr__(self, "rank_pattern", check_pattern(name, "rank_pattern", self.rank_pattern, positive_int))
+        object.__setattr__(self, "alpha_pattern", check_pattern(name, "alpha_pattern", self.alpha_pattern, positive_number))
+        object.__setattr__(self, "layers_to_transform", layer_indices(name, self.layers_to_transform))
+        if isinstance(self.layers_pattern, str):
+            object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
+        if self.layers_pattern is not None:
+            object.__setattr__(self, "layers_pattern", normalise_targets(name, "layers_pattern", self.layers_pattern))
+            if self.layers_to_transform is None:
+                fail(name, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set too")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            fail(
+                name, "layers_to_transform", self.layers_to_transform,
+                f"None when target_modules is one string ({self.target_modules!r}), as in peft; list the module names",
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.scale_of(self.r, self.alpha)
+
+    def scale_of(self, r: int, alpha: float) -> float:
+        return lora_scale(r, alpha, self.use_rslora)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha of the adapter on ``module_name`` (rank_pattern / alpha_pattern applied)."""
+        r_key = pattern_key(self.rank_pattern, module_name)
+        alpha_key = pattern_key(self.alpha_pattern, module_name)
+        return (
+            self.r if r_key is None else self.rank_pattern[r_key],
+            self.alpha if alpha_key is None else self.alpha_pattern[alpha_key],
+        )
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA: the one place the scale is computed."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _is_lora_init(init: object) -> bool:
+    if init in ("kaiming", "gaussian", "pissa", "olora"):
+        return True
+    match = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+    return match is not None and int(match.group(1)) >= 0
 
 
 class LoRALinear(nn.Module):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a rank-``r`` update."""
+
+    LORAPLUS_FAST = ("lora_B.weight",)  # the B factor, which LoRA+ trains at ratio * lr
 
     def __init__(
         self,
@@ -55,7 +161,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r = r
         self.alpha = alpha
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(r, alpha, use_rslora)
         self.init = init
         # The starting factors A0, B0 of a randomised (pissa_niter) init; None otherwise.
         self.register_buffer("initial_A", None, persistent=False)
@@ -119,6 +225,10 @@ class LoRALinear(nn.Module):
             write_weight(self.base, read_weight(self.base) - self.delta_weight())
             self.merged = False
 
+    def fold_into_base(self) -> None:
+        """Merge for good (unload): for LoRA the same as merge."""
+        self.merge()
+
     @torch.no_grad()
     def initialise(self) -> None:
         """Set A and B by ``self.init`` (see the module docstring); PiSSA and OLoRA also rewrite the base."""
@@ -165,6 +275,27 @@ class LoRALinear(nn.Module):
 def changes_base(init: Optional[str]) -> bool:
     """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA)."""
     return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
+# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+
+KIND = "layer"
+Config = LoRAConfig
+Layer = LoRALinear
+IDENTITY_AT_INIT = True  # B = 0 (or, for PiSSA/OLoRA, the residual plus the principal part)
+
+
+def wrap(base: nn.Module, config: LoRAConfig, name: str, initialise: bool = True, layer: type = LoRALinear) -> LoRALinear:
+    r, alpha = config.rank_and_alpha(name)
+    return layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise)
+
+
+def check(config: LoRAConfig, targets: list[str]) -> None:
+    """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        unused = [key for key in getattr(config, field_name) if not any(pattern_key({key: 0}, n) for n in targets)]
+        if unused:
+            warnings.warn(f"{field_name} keys {unused} match none of the {len(targets)} adapted modules", stacklevel=4)
 
 
 # --- peft's format -------------------------------------------------------------------------------
@@ -217,12 +348,18 @@ REFUSED_INITS = {
 }
 
 
-def config_from_peft(data: dict, model: nn.Module) -> LoRAConfig:
-    """The LoRAConfig that computes what peft computes with ``data`` on ``model``."""
-    check_fields(data, "LoRA", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT)
+def claims(data: dict) -> bool:
+    return data.get("peft_type") == PEFT_TYPE and not data.get("use_dora")
+
+
+def config_from_peft(data: dict, model: nn.Module, cls: type = LoRAConfig, method: str = "LoRA",
+                     implemented: tuple = PEFT_IMPLEMENTED, at_default: Optional[dict] = None) -> LoRAConfig:
+    """The ``cls`` config that computes what peft computes with ``data`` on ``model`` (DoRA
+    reads its files with this too, ``use_dora`` then being one of its fields)."""
+    check_fields(data, method, implemented, PEFT_AT_DEFAULT if at_default is None else at_default, PEFT_INERT)
     targets = data.get("target_modules") or t5.LORA_TARGETS
     layers = data.get("layers_to_transform")
-    config = LoRAConfig(
+    config = cls(
         r=data.get("r", 8),
         alpha=data.get("lora_alpha", 8),
         dropout=data.get("lora_dropout", 0.0),
@@ -287,7 +424,7 @@ def _check_bias(bias: object, model: nn.Module, config: LoRAConfig) -> None:
         )
 
 
-def config_to_peft(config: LoRAConfig) -> dict:
+def config_to_peft(config: LoRAConfig, model: nn.Module) -> dict:
     """peft's LoraConfig fields for ``config`` (the shared fields are written by checkpoint.py).
 
     PiSSA and OLoRA are written by name: peft re-runs them on the original base on load and gets

@@ -61,15 +61,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftcore.config import NF4Config
-from peftcore.matching import matches
-from peftcore.t5 import KEEP_IN_FULL_PRECISION
+from peftcore.config import NF4Config, is_nf4_blocksize
 
 # bitsandbytes' hard-coded NF4 table: create_normal_map(offset=0.9677083) in fp32 (Gaussian quantiles,
 # normalized to [-1, 1], with an exact 0). Copied, not regenerated: no scipy at runtime, and no way for
@@ -171,8 +169,7 @@ def _per_block(flat: Tensor, blocksize: int) -> Tensor:
 
 
 def _check_blocksize(blocksize: int) -> None:
-    ok = isinstance(blocksize, int) and not isinstance(blocksize, bool) and 32 <= blocksize <= 4096
-    if not ok or blocksize & (blocksize - 1):
+    if not is_nf4_blocksize(blocksize):
         raise ValueError(f"blocksize must be a power of two in [32, 4096] (64 is the default), got {blocksize!r}")
 
 
@@ -465,54 +462,3 @@ class NF4Linear(nn.Module):
                     f"{self._layout()}); {fix}"
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-
-
-def _skip_list(model: nn.Module, config: NF4Config) -> Union[tuple[str, ...], str]:
-    if config.skip_modules is not None:
-        return config.skip_modules
-    own = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return tuple(dict.fromkeys((*KEEP_IN_FULL_PRECISION, *own)))
-
-
-def _is_skipped(name: str, skip: Union[Sequence[str], str]) -> bool:
-    return matches(name, skip)  # skip_modules follows target_modules' rule: a dotted suffix, or one regex
-
-
-def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place.
-
-    Linears whose dotted name ends with a name in ``config.skip_modules`` stay as they are;
-    ``skip_modules=None`` means ``peftcore.t5.KEEP_IN_FULL_PRECISION`` plus the model's own
-    ``_keep_in_fp32_modules``. Everything is validated and quantized before the first swap, so
-    an error leaves the model unchanged.
-    """
-    if not isinstance(config, NF4Config):
-        raise TypeError(f"quantize() needs an NF4Config, got {type(config).__name__}")
-    if isinstance(model, nn.Linear):
-        raise TypeError("quantize() replaces the Linear layers inside a model; for one layer use NF4Linear.from_linear")
-    done = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
-    if done:
-        raise ValueError(
-            f"the model is already quantized: it contains {len(done)} NF4Linear layers (e.g. '{done[0]}'). "
-            "Quantizing twice would re-quantize 4-bit weights; call quantize() once, on a full-precision model"
-        )
-    skip = _skip_list(model, config)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not _is_skipped(name, skip)
-    ]
-    for name, module in targets:
-        if module.weight.dtype not in QUANTIZABLE_DTYPES:
-            raise ValueError(
-                f"cannot quantize '{name}': its weight is {module.weight.dtype}, NF4 needs float32, bfloat16 or "
-                f"float16. Convert the model to a floating dtype first, or add '{name.rsplit('.', 1)[-1]}' to "
-                "NF4Config.skip_modules to keep it as it is"
-            )
-    if not targets:
-        raise ValueError(f"found no nn.Linear to quantize (skip_modules={skip!r})")
-    replacements = [(name, NF4Linear.from_linear(module, config)) for name, module in targets]
-    for name, layer in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    return model

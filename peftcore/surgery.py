@@ -1,6 +1,8 @@
-"""Module surgery: find target layers, swap adapter wrappers in, freeze the rest, and undo it.
+"""Module surgery: swap adapter wrappers (and 4-bit layers) in, freeze the rest, and undo it.
 
 Every check runs before the first module is swapped, so a bad config leaves the model as it was.
+Which modules a config selects is decided in matching.py; what each method does, in its own
+module, found through peftcore.methods.
 """
 
 from __future__ import annotations
@@ -8,25 +10,26 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Any, Iterator, Sequence, Union
 
 from torch import nn
 
-from peftcore.config import IA3Config, LoRAConfig
-from peftcore.ia3 import IA3Scaler
-from peftcore.lora import LoRALinear
-from peftcore.matching import ends_with, pattern_key, select_copies, select_targets, shown
+from peftcore import methods
+from peftcore.config import NF4Config
+from peftcore.matching import matches, select_copies, select_targets
+from peftcore.nf4 import QUANTIZABLE_DTYPES, NF4Linear
+from peftcore.t5 import KEEP_IN_FULL_PRECISION
 from peftcore.trained_copy import TrainedCopy
 from peftcore.weights import is_linear
 
-AdapterConfig = Union[LoRAConfig, IA3Config]
-# The methods that wrap a layer. A new method adds its wrapper here and a branch in _wrap.
-ADAPTER_TYPES = (LoRALinear, IA3Scaler)
+AdapterConfig = Any  # one of methods.config_classes()
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every method's modules in ``model``: its layer wrappers, or its input transform."""
+    types = methods.layer_types()
     for name, module in model.named_modules():
-        if isinstance(module, ADAPTER_TYPES):
+        if isinstance(module, types):
             yield name, module
 
 
@@ -38,20 +41,26 @@ def trained_copies(model: nn.Module) -> Iterator[tuple[str, TrainedCopy]]:
 
 
 def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> nn.Module:
-    """Wrap every target layer of ``model`` with the adapter ``config`` describes, in place.
+    """Give ``model`` the adapter ``config`` describes, in place.
 
     Afterwards only the adapter and the copies of ``config.modules_to_save`` are trainable.
     ``initialise=False`` builds the adapters without running their init (PiSSA and OLoRA change
     the base weight); ``load_adapter`` checks a file first and initialises after.
     """
-    if not isinstance(config, (LoRAConfig, IA3Config)):
-        raise TypeError(f"inject takes a LoRAConfig or IA3Config, got {type(config).__name__}")
+    method = methods.for_config(config)
     existing = next(adapter_layers(model), None) or next(trained_copies(model), None)
     if existing is not None:
         raise ValueError(
             f"the model already has an adapter ({type(existing[1]).__name__} at {existing[0]!r}); "
             "call unload(model) first to inject another one"
         )
+    if method.KIND == "input":
+        for param in model.parameters():
+            param.requires_grad_(False)
+        method.install(model, config, initialise)
+        model.peftcore_config = config
+        return model
+
     modules = dict(model.named_modules())
     targets = select_targets(model, config)
     not_linear = [f"{n} ({type(modules[n]).__name__})" for n in targets if not is_linear(modules[n])]
@@ -60,41 +69,17 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
             f"target_modules must select linear layers; these are not: {not_linear[:5]}. "
             "Name the Linear layers inside them instead (e.g. 'q', 'v', 'wi', 'wo')."
         )
-    feedforward = _feedforward(config, targets)
+    method.check(config, targets)
     to_save = select_copies(model, config, targets)
-    _warn_unused_patterns(config, targets)
 
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
-        _replace(model, name, _wrap(modules[name], config, name, name in feedforward, initialise))
+        _replace(model, name, method.wrap(modules[name], config, name, initialise))
     for name in to_save:
         _replace(model, name, TrainedCopy(model.get_submodule(name)))
     model.peftcore_config = config
     return model
-
-
-def _feedforward(config: AdapterConfig, targets: list[str]) -> set[str]:
-    """IA3's feed-forward targets: the targets whose name ends with an entry (peft's rule)."""
-    entries = getattr(config, "feedforward_modules", None)
-    if not entries:
-        return set()
-    found = {name for name in targets if ends_with(name, entries)}
-    for entry in (entries,) if isinstance(entries, str) else entries:
-        if not any(ends_with(name, entry if isinstance(entries, str) else (entry,)) for name in targets):
-            raise ValueError(
-                f"feedforward_modules must be targets too; {entry!r} selects none of the {len(targets)} modules "
-                f"that target_modules={shown(config.target_modules)!r} selects"
-            )
-    return found
-
-
-def _warn_unused_patterns(config: AdapterConfig, targets: list[str]) -> None:
-    """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
-    for field in ("rank_pattern", "alpha_pattern"):
-        unused = [key for key in getattr(config, field, {}) if not any(pattern_key({key: 0}, n) for n in targets)]
-        if unused:
-            warnings.warn(f"{field} keys {unused} match none of the {len(targets)} adapted modules", stacklevel=3)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -102,11 +87,48 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child_name, module)
 
 
-def _wrap(layer: nn.Module, config: AdapterConfig, name: str, feedforward: bool, initialise: bool) -> nn.Module:
-    if isinstance(config, LoRAConfig):
-        r, alpha = config.rank_and_alpha(name)
-        return LoRALinear(layer, r, alpha, config.dropout, config.init, config.use_rslora, initialise)
-    return IA3Scaler(layer, feedforward=feedforward)
+def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place.
+
+    Linears matched by ``config.skip_modules`` (target_modules' rule: a dotted suffix, or one
+    regex) stay as they are; ``skip_modules=None`` means ``peftcore.t5.KEEP_IN_FULL_PRECISION``
+    plus the model's own ``_keep_in_fp32_modules``. Everything is validated and quantized before
+    the first swap, so an error leaves the model unchanged.
+    """
+    if not isinstance(config, NF4Config):
+        raise TypeError(f"quantize() needs an NF4Config, got {type(config).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize() replaces the Linear layers inside a model; for one layer use NF4Linear.from_linear")
+    done = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
+    if done:
+        raise ValueError(
+            f"the model is already quantized: it contains {len(done)} NF4Linear layers (e.g. '{done[0]}'). "
+            "Quantizing twice would re-quantize 4-bit weights; call quantize() once, on a full-precision model"
+        )
+    skip = _skip_list(model, config)
+    targets = [
+        (name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and not matches(name, skip)
+    ]
+    for name, module in targets:
+        if module.weight.dtype not in QUANTIZABLE_DTYPES:
+            raise ValueError(
+                f"cannot quantize '{name}': its weight is {module.weight.dtype}, NF4 needs float32, bfloat16 or "
+                f"float16. Convert the model to a floating dtype first, or add '{name.rsplit('.', 1)[-1]}' to "
+                "NF4Config.skip_modules to keep it as it is"
+            )
+    if not targets:
+        raise ValueError(f"found no nn.Linear to quantize (skip_modules={skip!r})")
+    replacements = [(name, NF4Linear.from_linear(module, config)) for name, module in targets]
+    for name, layer in replacements:
+        _replace(model, name, layer)
+    return model
+
+
+def _skip_list(model: nn.Module, config: NF4Config) -> Union[Sequence[str], str]:
+    if config.skip_modules is not None:
+        return config.skip_modules
+    own = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return tuple(dict.fromkeys((*KEEP_IN_FULL_PRECISION, *own)))
 
 
 def merge(model: nn.Module) -> None:
@@ -121,7 +143,7 @@ def _untie_merged_bases(model: nn.Module) -> None:
     copy before a merge: merging into the shared tensor would change the embeddings too."""
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     for name, layer in adapter_layers(model):
-        weight = getattr(layer.base, "weight", None)
+        weight = getattr(getattr(layer, "base", None), "weight", None)
         if isinstance(weight, nn.Parameter) and owners[id(weight)] > 1 and not layer.merged:
             layer.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             warnings.warn(
@@ -139,14 +161,21 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace each wrapper by its base layer: with ``merge`` the adapter is folded in first and
-    each module to save is replaced by its trained copy (as peft's merge_and_unload does); without
-    it the adapter and the copies are dropped (an NF4 base stays NF4). Returns the plain model."""
+    """Take the adapter out: each wrapper is replaced by its base layer (with ``merge``, after
+    folding the adapter in) and an input transform is removed; each module to save becomes its
+    trained copy with ``merge`` (as peft's merge_and_unload does) and its original without. Without
+    ``merge`` an NF4 base stays NF4. Returns the plain model."""
     if merge:
         _untie_merged_bases(model)
     for name, layer in list(adapter_layers(model)):
+        method = methods.for_layer(layer)
+        if method.KIND == "input":
+            if merge:
+                layer.merge()  # says why it cannot
+            method.remove(model, layer)
+            continue
         if merge:
-            layer.fold_into_base() if isinstance(layer, IA3Scaler) else layer.merge()
+            layer.fold_into_base()
         elif layer.merged:
             layer.unmerge()
         _replace(model, name, layer.base)

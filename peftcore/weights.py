@@ -44,6 +44,14 @@ def read_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.detach().to(torch.float32).clone()
 
 
+def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base's weight in ``dtype`` for computing with (dequantized for a quantized base), no copy
+    when it is already stored that way."""
+    if is_quantized(base):
+        return base.dequantize(dtype)
+    return base.weight.to(dtype)
+
+
 @torch.no_grad()
 def write_weight(base: nn.Module, weight: torch.Tensor) -> None:
     """Store ``weight`` into the base in the base's own dtype (re-quantizing if need be)."""

@@ -181,7 +181,11 @@ def test_a_mistake_is_named(argument, message, capsys, tmp_path, monkeypatch):
     assert re.search(message, err), err
 
 
-def test_fit_help_points_to_the_methods_fields(capsys):
+def test_fit_help_lists_the_methods_fields(capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "LoRAConfig (r, alpha, dropout," in help_text and "PromptTuningConfig (num_virtual_tokens," in help_text
     with pytest.raises(SystemExit):
         lightning_cli(["fit", "--model.peft.help", "LoRAConfig"])
     out = capsys.readouterr().out

@@ -17,9 +17,9 @@ from peftcore.nf4 import (
     NF4Linear,
     dequantize_absmax,
     dequantize_nf4,
-    quantize,
     quantize_nf4,
 )
+from peftcore.surgery import quantize
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional

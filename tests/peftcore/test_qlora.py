@@ -7,7 +7,7 @@ import torch
 from conftest import build_t5, t5_batch
 
 import peftcore
-from peftcore import LoRAConfig, NF4Config, NF4Linear, count_parameters, inject, memory_footprint, quantize, unload
+from peftcore import DoRAConfig, LoRAConfig, NF4Config, NF4Linear, count_parameters, inject, memory_footprint, quantize, unload
 from peftcore.surgery import adapter_layers
 
 GIB = 2**30
@@ -127,24 +127,26 @@ def peft_qlora_as_users_build_it(model, directory, device: str, lora: LoRAConfig
         directory, quantization_config=quantization, dtype=torch.float32, device_map=device
     )
     peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                  lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
+                                  lora_dropout=0.0, task_type="SEQ_2_SEQ_LM", use_dora=isinstance(lora, DoRAConfig))
     return peft.get_peft_model(base.train(), peft_config)
 
 
+@pytest.mark.parametrize("config_class", [LoRAConfig, DoRAConfig], ids=["qlora", "qdora"])
 @pytest.mark.parametrize(
     "shape,device,batch",
     [("t5-tiny", "cpu", (2, 7, 5)),
      pytest.param("t5-base", "cuda", (8, 512, 128), marks=[pytest.mark.gpu, requires_cuda])],
 )
-def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_path):
+def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_path, config_class):
     """Same fp32 weights, quantized by each library on ``device``; our adapter, perturbed away from
-    its init (B != 0), copied into peft's. Loss and every adapter gradient agree within bf16
-    tolerance: |loss difference| <= 1e-3 * loss, and each gradient's relative L2 difference <= 1e-2
-    (the quantized matmuls run in bf16, where one rounding is 2^-8 = 3.9e-3)."""
+    its init (B != 0, a DoRA magnitude off the row norms), copied into peft's. Loss and every
+    adapter gradient agree within bf16 tolerance: |loss difference| <= 1e-3 * loss, and each
+    gradient's relative L2 difference <= 1e-2 (the quantized matmuls run in bf16, where one
+    rounding is 2^-8 = 3.9e-3)."""
     import peft
     from safetensors.torch import load_file
 
-    lora = LoRAConfig(r=16, alpha=32, target_modules=("q", "v"))
+    lora = config_class(r=16, alpha=32, target_modules=("q", "v"))
     model = t5_without_dropout(shape, device)
     ours = copy.deepcopy(model)
     quantize(ours, NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16))
@@ -153,6 +155,8 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
     with torch.no_grad():
         for _, layer in adapter_layers(ours):
             layer.lora_B.weight.copy_(0.02 * torch.randn(layer.lora_B.weight.shape, generator=g))
+            if hasattr(layer, "magnitude"):
+                layer.magnitude.mul_(1 + 0.1 * torch.randn(layer.magnitude.shape, generator=g))
     theirs = peft_qlora_as_users_build_it(model, tmp_path / "base", device, lora)
     peftcore.save_adapter(ours, tmp_path / "adapter")
     loaded = peft.set_peft_model_state_dict(theirs, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -180,13 +184,14 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
     for model_ in (ours, theirs):
         loss = model_(**data).loss
         loss.backward()
-        grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+        grads = {n.removeprefix("base_model.model.").replace(".default", "").replace("lora_magnitude_vector.weight", "magnitude"): p.grad
                  for n, p in model_.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads))
     (loss_ours, grads_ours), (loss_theirs, grads_theirs) = results
     print(f"{shape} on {device}: loss {loss_ours:.6f} (peft + bitsandbytes {loss_theirs:.6f})")
     assert abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs)
-    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 2 * len([n for n in ours_nf4 if n.endswith((".q", ".v"))])
+    per_layer = 3 if config_class is DoRAConfig else 2
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == per_layer * len([n for n in ours_nf4 if n.endswith((".q", ".v"))])
     worst = max(((grads_ours[k] - grads_theirs[k]).norm() / grads_theirs[k].norm()).item() for k in grads_ours)
     print(f"largest relative gradient difference: {worst:.2e}")
     assert worst <= 1e-2

@@ -1,0 +1,293 @@
+"""Soft-prompt tuning (Lester et al., 2021): learned embeddings prepended to the encoder's input.
+
+    encoder input:  [p_1 ... p_n ; E(x_1) ... E(x_L)]        P = (p_1 ... p_n): (n, d_model), trained
+    attention mask: [1 ... 1 ; mask(x)]                        (the decoder's cross-attention too)
+
+Only ``P`` trains; the model, the labels and the decoder's inputs are unchanged. Inits of ``P``:
+``random`` (N(0, 1), nn.Embedding's), ``vocab`` (the embeddings of n tokens drawn uniformly from
+the vocabulary) or ``text`` (the embeddings of ``init_text``'s tokens, repeated or cut to n).
+
+The prompt is an input transform, not a layer wrapper: ``install`` adds ``SoftPrompt`` to the
+model (as ``model.peftcore_prompt``) and two forward pre-hooks. The encoder's hook prepends
+``P`` to whatever the encoder embeds and widens its attention mask; the model's hook widens the
+mask its decoder cross-attends with. So ``model(...)`` and ``model.generate(...)`` (greedy or beam
+search: generate runs the encoder once, then the model step by step) work unchanged.
+
+peft's format (``PROMPT_TUNING``) stores ``prompt_embeddings`` of ``n * num_transformer_submodules``
+rows; for encoder-decoder models peft allocates 2n and only ever uses the first n (its
+prompt-tuning forward and generate prepend ``prompts[:, :n]`` to the encoder input alone), so the
+decoder half trains nothing. peftcore keeps the n rows that matter, which is why its parameter
+count is half of peft's, and writes the decoder half as zeros when it saves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peftcore.config import fail, positive_int
+from peftcore.peft_fields import check_fields
+
+__all__ = ["PromptTuningConfig", "SoftPrompt"]
+
+PROMPT_INITS = ("random", "vocab", "text")
+ATTRIBUTE = "peftcore_prompt"  # where install() puts the SoftPrompt on the model
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """Soft-prompt tuning (Lester et al., 2021): ``num_virtual_tokens`` learned embeddings
+    prepended to the encoder input.
+
+    Args:
+        num_virtual_tokens: how many embeddings to learn.
+        init: ``random`` | ``vocab`` (copies of random vocabulary embeddings) | ``text``
+            (the embeddings of ``init_text``'s tokens, repeated or cut to length).
+        init_text: the text for ``init="text"``.
+        tokenizer: the tokenizer (hub name or local path) that turns ``init_text`` into tokens.
+    """
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: Optional[str] = None
+    tokenizer: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        positive_int(name, "num_virtual_tokens", self.num_virtual_tokens)
+        if self.init not in PROMPT_INITS:
+            fail(name, "init", self.init, "one of " + " | ".join(PROMPT_INITS))
+        if (self.init == "text") != bool(self.init_text):
+            fail(name, "init_text", self.init_text, "a non-empty string exactly when init='text'")
+        if self.init == "text" and not self.tokenizer:
+            fail(name, "tokenizer", self.tokenizer, "a tokenizer name or path when init='text'")
+
+
+class SoftPrompt(nn.Module):
+    """The learned prompt ``embedding`` (n, d_model) and the hooks that put it before the input."""
+
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.config = config
+        weight = word_embeddings.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # trains in float32, as peft
+        self.embedding = nn.Parameter(
+            torch.empty(config.num_virtual_tokens, weight.shape[1], device=weight.device, dtype=dtype)
+        )
+        self.word_embeddings = [word_embeddings]  # a list: the model owns it, not this module
+        self.disabled = False
+        self.merged = False
+        self.handles: list = []
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"embedding": self.embedding}
+
+    @torch.no_grad()
+    def initialise(self) -> None:
+        n, embeddings = self.num_virtual_tokens, self.word_embeddings[0]
+        if self.config.init == "random":
+            nn.init.normal_(self.embedding)
+            return
+        if self.config.init == "vocab":
+            ids = torch.randint(0, embeddings.num_embeddings, (n,), device=self.embedding.device)
+        else:
+            ids = torch.tensor(_text_ids(self.config, n), device=self.embedding.device)
+        self.embedding.copy_(embeddings(ids).detach())
+
+    def merge(self) -> None:
+        raise ValueError("a soft prompt is an input, not a weight: it cannot be merged; unload(model, merge=False) removes it")
+
+    # --- the hooks --------------------------------------------------------------------------
+
+    def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict):
+        """Prepend the prompt to the encoder's input embeddings and widen its mask."""
+        if self.disabled:
+            return None
+        kwargs = _bound(encoder, args, kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = encoder.embed_tokens(kwargs["input_ids"])
+        batch, length = embeds.shape[:2]
+        prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs.update(input_ids=None, inputs_embeds=torch.cat([prompt, embeds], dim=1))
+        kwargs["attention_mask"] = self._widened(kwargs.get("attention_mask"), length, batch, embeds.device)
+        return (), kwargs
+
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict):
+        """Widen the mask the model passes to its encoder and its decoder's cross-attention."""
+        if self.disabled or (args == () and kwargs.get("attention_mask") is None):
+            return None
+        kwargs = _bound(model, args, kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return (), kwargs
+        encoded = kwargs.get("encoder_outputs")
+        if encoded is not None:  # generation: the encoder ran (with the prompt) before this step
+            length = encoded[0].shape[1] - self.num_virtual_tokens
+        else:
+            inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            length = inputs.shape[1]
+        kwargs["attention_mask"] = self._widened(mask, length, mask.shape[0], mask.device)
+        return (), kwargs
+
+    def _widened(self, mask: Optional[torch.Tensor], length: int, batch: int, device: torch.device) -> torch.Tensor:
+        """A mask over prompt + input: ones for the prompt; a mask already that wide stays."""
+        n = self.num_virtual_tokens
+        if mask is None:
+            return torch.ones(batch, n + length, dtype=torch.long, device=device)
+        if mask.shape[1] == n + length:
+            return mask
+        if mask.shape[1] != length:
+            raise ValueError(f"attention_mask has {mask.shape[1]} positions for an input of {length}")
+        return torch.cat([torch.ones(batch, n, dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+def _text_ids(config: PromptTuningConfig, n: int) -> list[int]:
+    """``init_text``'s token ids (special tokens included, as peft takes them), repeated or cut to n."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(config.tokenizer)(config.init_text)["input_ids"]
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of ``module.forward`` by name, so the hooks read them in one place."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+
+KIND = "input"
+Config = PromptTuningConfig
+Layer = SoftPrompt
+IDENTITY_AT_INIT = False  # a prompt changes the input from the start
+# peft allocates 2 x num_virtual_tokens rows for encoder-decoder models (the module docstring says why)
+PEFT_TRAINABLE_FACTOR = 2
+
+
+def install(model: nn.Module, config: PromptTuningConfig, initialise: bool = True) -> SoftPrompt:
+    """Add the soft prompt to an encoder-decoder ``model``; only the prompt trains."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    if encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"prompt tuning here prepends to an encoder's input; {type(model).__name__} has no encoder")
+    prompt = SoftPrompt(config, model.get_input_embeddings())
+    if initialise:
+        prompt.initialise()
+    setattr(model, ATTRIBUTE, prompt)
+    prompt.handles = [
+        encoder.register_forward_pre_hook(prompt.before_encoder, with_kwargs=True),
+        model.register_forward_pre_hook(prompt.before_model, with_kwargs=True),
+    ]
+    return prompt
+
+
+def remove(model: nn.Module, prompt: SoftPrompt) -> None:
+    for handle in prompt.handles:
+        handle.remove()
+    delattr(model, ATTRIBUTE)
+
+
+# --- peft's format ---------------------------------------------------------------------------------
+#
+# Every field of peft's PromptTuningConfig and PromptLearningConfig (unchanged from 0.17 to 0.21),
+# besides PeftConfig's own (peft_fields.METADATA), is in one of these tables.
+
+PEFT_TYPE = "PROMPT_TUNING"
+PEFT_NAMES = {"prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer"}
+PEFT_IMPLEMENTED = (
+    "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+    "token_dim",                   # must be the model's d_model
+    "num_transformer_submodules",  # 1 or 2 copies of the rows; the encoder uses the first n
+)
+PEFT_AT_DEFAULT = {"modules_to_save": (None, "modules trained in full next to a prompt")}
+PEFT_INERT = {
+    "num_attention_heads": "describes the model; prompt tuning does not use it",
+    "num_layers": "describes the model; prompt tuning does not use it",
+    "tokenizer_kwargs": "used only by the text init, which the file's prompt replaces",
+}
+PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
+TENSOR = "prompt_embeddings"
+
+
+def claims(data: dict) -> bool:
+    return data.get("peft_type") == PEFT_TYPE
+
+
+def config_from_peft(data: dict, model: nn.Module) -> PromptTuningConfig:
+    check_fields(data, "prompt-tuning", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT)
+    if data.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
+        raise ValueError(
+            f"this prompt-tuning adapter has task_type={data['task_type']!r}; peftcore's prompt goes before a "
+            "seq2seq encoder's input (task_type 'SEQ_2_SEQ_LM')"
+        )
+    d_model = model.get_input_embeddings().weight.shape[1]
+    if data.get("token_dim") not in (None, d_model):
+        raise ValueError(f"this prompt-tuning adapter has token_dim={data['token_dim']}; the model's d_model is {d_model}")
+    if data.get("num_transformer_submodules") not in (None, 1, 2):
+        raise ValueError(f"num_transformer_submodules={data['num_transformer_submodules']!r}: peft writes 1 or 2")
+    init = data.get("prompt_tuning_init", "RANDOM")
+    if init not in PEFT_INITS:
+        raise ValueError(f"prompt_tuning_init={init!r}; peft's inits are {list(PEFT_INITS)}")
+    return PromptTuningConfig(
+        num_virtual_tokens=data["num_virtual_tokens"],
+        init=PEFT_INITS[init],
+        init_text=data.get("prompt_tuning_init_text") if init == "TEXT" else None,
+        tokenizer=data.get("tokenizer_name_or_path") if init == "TEXT" else None,
+    )
+
+
+def config_to_peft(config: PromptTuningConfig, model: nn.Module) -> dict:
+    encoder = model.get_encoder()
+    return {
+        "peft_type": PEFT_TYPE,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": model.get_input_embeddings().weight.shape[1],
+        "num_transformer_submodules": 2,  # what peft uses for encoder-decoder models
+        "num_attention_heads": getattr(model.config, "num_heads", None),
+        "num_layers": len(getattr(encoder, "block", [])) or None,
+        "prompt_tuning_init": {v: k for k, v in PEFT_INITS.items()}[config.init],
+        "prompt_tuning_init_text": config.init_text,
+        "tokenizer_name_or_path": config.tokenizer,
+        "tokenizer_kwargs": None,
+        "modules_to_save": None,
+    }
+
+
+def peft_tensors(prompt: SoftPrompt) -> dict[str, torch.Tensor]:
+    """The live prompt under peft's name (a file's extra decoder rows are dropped on reading)."""
+    return {TENSOR: prompt.embedding}
+
+
+def read_file_tensors(saved: dict[str, torch.Tensor], data: dict) -> dict[str, torch.Tensor]:
+    """peft's ``prompt_embeddings`` holds n rows per transformer submodule; the encoder's are the first n."""
+    if TENSOR not in saved:
+        return saved
+    rows, copies = saved[TENSOR].shape[0], data.get("num_transformer_submodules") or 1
+    n = data["num_virtual_tokens"]
+    if rows != n * copies:
+        raise ValueError(f"{TENSOR} has {rows} rows; num_virtual_tokens={n} x num_transformer_submodules={copies} "
+                         f"makes {n * copies}")
+    return {**saved, TENSOR: saved[TENSOR][:n]}
+
+
+def saved_tensors(prompt: SoftPrompt) -> dict[str, torch.Tensor]:
+    """peft's 2n rows: the prompt, then zeros for the decoder half peft never uses."""
+    return {TENSOR: torch.cat([prompt.embedding, torch.zeros_like(prompt.embedding)])}
+
+
+def differs(prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> Optional[str]:
+    if prompt.num_virtual_tokens != config.num_virtual_tokens:
+        return f"the model's prompt has {prompt.num_virtual_tokens} tokens, the file's {config.num_virtual_tokens}"
+    return None
