@@ -213,3 +213,17 @@ def test_no_warning_about_args_and_the_command_line(tmp_path):
         warnings.simplefilter("error")  # programmatic use with other args
         with pytest.raises(SystemExit):
             lightning_cli(["fit", "--config", DEMO, "--print_config"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw"])
+def test_loraplus_from_the_command_line(tmp_path, monkeypatch, optimizer):
+    monkeypatch.chdir(tmp_path)
+    cli = fit("--trainer.max_epochs=1", "--model.loraplus_lr_ratio=16", f"--model.optimizer={optimizer}",
+              "--model.lr=0.002")
+    model = cli.model.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {lr for n, lr in lrs.items() if ".lora_B." in n} == {0.032}
+    assert {lr for n, lr in lrs.items() if ".lora_A." in n or n.endswith("embed_tokens.trained.weight")} == {0.002}
+    with pytest.raises(SystemExit):
+        fit("--model.loraplus_lr_ratio=0")
