@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo study-demo test install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 	$(PY) -m experiments evaluate --train_config experiments/configs/demo.yaml --run_name demo-lora \
 	    --ckpt_path last --bertscore_model offline:all-MiniLM-L6-v2
 	$(PY) -m experiments report --records '[runs/eval/base, runs/eval/demo-lora]' --base_run base --out_dir runs/report
+
+# Offline: the study (base, full, LoRA, QLoRA, IA3, prompt tuning, DoRA) on the pretrained t5-tiny.
+study-demo: $(STAMP)
+	$(PY) -m experiments study --config experiments/study_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

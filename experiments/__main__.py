@@ -28,6 +28,24 @@ def _report(argv: list[str]) -> None:
     report_cli(argv[1:])
 
 
+def _sweep(argv: list[str]) -> None:
+    from experiments.sweep import sweep_cli
+
+    sweep_cli(argv[1:])
+
+
+def _study(argv: list[str]) -> None:
+    from experiments.study import study_cli
+
+    study_cli(argv[1:])
+
+
+def _pretrain(argv: list[str]) -> None:
+    from experiments.pretrain import pretrain_cli
+
+    pretrain_cli(argv[1:])
+
+
 # name -> (function of the whole argument list, one line of help)
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "fit": (_lightning, "train (or resume with --ckpt_path last) from a config: --config, --model.*, --data.*, --trainer.*"),
@@ -36,6 +54,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "predict": (_lightning, "write a checkpoint's summaries of the test split to predictions.jsonl"),
     "evaluate": (_evaluate, "one run on the test split: ROUGE, BERTScore, G-Eval, parameters, runtime, memory"),
     "report": (_report, "tables (metrics, change against a base run) and plots from evaluated runs"),
+    "sweep": (_sweep, "a hyperparameter search with Optuna over any fit option: --config experiments/sweeps/lora.yaml"),
+    "study": (_study, "the whole comparison: the base, each method's sweep or run, the test split, the report"),
+    "pretrain": (_pretrain, "pretrain a small T5 with span corruption on the bundled dialogues (offline)"),
 }
 
 

@@ -48,8 +48,9 @@ NAMED_CHECKPOINTS = ("last", "best")
 set_parsing_settings(subclasses_enabled=list(methods.config_classes()))
 
 
-def lightning_cli(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
-    """The CLI over ``args`` (a command line without the program name; None: ``sys.argv``)."""
+def lightning_cli(args: Optional[list[str]] = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
+    """The CLI over ``args`` (a command line without the program name; None: ``sys.argv``).
+    ``exit_on_error=False`` raises argparse.ArgumentError instead of printing and exiting."""
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself: DDP relaunches the other ranks from sys.argv
     with _argv_is_not_the_input(args):
@@ -60,7 +61,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True) -> Lightni
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=KeepingSaveConfigCallback,
             parser_class=ProjectParser,
-            parser_kwargs={"prog": "python -m experiments"},
+            parser_kwargs={"prog": "python -m experiments", "exit_on_error": exit_on_error},
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -135,7 +136,7 @@ def _check_method(parser: LightningArgumentParser, config: Namespace) -> None:
             return
 
 
-def _config_class(class_path: str) -> type:
+def config_class(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module or "peftcore"), name)
 
@@ -152,7 +153,7 @@ def explain_method_error(message: str) -> str:
     bad = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
     if bad is None:
         return message
-    cls = _config_class(bad.group(1))
+    cls = config_class(bad.group(1))
     key, fields = bad.group(2), [f.name for f in dataclasses.fields(cls)]
     renamed = dict(getattr(methods.for_config_class(cls), "PEFT_NAMES", {}))  # peft's name -> peftcore's
     close = difflib.get_close_matches(key, [*fields, *renamed], n=1)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -75,12 +76,12 @@ def evaluate(
     geval_on, geval_note = geval_available(geval)
     from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of
 
-    args = ["--config", train_config, *(overrides or [])]
+    out = Path(output_dir) / run_name
+    args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
     args += [f"--model.num_beams={num_beams}"] * (num_beams is not None)
     args += [f"--model.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
     cli = lightning_cli(args, run=False)
     module, data = cli.model, cli.datamodule
-    out = Path(output_dir) / run_name
     module.hparams.predictions_path = str(out / "predictions.jsonl")
     epoch: Optional[int] = 0  # the untuned base trained for 0 epochs; an exported adapter does not say
     runtime: Optional[float] = 0.0
@@ -143,6 +144,21 @@ def evaluate(
         rank_zero_info(geval_note)
     rank_zero_info(f"wrote {out / 'eval_record.json'}")
     return record
+
+
+# Keys a `fit` command saves in a run's config.yaml that belong to the command, not to the model,
+# data or trainer: evaluate takes the run's config with them left out.
+COMMAND_KEYS = ("ckpt_path", "weights_only")
+
+
+def _model_and_data_config(train_config: str, out: Path) -> Path:
+    """``train_config`` as evaluate reads it: a run's saved config.yaml works as well as the YAML it
+    was trained from. Written to ``<out>/train_config.yaml``, the record of what was evaluated."""
+    config = yaml.safe_load(Path(train_config).read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{train_config} is not a fit config (a mapping of model, data and trainer sections)")
+    kept = {k: v for k, v in config.items() if k not in COMMAND_KEYS}
+    return write_atomically(out / "train_config.yaml", yaml.safe_dump(kept, sort_keys=False))
 
 
 def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", base_run: Optional[str] = None) -> None:

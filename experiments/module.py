@@ -31,7 +31,7 @@ from peftcore.config import NF4Config
 from peftcore.files import write_atomically
 from peftcore.loraplus import param_groups
 from peftcore.t5 import SHAPES, t5_config
-from experiments.data import skip_batches
+from experiments.data import ASSETS, skip_batches
 from experiments.metrics import ROUGE_KEYS, Rouge
 
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -50,6 +50,17 @@ def method_fields() -> str:
     )
 
 
+BUNDLED = "bundled:"  # pretrained: bundled:t5-tiny-dialogue names a model shipped in experiments/assets
+
+
+def _bundled_model(name: str) -> Path:
+    path = ASSETS / name
+    if not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+        raise ValueError(f"no bundled model {name!r}; the bundled models are {shipped}")
+    return path
+
+
 def build_model(
     pretrained: Optional[str], shape: Optional[str], random_init: bool, gated: bool, dropout_rate: Optional[float]
 ) -> transformers.T5ForConditionalGeneration:
@@ -57,8 +68,12 @@ def build_model(
     if pretrained and shape:
         raise ValueError(f"give either pretrained ({pretrained!r}) or shape ({shape!r}), not both")
     overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    if pretrained and pretrained.startswith(BUNDLED):
+        pretrained = str(_bundled_model(pretrained.removeprefix(BUNDLED)))
     if pretrained:
-        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, **overrides)
+        # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
+        # precision setting decides the compute dtype.
+        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, dtype=torch.float32, **overrides)
     if not shape:
         raise ValueError("set pretrained (a hub name such as google-t5/t5-base, or a local path) or shape")
     if shape not in SHAPES:
@@ -139,7 +154,9 @@ class Seq2SeqFineTuner(L.LightningModule):
         if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be a positive number (about 16 in the paper), got {loraplus_lr_ratio}")
         self.save_hyperparameters()
-        self.model = build_model(pretrained, shape, random_init, gated, dropout_rate)
+        # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
+        # mode, dropout is on while training (Lightning switches to eval for validation and back).
+        self.model = build_model(pretrained, shape, random_init, gated, dropout_rate).train()
         if quantization is not None:
             peftcore.quantize(self.model, quantization)
         if peft is not None:

@@ -1,0 +1,126 @@
+"""``python -m experiments study --config experiments/study.yaml``: the whole comparison, one command.
+
+    1. the untuned base, evaluated on the test split          -> <output_dir>/eval/base
+    2. for each method, in order: its sweep (the best trial wins) or one fixed ``fit``, then that
+       run evaluated on the test split (ROUGE, BERTScore, G-Eval when configured, parameters,
+       runtime, footprint)                                     -> <output_dir>/sweeps, runs, eval
+    3. the report: metrics per run, the change against the base, plots   -> <output_dir>/report
+
+A study file:
+
+    output_dir: runs/study
+    base_config: experiments/configs/lora.yaml     # the model and data the untuned base is scored with
+    methods:                                       # run name -> a sweep (a file, or inline) or a config
+      full: {config: experiments/configs/full.yaml}
+      lora: {sweep: experiments/sweeps/lora.yaml}
+    evaluate: {bertscore_model: roberta-large}     # evaluate's options for every run
+    overrides: []                                  # fit options for every run (a demo's small limits)
+
+Every stage skips what is done: a finished sweep is not rerun (an interrupted one resumes), a
+fixed run with its ``fit_done.json`` is not refitted (an interrupted one resumes from its
+``last.ckpt``), an evaluation with its record is not redone (unless its G-Eval failed). So a crash
+or Ctrl-C loses at most the trial in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from experiments import evaluate as evaluation
+from experiments.geval import GEvalConfig
+from experiments.sweep import sweep
+from peftcore.files import write_atomically
+
+
+def study(
+    base_config: Optional[str] = None,
+    methods: Optional[dict[str, dict[str, Any]]] = None,
+    output_dir: str = "runs/study",
+    evaluate: Optional[dict[str, Any]] = None,
+    overrides: Optional[list[str]] = None,
+) -> dict:
+    """Run the comparison (see the module docstring); returns the report's paths.
+
+    Args:
+        base_config: the fit config the untuned base is evaluated with (its model and data).
+        methods: ``{run name: {sweep: file or {sweep options}} | {config: fit config, overrides: [...]}}``.
+        output_dir: where everything goes.
+        evaluate: evaluate's options for every run (``bertscore_model``, ``geval``, ...).
+        overrides: fit options added to every run and trial.
+    """
+    if not base_config or not methods:
+        raise ValueError("a study needs base_config (the untuned base's fit config) and methods")
+    for name, spec in methods.items():
+        if not isinstance(spec, dict) or len({"sweep", "config"} & set(spec)) != 1:
+            raise ValueError(f"methods[{name!r}] must give a sweep or a config (one of them), got {spec!r}")
+    root, options, extra = Path(output_dir), dict(evaluate or {}), list(overrides or [])
+    if isinstance(options.get("geval"), dict):
+        options["geval"] = GEvalConfig(**options["geval"])
+    records = [_evaluated(root, "base", dict(train_config=base_config, base_model=True, overrides=extra), options)]
+    for name, spec in methods.items():
+        if "sweep" in spec:
+            found = _sweep_file(spec["sweep"])
+            result = sweep(**{**found, "output_dir": str(root / "sweeps"), "study_name": name,
+                              "overrides": [*found.get("overrides", []), *extra]})
+            if "best_run" not in result:
+                raise RuntimeError(f"the sweep of {name!r} finished no trial; see {result['table']}")
+            run = Path(result["best_run"])
+        else:
+            run = _fit_once(root, name, spec["config"], [*spec.get("overrides", []), *extra])
+        records.append(_evaluated(root, name, dict(train_config=str(run / "config.yaml"),
+                                                   ckpt_path=str(run / "checkpoints" / "best.ckpt")), options))
+    evaluation.report(records=records, out_dir=str(root / "report"), base_run="base")
+    return {"records": records, "report": str(root / "report" / "report.md")}
+
+
+def _sweep_file(spec: Any) -> dict:
+    if isinstance(spec, dict):
+        return dict(spec)
+    found = yaml.safe_load(Path(spec).read_text())
+    if not isinstance(found, dict):
+        raise ValueError(f"{spec} is not a sweep file (a mapping of sweep options)")
+    return found
+
+
+def _fit_once(root: Path, name: str, config: str, overrides: list[str]) -> Path:
+    """One fit of ``config`` into ``<root>/runs/<name>/run``: skipped when done, resumed when not."""
+    from experiments.cli import lightning_cli
+
+    run = root / "runs" / name / "run"
+    if (run / "fit_done.json").exists():
+        print(f"study: {name}: fitted already ({run})")
+        return run
+    args = ["fit", "--config", config, *overrides, f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+            f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run"]
+    if (run / "checkpoints" / "last.ckpt").exists():
+        args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    cli = lightning_cli(args)
+    write_atomically(run / "fit_done.json", json.dumps({"global_step": cli.trainer.global_step}) + "\n")
+    return run
+
+
+def _evaluated(root: Path, name: str, source: dict, options: dict) -> str:
+    """``<root>/eval/<name>``, evaluated unless its record is there (and its G-Eval, if any, worked)."""
+    out = root / "eval" / name
+    record = out / "eval_record.json"
+    if record.exists():
+        geval = json.loads(record.read_text())["settings"].get("geval")
+        if not (isinstance(geval, dict) and "error" in geval):
+            print(f"study: {name}: evaluated already ({record})")
+            return str(out)
+    overrides = source.pop("overrides", [])
+    evaluation.evaluate(run_name=name, output_dir=str(root / "eval"), overrides=overrides, **source, **options)
+    return str(out)
+
+
+def study_cli(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    try:
+        CLI(study, args=argv)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
