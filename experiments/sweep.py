@@ -36,11 +36,13 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -274,9 +276,20 @@ def _parsed(args: list[str], what: str) -> dict:
 
 
 def _storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so a worker that dies leaves a trial others can tell is stale."""
+    """An RDB storage with heartbeats, so a worker that dies leaves a trial others can tell is stale.
+
+    Workers started together on a new database race to create its schema: the losers' CREATE
+    TABLE or schema-version insert fails, and a second look finds the schema the winner made.
+    """
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=90)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=90)
+        except sqlalchemy.exc.DBAPIError as err:
+            lost_the_race = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
+            if not lost_the_race or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _sampler(name: str, params: list[Param], seed: int) -> optuna.samplers.BaseSampler:

@@ -3,6 +3,7 @@ repeating finished trials, two workers on one storage, bad spaces refused before
 failing trial recorded while the sweep goes on."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -91,6 +92,26 @@ def test_two_workers_share_one_study(tmp_path):
     done = [t for t in trials(tmp_path, "shared") if t.state.name == "COMPLETE"]
     assert 4 <= len(done) <= 5  # each worker stops once 4 are finished; one may be in flight then
     assert len({t.user_attrs["worker"] for t in done}) == 2 and len({t.number for t in done}) == len(done)
+
+
+def _open_storage(url: str) -> None:
+    from experiments.sweep import _storage
+
+    optuna.create_study(storage=_storage(url), study_name="s", load_if_exists=True)
+
+
+def test_workers_racing_to_create_a_new_database_all_get_it(tmp_path):
+    # Unguarded, about one process in eight loses the race for the schema (CREATE TABLE or the
+    # schema-version insert fails); every one of these must open the study.
+    context = multiprocessing.get_context("fork")  # the children reuse the loaded modules
+    for attempt in range(6):
+        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        workers = [context.Process(target=_open_storage, args=(url,)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0, 0, 0]
 
 
 @pytest.mark.parametrize(
