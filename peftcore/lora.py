@@ -140,6 +140,43 @@ def _is_lora_init(init: object) -> bool:
     return match is not None and int(match.group(1)) >= 0
 
 
+class FusedLoRA(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` as one autograd node, for a dense frozen base without dropout.
+
+    Forward writes the update into the base's output (``addmm_``) instead of materialising
+    ``s B A x`` and adding it; backward computes only what trains and what flows on:
+
+        dB = s g^T (x A^T),   dA = (s g B)^T x,   dx = g W + (s g B) A
+
+    with ``dx`` accumulated in place. Autograd's version of the same layer writes and reads two
+    more (tokens x features) tensors each way; on a CPU step those passes are most of LoRA's cost.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        rows = x.reshape(-1, x.shape[-1])
+        down = rows @ lora_a.t()  # (tokens, r)
+        out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
+        out.addmm_(down, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(rows, down, weight, lora_a, lora_b)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, down, weight, lora_a, lora_b = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_down = (grad @ lora_b).mul_(ctx.scale)  # (tokens, r): the gradient reaching x A^T
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).addmm_(grad_down, lora_a).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = grad_down.t() @ rows
+        if ctx.needs_input_grad[4]:
+            grad_b = (grad.t() @ down).mul_(ctx.scale)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
 class LoRALinear(nn.Module):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a rank-``r`` update."""
 
@@ -195,9 +232,11 @@ class LoRALinear(nn.Module):
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         if self.disabled or self.merged:
-            return result
+            return self.base(x)
+        if self._fusable(x):
+            return self._fused_forward(x)
+        result = self.base(x)
         # Under autocast the adapter's matmuls run in the autocast dtype whatever x's dtype is, so
         # casting x to the adapter's float32 first would only add two casts per layer.
         if not torch.is_autocast_enabled(x.device.type):
@@ -206,6 +245,23 @@ class LoRALinear(nn.Module):
         if update.dtype == result.dtype:
             return torch.add(result, update, alpha=self.scale)  # one kernel for the scale and the sum
         return result + (update * self.scale).to(result.dtype)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """A dense base, no dropout to draw, and one dtype for everything (or autocast choosing it)."""
+        if type(self.base) is not nn.Linear or (self.training and isinstance(self.dropout, nn.Dropout)):
+            return False
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == self.base.weight.dtype == self.lora_A.weight.dtype
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base and the update in one autograd node: see FusedLoRA."""
+        tensors = (x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return FusedLoRA.apply(*tensors, self.scale)
+        # What autocast does to each matmul: every operand in its dtype, the result too.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return FusedLoRA.apply(*(t if t is None else t.to(dtype) for t in tensors), self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A``, the update as a dense (out, in) float32 matrix."""

@@ -82,6 +82,58 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer(x), expected)
 
 
+def unfused(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's equation written out, for autograd to differentiate."""
+    update = nn.functional.linear(nn.functional.linear(x, layer.lora_A.weight), layer.lora_B.weight)
+    return layer.base(x) + layer.scale * update
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+@pytest.mark.parametrize("alpha", [6.0, 5.0])  # s = 2 (exact) and s = 5/3
+def test_the_fused_forward_and_backward_equal_autograds(bias, input_grad, alpha):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(20, 12, bias=bias), r=3, alpha=alpha).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4, 20, requires_grad=input_grad)
+    assert layer._fusable(x)
+    results = []
+    for forward in (layer, lambda x: unfused(layer, x)):
+        layer.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out * torch.linspace(-1, 1, 12)).sum().backward()
+        results.append((out, layer.lora_A.weight.grad, layer.lora_B.weight.grad, x.grad))
+    (fused_out, *fused_grads), (out, *grads) = results
+    torch.testing.assert_close(fused_out, out)
+    for fused_grad, grad in zip(fused_grads, grads):
+        assert (fused_grad is None) == (grad is None) and (grad is None or torch.allclose(fused_grad, grad, atol=1e-6))
+    assert layer.base.weight.grad is None
+
+
+def test_the_fused_path_under_autocast_computes_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 16), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = unfused(layer, x)  # every linear of it autocast to bf16
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_dropout_mixed_dtypes_and_nf4_bases_take_the_unfused_path():
+    dropping = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.1)
+    x = torch.randn(3, 8)
+    assert not dropping.train()._fusable(x) and dropping.eval()._fusable(x)
+    half_base = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, alpha=2)
+    half_base.lora_A.float(), half_base.lora_B.float()
+    assert not half_base._fusable(x.bfloat16()) and half_base(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_update_has_rank_at_most_r():
     layer = LoRALinear(nn.Linear(64, 48), r=5, alpha=5)
     nn.init.normal_(layer.lora_B.weight)
