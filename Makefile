@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study-demo test install clean
+.PHONY: demo study-demo test bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Offline: fit LoRA on a random-init t5-tiny with the bundled tokenizer and TweetSumm, then test.
+# Offline: fit LoRA on the shipped pretrained t5-tiny with the bundled tokenizer and TweetSumm, then test.
 demo: $(STAMP)
 	$(PY) -m experiments fit --config experiments/configs/demo.yaml
 	$(PY) -m experiments test --config experiments/configs/demo.yaml --ckpt_path last
@@ -32,6 +32,16 @@ study-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# CPU benchmarks against peft and bitsandbytes (about 20 minutes on 2 cores; run nothing else meanwhile),
+# then the tables in benchmarks/README.md from the JSON in benchmarks/results/.
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_parity --shape t5-small --batch 2 64 16
+	$(PY) -m benchmarks.bench_train_step --shapes t5-small --repeats 3
+	$(PY) -m benchmarks.bench_memory --shape t5-small --methods "lora r=16 q,v" ia3 "qlora r=16 q,v"
+	$(PY) -m benchmarks.bench_inference --shape t5-small --repeats 5
+	$(PY) -m benchmarks.bench_end_to_end --shape t5-small --steps 16 --warmup 4 --rounds 3
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache

@@ -8,7 +8,8 @@ adapter is perturbed away from its init (B != 0, IA3 vectors != 1) and copied in
 first step checks parity (loss, logits and adapter gradients) before anything is timed. Then the
 two steps alternate ``--repeats`` times; the ratio is ours / peft (below 1: ours is faster), with
 the range of the per-repeat ratios. QLoRA's reference is peft over bitsandbytes' ``Linear4bit``
-(NF4, double quantization, bf16 compute), quantized from the same fp32 weights.
+(NF4, double quantization; bf16 compute under ``--precision bf16``, else fp32), quantized from
+the same fp32 weights.
 
 ``--precision bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` with fp32 master
 weights (what Lightning's ``bf16-mixed`` and the HF Trainer's ``bf16=True`` do). On CUDA the run
@@ -37,9 +38,10 @@ import transformers
 from torch import nn
 
 import peftcore
-from benchmarks.common import machine, measured_ceilings, print_table, ratio, summary, time_interleaved, write_result
+from benchmarks.common import (machine, measured_ceilings, print_table, ratio, summary, swap_to_bitsandbytes_nf4,
+                               time_interleaved, write_result)
 from peftcore.surgery import adapter_layers
-from peftcore.t5 import KEEP_IN_FULL_PRECISION, t5_config
+from peftcore.t5 import t5_config
 
 ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo")
 METHODS: dict[str, dict] = {
@@ -69,14 +71,14 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                 tensor.add_(0.02 * noise)
 
 
-def peft_reference(base: nn.Module, ours: nn.Module, config, nf4: bool) -> nn.Module:
+def peft_reference(base: nn.Module, ours: nn.Module, config, nf4: bool, compute_dtype: torch.dtype) -> nn.Module:
     """peft over a copy of ``base`` (over bitsandbytes Linear4bit for QLoRA), holding our adapter's values."""
     import peft
     from safetensors.torch import load_file
 
     model = copy.deepcopy(base)
     if nf4:
-        swap_to_bitsandbytes_nf4(model)
+        swap_to_bitsandbytes_nf4(model, compute_dtype)
     if isinstance(config, peftcore.LoRAConfig):
         peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                       target_modules=list(config.target_modules), task_type="SEQ_2_SEQ_LM")
@@ -89,25 +91,6 @@ def peft_reference(base: nn.Module, ours: nn.Module, config, nf4: bool) -> nn.Mo
         result = peft.set_peft_model_state_dict(reference, load_file(f"{tmp}/adapter_model.safetensors"))
     assert not result.unexpected_keys, result.unexpected_keys
     return reference
-
-
-def swap_to_bitsandbytes_nf4(model: nn.Module) -> None:
-    """Every nn.Linear but T5's full-precision ones becomes a bitsandbytes Linear4bit (NF4, double
-    quantization, bf16 compute), quantized on the model's device, as transformers' loader does."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or any(name == k or name.endswith("." + k) for k in KEEP_IN_FULL_PRECISION):
-            continue
-        device = module.weight.device
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                  device="cpu")
-        layer.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", blocksize=64)
-        layer = layer.to(device)  # quantizes on the device, as bitsandbytes does when a model is loaded
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
 
 
 def make_batch(batch: int, src: int, tgt: int, device: torch.device, seed: int = 0) -> dict:
@@ -198,11 +181,12 @@ def bench_case(shape: str, method: str, args, device: torch.device, ceilings: di
     config, nf4 = spec["config"], spec.get("nf4", False)
     base = build_base(shape, device)
     ours = copy.deepcopy(base)
+    compute = torch.bfloat16 if args.precision == "bf16" else torch.float32  # the 4-bit layers' matmuls
     if nf4:
-        peftcore.quantize(ours, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16))
+        peftcore.quantize(ours, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=compute))
     peftcore.inject(ours, config)
     perturb(ours)
-    theirs = peft_reference(base, ours, config, nf4)
+    theirs = peft_reference(base, ours, config, nf4, compute)
     del base
     ours.train(), theirs.train()
     batch = make_batch(args.batch, args.src, args.tgt, device)
@@ -247,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", default=["t5-small", "t5-base"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU (what fit uses there)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--src", type=int, default=512)
     parser.add_argument("--tgt", type=int, default=128)
@@ -259,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     ceilings = measured_ceilings(device)
     result = dict(benchmark="training step, ours vs peft", machine=machine(device), ceilings=ceilings,
                   settings=vars(args), results=[])

@@ -8,6 +8,7 @@ is a tie, whatever the median says.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from peftcore.files import write_atomically
 
@@ -145,3 +147,26 @@ def measured_ceilings(device: torch.device) -> dict:
     torch.cuda.empty_cache()
     return dict(copy_bandwidth_gb_s=round(2 * 2**30 / (copy_ms * 1e-3) / 1e9, 1),
                 bf16_matmul_tflop_s=round(2 * n**3 / (mm_ms * 1e-3) / 1e12, 1))
+
+
+def swap_to_bitsandbytes_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Every linear ``peftcore.quantize`` would quantize becomes a bitsandbytes Linear4bit (NF4,
+    double quantization, blocksize 64) made from the same fp32 weight, on the model's device."""
+    import bitsandbytes as bnb
+
+    import peftcore
+    from peftcore.weights import is_quantized
+
+    probe = copy.deepcopy(model).to("meta")
+    peftcore.quantize(probe, peftcore.NF4Config(blocksize=64, double_quant=True))
+    quantized = [name for name, m in probe.named_modules() if is_quantized(m)]
+    for name in quantized:
+        module = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="cpu")
+        layer.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(module.weight.device))
+    return model

@@ -3,7 +3,8 @@
 #
 #     bash benchmarks/gpu_run.sh [stage ...]     (default: all stages, in this order)
 #
-# Stages: env, tests (pytest -m gpu), nf4, train_step, train_step_compiled, paged, end_to_end. Each runs under its own
+# Stages: env, tests (pytest -m gpu), parity, nf4, train_step, train_step_compiled, paged, memory, inference,
+# end_to_end, report. Each runs under its own
 # time limit and writes its log; after each stage the logs and benchmarks/results/*.json are packed
 # into $OUT/gpu_results.tar.gz, so a run cut short still returns what it finished.
 # Packages the machine lacks travel as wheels in .gpu/wheels (and .gpu/site, unpacked), which are
@@ -44,18 +45,22 @@ print('triton', triton.__version__, 'transformers', transformers.__version__, 'p
       'bitsandbytes', bitsandbytes.__version__, 'lightning', lightning.__version__)"
 }
 
-STAGES=${*:-env tests nf4 train_step paged end_to_end}
+STAGES=${*:-env tests parity nf4 train_step paged memory inference end_to_end report}
 for s in $STAGES; do
     case $s in
         env) stage env 60 bash -c "$(declare -f run_env); run_env" ;;
         tests) stage tests 260 python3 -m pytest -m gpu -p no:cacheprovider -rA --durations=15 \
                    tests/peftcore/test_nf4.py tests/peftcore/test_paged.py tests/peftcore/test_qlora.py \
                    tests/experiments/test_module.py ;;
+        parity) stage parity 150 python3 -m benchmarks.bench_parity --device cuda --shape t5-base ;;
         nf4) stage nf4 120 python3 -m benchmarks.bench_nf4 --device cuda --repeats 50 --sweep ;;
         train_step) stage train_step 200 python3 -m benchmarks.bench_train_step --device cuda --repeats 20 ;;
         train_step_compiled) stage train_step_compiled 240 python3 -m benchmarks.bench_train_step --device cuda \
                    --repeats 20 --shapes t5-base --methods "lora r=16 q,v" ia3 --compile --name bench_train_step_compiled ;;
         paged) stage paged 90 python3 -m benchmarks.bench_paged --repeats 30 ;;
+        memory) stage memory 200 python3 -m benchmarks.bench_memory --device cuda --shape t5-base ;;
+        inference) stage inference 120 python3 -m benchmarks.bench_inference --device cuda --shape t5-base --repeats 10 ;;
+        report) stage report 30 python3 -m benchmarks.report ;;
         end_to_end) stage end_to_end 200 python3 -m benchmarks.bench_end_to_end --device cuda --steps 120 --rounds 2 ;;
         *) echo "unknown stage $s" ;;
     esac

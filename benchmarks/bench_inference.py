@@ -1,0 +1,107 @@
+"""Inference: generation throughput of an adapted model, unmerged and merged, ours next to peft.
+
+    python -m benchmarks.bench_inference [--device cuda] [--shape t5-small] [--repeats 5]
+
+peft users are told to merge the adapter for speed; this measures what merging buys in each
+library. For each method the same perturbed adapter (ours, copied into peft through its file) runs
+``generate`` (greedy, exactly ``--new-tokens`` tokens: ``min_new_tokens`` = ``max_new_tokens``)
+on one batch of ``--batch`` x ``--src`` tokens, in four forms taking turns: ours unmerged, ours
+merged (``peftcore.merge``), peft unmerged, peft merged (``merge_and_unload``). Reported:
+generated tokens per second (median, min, max), each form's ratio to peft unmerged with its
+spread, and whether every form generated the same tokens as peft unmerged. Results go to
+``benchmarks/results/bench_inference_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import peftcore
+from benchmarks.bench_parity import build_base, perturb
+from benchmarks.common import machine, print_table, ratio, summary, time_interleaved, write_result
+
+METHODS = {
+    "lora r=16 q,v": peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v")),
+    "ia3": peftcore.IA3Config(),
+}
+REFERENCE = "peft unmerged"
+
+
+def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module]:
+    import peft
+
+    base = build_base(shape, device)
+    ours = peftcore.inject(copy.deepcopy(base), config)
+    perturb(ours)
+    ours.eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peftcore.save_adapter(ours, tmp)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
+        theirs_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).merge_and_unload().eval()
+    ours_merged = copy.deepcopy(ours)
+    peftcore.merge(ours_merged)
+    return {"ours unmerged": ours, "ours merged": ours_merged, REFERENCE: theirs, "peft merged": theirs_merged}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", default="t5-small")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--src", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g).to(device),
+              "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long, device=device)}
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
+    result = dict(benchmark="inference: generate, unmerged vs merged, ours vs peft", machine=machine(device),
+                  settings=vars(args), results=[])
+    for method in args.methods:
+        models = forms(args.shape, METHODS[method], device)
+        outputs = {}
+
+        def generate(name: str):
+            def run():
+                with torch.no_grad():
+                    outputs[name] = models[name].generate(**inputs, **settings)
+            return run
+
+        times = time_interleaved({name: generate(name) for name in models}, args.repeats, device, warmup=1)
+        tokens = args.batch * args.new_tokens
+        row = dict(shape=args.shape, method=method, tokens_per_call=tokens)
+        for name, samples in times.items():
+            row[name] = dict(ms=summary(samples), tokens_per_s=round(tokens / (sorted(samples)[len(samples) // 2] / 1e3), 1),
+                             ratio_to_peft_unmerged=ratio(samples, times[REFERENCE]),
+                             same_tokens_as_peft_unmerged=bool(torch.equal(outputs[name], outputs[REFERENCE])))
+        result["results"].append(row)
+        write_result("bench_inference", device, result)
+        del models
+    print_table(("method", "form", "tokens/s", "time ratio to peft unmerged [range]", "same tokens"),
+                [(r["method"], name, r[name]["tokens_per_s"],
+                  f"{r[name]['ratio_to_peft_unmerged']['median']} [{r[name]['ratio_to_peft_unmerged']['low']}, "
+                  f"{r[name]['ratio_to_peft_unmerged']['high']}]", r[name]["same_tokens_as_peft_unmerged"])
+                 for r in result["results"] for name in ("ours unmerged", "ours merged", REFERENCE, "peft merged")],
+                f"generate on {args.shape}, {device}: {args.batch} x {args.src} tokens in, {args.new_tokens} out")
+    return result
+
+
+if __name__ == "__main__":
+    main()
