@@ -33,7 +33,7 @@ study-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# CPU benchmarks against peft and bitsandbytes (about 20 minutes on 2 cores; run nothing else meanwhile),
+# CPU benchmarks against peft and bitsandbytes (36 minutes on 2 cores; run nothing else meanwhile),
 # then the tables in benchmarks/README.md from the JSON in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_parity --shape t5-small --batch 2 64 16

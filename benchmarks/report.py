@@ -107,7 +107,7 @@ def nf4(data: dict) -> list[str]:
 
 
 def targets(results: dict[str, dict]) -> list[str]:
-    lines = ["**Targets** (verdicts computed from the files above):", ""]
+    lines = ["**Targets** (verdicts computed from the result files listed below):", ""]
     rows = []
     for name, data in results.items():
         if name.startswith("bench_train_step_") and not data["settings"].get("compile"):
