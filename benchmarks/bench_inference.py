@@ -27,7 +27,8 @@ if __package__ in (None, ""):
 import torch
 
 import peftcore
-from benchmarks.bench_parity import build_base, perturb
+from benchmarks.bench_parity import perturb
+from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, ratio, summary, time_interleaved, write_result
 
 METHODS = {
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
                              same_tokens_as_peft_unmerged=bool(torch.equal(outputs[name], outputs[REFERENCE])))
         result["results"].append(row)
         write_result("bench_inference", device, result)
-        del models
     print_table(("method", "form", "tokens/s", "time ratio to peft unmerged [range]", "same tokens"),
                 [(r["method"], name, r[name]["tokens_per_s"],
                   f"{r[name]['ratio_to_peft_unmerged']['median']} [{r[name]['ratio_to_peft_unmerged']['low']}, "

@@ -37,14 +37,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import transformers
 from torch import nn
 
 import peftcore
+from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, swap_to_bitsandbytes_nf4, write_result
 from peftcore import methods
 from peftcore.checkpoint import _read_tensors, to_peft_config
-from peftcore.t5 import t5_config
 
 ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo")
 CASES: dict[str, dict] = {
@@ -61,14 +60,6 @@ CASES: dict[str, dict] = {
     "QLoRA (NF4, double quant)": dict(config=peftcore.LoRAConfig(r=16, alpha=32), nf4=True),
     "QDoRA": dict(config=peftcore.DoRAConfig(r=16, alpha=32), nf4=True),
 }
-
-
-def build_base(shape: str, device: torch.device, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = t5_config(shape)
-    config.dropout_rate = 0.0
-    with torch.device(device):
-        return transformers.T5ForConditionalGeneration(config).eval()
 
 
 def perturb(model: nn.Module, seed: int = 1) -> None:
@@ -109,7 +100,7 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
     spec = CASES[name]
     config, nf4 = spec["config"], spec.get("nf4", False)
     method = methods.for_config(config)
-    base = build_base(shape, device)
+    base = build_base(shape, device).eval()
     batch = batch_on(device, *batch_shape)
 
     def ours_base() -> nn.Module:

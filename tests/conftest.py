@@ -25,6 +25,16 @@ def t5_batch(batch: int = 2, src: int = 7, tgt: int = 5, seed: int = 1) -> dict:
     }
 
 
+def move_off_init(model, seed: int):
+    """Every trainable tensor moved away from its init by 5% noise, as training would; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_t5():
     return build_t5("t5-tiny")

@@ -7,7 +7,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import build_t5, t5_batch
+from conftest import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import IA3Config, LoRAConfig, inject, load_adapter, save_adapter
@@ -26,13 +26,7 @@ IDS = ["lora-qv", "lora-rslora-all-modules-to-save", "ia3-default", "ia3-all"]
 
 def trained(model, config, seed=11):
     """Inject and move every trainable tensor away from its init, as training would."""
-    inject(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return move_off_init(inject(model, config), seed)
 
 
 def logits(model, batch):

@@ -17,7 +17,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build_t5, t5_batch
+from conftest import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import methods
@@ -31,13 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def injected(method, seed: int = 0, model=None):
     """A t5-tiny with the method's default config, every trainable tensor moved off its init."""
-    model = inject(method, model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return move_off_init(inject(method, model), seed)
 
 
 def inject(method, model=None):
