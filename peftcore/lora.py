@@ -40,6 +40,7 @@ from peftcore.config import (
     positive_int,
     positive_number,
 )
+from peftcore.dropout import apply_drop, dropped_positions
 from peftcore.matching import TargetModules, pattern_key, select_targets, shown
 from peftcore.peft_fields import check_fields, peft_version
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
@@ -141,40 +142,53 @@ def _is_lora_init(init: object) -> bool:
 
 
 class FusedLoRA(torch.autograd.Function):
-    """``y = x W^T + b + s (x A^T) B^T`` as one autograd node, for a dense frozen base without dropout.
+    """``y = x W^T + b + s (d(x) A^T) B^T`` as one autograd node, for a dense frozen base.
 
-    Forward writes the update into the base's output (``addmm_``) instead of materialising
-    ``s B A x`` and adding it; backward computes only what trains and what flows on:
+    ``d`` is LoRA's dropout: the identity, or (``drop`` given) ``x / (1 - p)`` with the elements
+    at the flat positions ``drop`` zeroed (see peftcore/dropout.py). Forward writes the update
+    into the base's output (``addmm_``) instead of materialising ``s B A d(x)`` and adding it;
+    backward computes only what trains and what flows on:
 
-        dB = s g^T (x A^T),   dA = (s g B)^T x,   dx = g W + (s g B) A
+        dB = s g^T (d(x) A^T),   dA = (s g B)^T d(x),   dx = g W + d'((s g B) A)
 
-    with ``dx`` accumulated in place. Autograd's version of the same layer writes and reads two
-    more (tokens x features) tensors each way; on a CPU step those passes are most of LoRA's cost.
+    where ``d'`` zeroes the dropped positions and scales by ``1 / (1 - p)``. Autograd's version
+    of the same layer writes and reads two more (tokens x features) tensors each way and keeps
+    the dropped input and a float mask for backward; here ``d(x)`` is recomputed from ``x``
+    (kept anyway: q, k and v share it) and the int64 positions of the ~p n drops.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, drop=None, keep_scale: float = 1.0):
         rows = x.reshape(-1, x.shape[-1])
-        down = rows @ lora_a.t()  # (tokens, r)
+        adapter_in = rows if drop is None else apply_drop(rows, drop, keep_scale)
+        down = adapter_in @ lora_a.t()  # (tokens, r)
+        del adapter_in
         out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
         out.addmm_(down, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(rows, down, weight, lora_a, lora_b)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.save_for_backward(rows, down, weight, lora_a, lora_b, drop)
+        ctx.scale, ctx.keep_scale, ctx.x_shape = scale, keep_scale, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        rows, down, weight, lora_a, lora_b = ctx.saved_tensors
+        rows, down, weight, lora_a, lora_b, drop = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
-        grad_down = (grad @ lora_b).mul_(ctx.scale)  # (tokens, r): the gradient reaching x A^T
+        grad_down = (grad @ lora_b).mul_(ctx.scale)  # (tokens, r): the gradient reaching d(x) A^T
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).addmm_(grad_down, lora_a).view(ctx.x_shape)
+            if drop is None:
+                grad_x = (grad @ weight).addmm_(grad_down, lora_a)
+            else:
+                through_adapter = grad_down @ lora_a
+                through_adapter.view(-1).index_fill_(0, drop, 0.0)
+                grad_x = torch.addmm(through_adapter, grad, weight, beta=ctx.keep_scale)
+            grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            grad_a = grad_down.t() @ rows
+            adapter_in = rows if drop is None else apply_drop(rows, drop, ctx.keep_scale)
+            grad_a = grad_down.t() @ adapter_in
         if ctx.needs_input_grad[4]:
             grad_b = (grad.t() @ down).mul_(ctx.scale)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -247,21 +261,28 @@ class LoRALinear(nn.Module):
         return result + (update * self.scale).to(result.dtype)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """A dense base, no dropout to draw, and one dtype for everything (or autocast choosing it)."""
-        if type(self.base) is not nn.Linear or (self.training and isinstance(self.dropout, nn.Dropout)):
+        """A dense base, dropout only where it is drawn by position (the CPU; on accelerators
+        torch's own is cheap), and one dtype for everything (or autocast choosing it)."""
+        if type(self.base) is not nn.Linear or (self._dropping() and x.device.type != "cpu"):
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == self.base.weight.dtype == self.lora_A.weight.dtype
+
+    def _dropping(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base and the update in one autograd node: see FusedLoRA."""
         tensors = (x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight)
+        drop, keep_scale = None, 1.0
+        if self._dropping():
+            drop, keep_scale = dropped_positions(x.numel(), self.dropout.p), 1.0 / (1.0 - self.dropout.p)
         device = x.device.type
         if not torch.is_autocast_enabled(device):
-            return FusedLoRA.apply(*tensors, self.scale)
+            return FusedLoRA.apply(*tensors, self.scale, drop, keep_scale)
         # What autocast does to each matmul: every operand in its dtype, the result too.
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return FusedLoRA.apply(*(t if t is None else t.to(dtype) for t in tensors), self.scale)
+            return FusedLoRA.apply(*(t if t is None else t.to(dtype) for t in tensors), self.scale, drop, keep_scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A``, the update as a dense (out, in) float32 matrix."""

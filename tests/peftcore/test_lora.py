@@ -125,10 +125,12 @@ def test_the_fused_path_under_autocast_computes_in_the_autocast_dtype():
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
 
 
-def test_dropout_mixed_dtypes_and_nf4_bases_take_the_unfused_path():
-    dropping = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.1)
+def test_mixed_dtypes_and_nf4_bases_take_the_unfused_path_and_dropout_only_on_the_cpu():
+    on_meta = LoRALinear(nn.Linear(8, 8, device="meta"), r=2, alpha=2, dropout=0.1)  # stands for an accelerator
+    assert not on_meta.train()._fusable(torch.empty(3, 8, device="meta"))
     x = torch.randn(3, 8)
-    assert not dropping.train()._fusable(x) and dropping.eval()._fusable(x)
+    dropping = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.1)
+    assert dropping.train()._fusable(x) and dropping.eval()._fusable(x)
     half_base = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, alpha=2)
     half_base.lora_A.float(), half_base.lora_B.float()
     assert not half_base._fusable(x.bfloat16()) and half_base(x.bfloat16()).dtype == torch.bfloat16
@@ -239,3 +241,37 @@ def test_principal_inits_match_peft(init):
         torch.testing.assert_close(layer.lora_A.weight, ref.lora_A["default"].weight, atol=1e-4, rtol=0)
         torch.testing.assert_close(layer.lora_B.weight, ref.lora_B["default"].weight, atol=1e-4, rtol=0)
         torch.testing.assert_close(layer.base.weight, ref.get_base_layer().weight, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_the_fused_dropout_path_equals_the_equation_with_the_same_mask(input_grad):
+    """Training with dropout on the CPU: y = W x + b + s B A (m * x / (1 - p)), m the mask drawn
+    by position; output and every gradient against autograd on the equation with that mask."""
+    from peftcore.dropout import dropped_positions
+
+    torch.manual_seed(0)
+    p = 0.2
+    layer = LoRALinear(nn.Linear(20, 12), r=3, alpha=5.0, dropout=p).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4, 20, requires_grad=input_grad)
+    assert layer._fusable(x)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    mask = torch.ones(x.numel())
+    mask[dropped_positions(x.numel(), p)] = 0.0
+    assert 0 < mask.sum() < x.numel()
+    weights = torch.linspace(-1, 1, 12)
+    (out * weights).sum().backward()
+    fused = (layer.lora_A.weight.grad, layer.lora_B.weight.grad, x.grad)
+    layer.zero_grad()
+    x.grad = None
+    dropped = x * mask.view(x.shape) / (1 - p)
+    expected = layer.base(x) + layer.scale * nn.functional.linear(nn.functional.linear(dropped, layer.lora_A.weight), layer.lora_B.weight)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(fused, (layer.lora_A.weight.grad, layer.lora_B.weight.grad, x.grad)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want)
+    assert not torch.allclose(out, layer.eval()(x))  # the mask did something
