@@ -114,6 +114,9 @@ class Seq2SeqFineTuner(L.LightningModule):
             default ratio is assumed (the paper uses about 16).
         gpu_budget_bytes: PagedAdamW's device budget for optimizer state (None: all on device).
         gradient_checkpointing: recompute activations in backward to save memory.
+        compile: ``torch.compile`` the loss (forward and backward; generation stays eager), with
+            dynamic shapes so that batches of new lengths do not recompile. The first training
+            step includes the compilation: its seconds are logged as ``train/first_step_s``.
         num_beams: beams for generation in validation/test/predict.
         max_new_tokens: longest generated summary.
         generate_in_validation: score ROUGE on generated summaries in validation (slower).
@@ -140,6 +143,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         loraplus_lr_ratio: Optional[float] = None,
         gpu_budget_bytes: Optional[int] = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         num_beams: int = 1,
         max_new_tokens: int = 64,
         generate_in_validation: bool = True,
@@ -165,11 +169,13 @@ class Seq2SeqFineTuner(L.LightningModule):
             # Non-reentrant checkpointing lets gradients reach the adapter even when the
             # checkpointed block's inputs (frozen embeddings) do not require grad.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._loss = torch.compile(self._model_loss, dynamic=True) if compile else self._model_loss
         self.strict_loading = False  # checkpoints hold only the trainable part
         self.val_rouge, self.test_rouge = Rouge(), Rouge()
         self.best_val_loss = math.inf
         self._predictions: list[dict] = []
         self._step_started = 0.0
+        self.first_step_seconds: Optional[float] = None  # of this process's fit
         self.train_runtime = 0.0  # seconds of fit, summed over resumed runs
         self._fit_started: Optional[float] = None
 
@@ -208,9 +214,10 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- steps --------------------------------------------------------------------------------
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss
+        return self._loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def _model_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     def on_train_epoch_start(self) -> None:
         # Lightning seeds the sampler with its count of finished epochs, which is one short when a
@@ -231,6 +238,11 @@ class Seq2SeqFineTuner(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
+        if self.first_step_seconds is None:  # it holds the compilation (and lazy initialisation)
+            self.first_step_seconds = elapsed
+            rank_zero_info(f"first training step: {elapsed:.1f} s" + (" (compilation included)" if self.hparams.compile else ""))
+            if self.logger is not None:  # straight to the logger: self.log would wait for log_every_n_steps
+                self.logger.log_metrics({"train/first_step_s": elapsed}, step=self.global_step)
         self.log("train/tokens_per_s", tokens / elapsed, batch_size=len(batch["ids"]))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["ids"]))
 
@@ -304,7 +316,7 @@ class Seq2SeqFineTuner(L.LightningModule):
                 groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), gpu_budget_bytes=self.hparams.gpu_budget_bytes
             )
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **self._adamw_kernel())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(total * self.hparams.warmup_ratio)
 
@@ -315,6 +327,14 @@ class Seq2SeqFineTuner(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _adamw_kernel(self) -> dict[str, bool]:
+        """torch's fused AdamW (one kernel for every tensor, on the CPU and CUDA; what the HF Trainer
+        uses by default), except where Lightning refuses it: it does not clip gradients for an
+        optimizer that unscales them itself under mixed precision. There the multi-tensor one."""
+        clips = bool(self.trainer.gradient_clip_val)
+        mixed = str(self.trainer.precision).endswith("-mixed")
+        return {"foreach": True} if clips and mixed else {"fused": True}
 
     # --- checkpoints: the trainable part only -------------------------------------------------
 

@@ -97,7 +97,7 @@ class StopAfterFirstEpoch(Callback):
 
 
 def tiny_run(tmp_path, max_epochs, ckpt_path=None, interrupt=False, shape="t5-tiny", accelerator="cpu",
-             precision="32-true", data_kwargs=None, deterministic=False, **module_kwargs):
+             precision="32-true", data_kwargs=None, deterministic=False, gradient_clip_val=None, **module_kwargs):
     L.seed_everything(0)
     module = Seq2SeqFineTuner(shape=shape, random_init=True, dropout_rate=0.0, peft=module_kwargs.pop("peft", LORA),
                               lr=module_kwargs.pop("lr", 1e-2), generate_in_validation=False, **module_kwargs)
@@ -106,7 +106,7 @@ def tiny_run(tmp_path, max_epochs, ckpt_path=None, interrupt=False, shape="t5-ti
     recorder = LossRecorder()
     trainer = L.Trainer(
         max_epochs=max_epochs, accelerator=accelerator, devices=1, precision=precision, logger=False,
-        deterministic=deterministic,
+        deterministic=deterministic, gradient_clip_val=gradient_clip_val,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)] + [StopAfterFirstEpoch()] * interrupt,
     )
@@ -202,3 +202,21 @@ def test_cuda_bf16_mixed_fit_of_t5_base_resumes_exactly(tmp_path):
     assert resumed == pytest.approx(straight[110:], abs=1e-5)
     print(f"losses: first {straight[0]:.3f}, last {straight[-1]:.3f}; resumed run identical: {resumed == straight[110:]}")
     assert sum(straight[-10:]) < 0.9 * sum(straight[:10])
+
+
+def test_adamw_is_fused_unless_lightning_would_refuse_it(tmp_path):
+    _, trainer, _ = tiny_run(tmp_path / "a", max_epochs=1)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    _, trainer, _ = tiny_run(tmp_path / "b", max_epochs=1, precision="bf16-mixed", gradient_clip_val=1.0)
+    assert not trainer.optimizers[0].defaults["fused"] and trainer.optimizers[0].defaults["foreach"]
+
+
+def test_compiled_fit_trains_like_the_eager_one_and_reports_its_first_step(tmp_path):
+    from torch._dynamo.utils import counters
+
+    eager, _, _ = tiny_run(tmp_path / "a", max_epochs=1)
+    counters.clear()
+    compiled, _, module = tiny_run(tmp_path / "b", max_epochs=1, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo compiled the loss, not fell back to eager
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert module.first_step_seconds > 0
