@@ -14,7 +14,6 @@ spread, and whether every form generated the same tokens as peft unmerged. Resul
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -27,6 +26,7 @@ if __package__ in (None, ""):
 import torch
 
 import peftcore
+from benchmarks import common
 from benchmarks.bench_parity import perturb
 from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, ratio, summary, time_interleaved, write_result
@@ -56,19 +56,14 @@ def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = common.parser(__doc__)
     parser.add_argument("--shape", default="t5-small")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--src", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = common.parse(parser, argv)
     g = torch.Generator().manual_seed(3)
     inputs = {"input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g).to(device),
               "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long, device=device)}

@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import machine, print_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +109,12 @@ def measure_one(shape: str, method: str, library: str, device: torch.device, bat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = common.parser(__doc__)
     parser.add_argument("--shape", default="t5-small")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the training-step benchmark, DoRA, prompt tuning")
     parser.add_argument("--batch", type=int, nargs=3, default=[8, 512, 128], metavar=("N", "SRC", "TGT"))
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LIBRARY"), help=argparse.SUPPRESS)  # a child's job
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = common.parse(parser, argv)
     if args.one:
         print(json.dumps(measure_one(args.shape, args.one[0], args.one[1], device, args.batch)))
         return {}

@@ -17,7 +17,6 @@ kernels rather than the launches set the time; and the achieved bandwidth of eac
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import (
     machine,
     measured_ceilings,
@@ -150,15 +150,10 @@ def probe_reciprocals(device: torch.device) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median is reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernel's launch settings")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = common.parse(parser, argv)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 

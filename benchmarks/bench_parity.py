@@ -26,7 +26,6 @@ fp32 throughout (QLoRA's 4-bit matmuls too), dropout off, eval mode. Results go 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 import peftcore
+from benchmarks import common
 from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, swap_to_bitsandbytes_nf4, write_result
 from peftcore import methods
@@ -169,16 +169,11 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = common.parser(__doc__)
     parser.add_argument("--shape", default="t5-small")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch", type=int, nargs=3, default=(4, 128, 32), metavar=("N", "SRC", "TGT"))
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = common.parse(parser, argv)
     result = dict(benchmark="parity, ours vs peft (fp32, same weights and batch)", machine=machine(device),
                   settings=vars(args), results=[])
     for name in args.cases:

@@ -5,9 +5,11 @@
 
 For each T5 shape and method, both libraries wrap copies of one randomly initialised model; our
 adapter is perturbed away from its init (B != 0, IA3 vectors != 1) and copied into peft's, so the
-first step checks parity (loss, logits and adapter gradients) before anything is timed. Then the
-two steps alternate ``--repeats`` times; the ratio is ours / peft (below 1: ours is faster), with
-the range of the per-repeat ratios. QLoRA's reference is peft over bitsandbytes' ``Linear4bit``
+first step checks parity (loss, logits and adapter gradients, dropout off) before anything is
+timed. Then the two steps alternate ``--repeats`` times with a third, the floor: the frozen base
+alone with the gradient flowing back to its input embeddings, the work every adapter's step
+contains. The ratio is ours / peft (below 1: ours is faster), with the range of the per-repeat
+ratios; each library's cost above the floor shows what the adapter itself costs. QLoRA's reference is peft over bitsandbytes' ``Linear4bit``
 (NF4, double quantization; bf16 compute under ``--precision bf16``, else fp32), quantized from
 the same fp32 weights.
 
@@ -20,7 +22,6 @@ measured in the same run. Results go to ``benchmarks/results/bench_train_step_<d
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -38,6 +39,7 @@ import transformers
 from torch import nn
 
 import peftcore
+from benchmarks import common
 from benchmarks.common import (machine, measured_ceilings, print_table, ratio, summary, swap_to_bitsandbytes_nf4,
                                time_interleaved, write_result)
 from peftcore.surgery import adapter_layers
@@ -47,6 +49,9 @@ ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo")
 METHODS: dict[str, dict] = {
     "lora r=16 q,v": dict(config=peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v"))),
     "lora r=32 all linear": dict(config=peftcore.LoRAConfig(r=32, alpha=64, target_modules=ALL_LINEAR)),
+    # the study's LoRA (experiments/configs/lora.yaml) has dropout: peft's draws a mask per element
+    "lora r=32 all linear, dropout 0.05": dict(config=peftcore.LoRAConfig(r=32, alpha=64, dropout=0.05,
+                                                                         target_modules=ALL_LINEAR)),
     "ia3": dict(config=peftcore.IA3Config()),
     "qlora r=16 q,v": dict(config=peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v")), nf4=True),
 }
@@ -106,6 +111,23 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def floor_step(base: nn.Module, batch: dict, autocast) -> Callable[[], torch.Tensor]:
+    """The frozen base alone, the gradient flowing back to its input embeddings: the work every
+    adapter's step contains (forward, and backward through every layer), with no adapter."""
+    for param in base.parameters():
+        param.requires_grad_(False)
+    embed = base.get_input_embeddings()
+
+    def step() -> torch.Tensor:
+        inputs = embed(batch["input_ids"]).detach().requires_grad_()
+        with autocast():
+            loss = base(inputs_embeds=inputs, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        return loss
+
+    return step
+
+
 def make_step(model: nn.Module, batch: dict, autocast, forward=None) -> Callable[[], torch.Tensor]:
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-5)
     forward = model if forward is None else forward
@@ -153,6 +175,15 @@ def parity(ours: nn.Module, theirs: nn.Module, batch: dict, autocast) -> dict:
                 grad_rel_diff=float((a - b).norm() / b.norm()), grad_tensors=len(grads[0]))
 
 
+def floor_and_overheads(times: dict[str, list[float]]) -> dict:
+    """The floor's time and each library's cost above it (medians), when the floor was timed."""
+    if "floor" not in times:
+        return {}
+    floor = statistics.median(times["floor"])
+    return dict(floor_ms=summary(times["floor"]),
+                overhead_ms={name: round(statistics.median(times[name]) - floor, 1) for name in ("ours", "peft")})
+
+
 def step_flops(step_model: nn.Module, batch: dict, autocast) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -187,11 +218,11 @@ def bench_case(shape: str, method: str, args, device: torch.device, ceilings: di
     peftcore.inject(ours, config)
     perturb(ours)
     theirs = peft_reference(base, ours, config, nf4, compute)
-    del base
-    ours.train(), theirs.train()
     batch = make_batch(args.batch, args.src, args.tgt, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else nullcontext
+    ours.eval(), theirs.eval()  # parity without dropout: the two libraries would draw different masks
     check = parity(ours, theirs, batch, autocast)
+    ours.train(), theirs.train(), base.train()
 
     forward_ours, forward_theirs = ours, theirs
     compile_s = {}
@@ -199,6 +230,8 @@ def bench_case(shape: str, method: str, args, device: torch.device, ceilings: di
         forward_ours, forward_theirs = torch.compile(ours), torch.compile(theirs)
     steps = {"ours": make_step(ours, batch, autocast, forward_ours),
              "peft": make_step(theirs, batch, autocast, forward_theirs)}
+    if not args.compile:
+        steps["floor"] = floor_step(base, batch, autocast)
     for name, step in steps.items():  # first call: compilation (when asked) and allocator warm-up
         start = time.perf_counter()
         step()
@@ -206,12 +239,13 @@ def bench_case(shape: str, method: str, args, device: torch.device, ceilings: di
             torch.cuda.synchronize(device)
         compile_s[name] = round(time.perf_counter() - start, 2)
     memory = {name: peak_step_memory(step, device) for name, step in steps.items()}
-    times = time_interleaved(steps, args.repeats, device, warmup=2)
+    times = time_interleaved(steps, args.repeats, device, warmup=args.warmup)
     row = dict(shape=shape, method=method, precision=args.precision, compiled=args.compile,
                batch=[args.batch, args.src, args.tgt],
                trainable_params=peftcore.count_parameters(ours).trainable, parity=check,
                ours_ms=summary(times["ours"]), peft_ms=summary(times["peft"]),
                ratio=ratio(times["ours"], times["peft"]), first_step_s=compile_s,
+               **floor_and_overheads(times),
                peak_step_memory_mib={k: (round(v / 2**20, 1) if v is not None else None) for k, v in memory.items()})
     if device.type == "cuda" and not args.compile:
         flops = step_flops(ours, batch, autocast)
@@ -220,15 +254,14 @@ def bench_case(shape: str, method: str, args, device: torch.device, ceilings: di
         row["ours_tflop_s"] = round(achieved / 1e12, 1)
         if ceilings.get("bf16_matmul_tflop_s"):
             row["mfu_vs_measured_bf16_peak"] = round(achieved / 1e12 / ceilings["bf16_matmul_tflop_s"], 3)
-    del ours, theirs, steps
+    del ours, theirs, steps, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = common.parser(__doc__)
     parser.add_argument("--shapes", nargs="+", default=["t5-small", "t5-base"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -237,13 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--src", type=int, default=512)
     parser.add_argument("--tgt", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each after the first")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (compile time reported)")
     parser.add_argument("--name", default="bench_train_step", help="result file name (before the device tag)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = common.parse(parser, argv)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     ceilings = measured_ceilings(device)
     result = dict(benchmark="training step, ours vs peft", machine=machine(device), ceilings=ceilings,
@@ -257,8 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"ratio {row['ratio']['median']} [{row['ratio']['low']}, {row['ratio']['high']}], "
                   f"parity {row['parity']}", flush=True)
     print_table(
-        ("shape", "method", "ours ms", "peft ms", "ratio [range]", "verdict", "loss diff", "grad rel diff", "peak MiB ours/peft"),
-        [(r["shape"], r["method"], r["ours_ms"]["median"], r["peft_ms"]["median"],
+        ("shape", "method", "ours ms", "peft ms", "floor ms", "ratio [range]", "verdict", "loss diff", "grad rel diff",
+         "peak MiB ours/peft"),
+        [(r["shape"], r["method"], r["ours_ms"]["median"], r["peft_ms"]["median"], r.get("floor_ms", {}).get("median"),
           f"{r['ratio']['median']} [{r['ratio']['low']}, {r['ratio']['high']}]", r["ratio"]["verdict"],
           f"{r['parity']['loss_abs_diff']:.1e}", f"{r['parity']['grad_rel_diff']:.1e}",
           f"{r['peak_step_memory_mib']['ours']}/{r['peak_step_memory_mib']['peft']}") for r in result["results"]],

@@ -268,7 +268,7 @@ class LoRALinear(nn.Module):
         return torch.is_autocast_enabled(x.device.type) or x.dtype == self.base.weight.dtype == self.lora_A.weight.dtype
 
     def _dropping(self) -> bool:
-        return self.training and isinstance(self.dropout, nn.Dropout)
+        return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base and the update in one autograd node: see FusedLoRA."""
