@@ -33,14 +33,14 @@ study-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# CPU benchmarks against peft and bitsandbytes (36 minutes on 2 cores; run nothing else meanwhile),
-# then the tables in benchmarks/README.md from the JSON in benchmarks/results/.
+# CPU benchmarks against peft and bitsandbytes (about 20 minutes on 2 cores; run nothing else
+# meanwhile), then the tables in benchmarks/README.md from the JSON in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_parity --shape t5-small --batch 2 64 16
-	$(PY) -m benchmarks.bench_train_step --shapes t5-small --repeats 3
+	$(PY) -m benchmarks.bench_train_step --shapes t5-small --repeats 3 --warmup 0
 	$(PY) -m benchmarks.bench_memory --shape t5-small --methods "lora r=16 q,v" ia3 "qlora r=16 q,v"
-	$(PY) -m benchmarks.bench_inference --shape t5-small --repeats 5
-	$(PY) -m benchmarks.bench_end_to_end --shape t5-small --steps 16 --warmup 4 --rounds 3
+	$(PY) -m benchmarks.bench_inference --shape t5-small --repeats 3
+	$(PY) -m benchmarks.bench_end_to_end --shape t5-small --examples 64 --rounds 2
 	$(PY) -m benchmarks.report
 
 clean:

@@ -21,16 +21,19 @@ def test_parity_is_measured_on_an_adapter_that_changes_the_model(case):
     assert row["trainable_ours"] * factor == row["trainable_peft"]
 
 
-def step_result(method: str, median: float, low: float, high: float) -> dict:
+def step_result(method: str, median: float, low: float, high: float, overhead=None) -> dict:
     verdict = "faster" if high < 1 else "slower" if low > 1 else "tie"
-    return dict(shape="t5-small", method=method, ours_ms=dict(median=1.0), peft_ms=dict(median=1.0),
-                ratio=dict(median=median, low=low, high=high, verdict=verdict),
-                parity=dict(loss_abs_diff=0.0, grad_rel_diff=0.0))
+    row = dict(shape="t5-small", method=method, ours_ms=dict(median=1.0), peft_ms=dict(median=1.0),
+               ratio=dict(median=median, low=low, high=high, verdict=verdict),
+               parity=dict(loss_abs_diff=0.0, grad_rel_diff=0.0))
+    if overhead:
+        row.update(floor_ms=dict(median=6000.0), overhead_ms=dict(ours=overhead[0], peft=overhead[1]))
+    return row
 
 
 def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
     machine = dict(device="cpu-2threads", cpu="x86_64", threads=2, versions={"torch": "x"})
-    step = dict(machine=machine, results=[step_result("lora r=16 q,v", 0.93, 0.90, 0.97),
+    step = dict(machine=machine, results=[step_result("lora r=16 q,v", 0.93, 0.90, 0.97, overhead=(310.4, 880.0)),
                                           step_result("ia3", 0.94, 0.85, 1.05),
                                           step_result("lora r=32 all linear", 0.99, 0.95, 1.02),
                                           step_result("qlora r=16 q,v", 0.5, 0.4, 0.6)],
@@ -48,6 +51,18 @@ def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
         "training step ours/peft <= 0.95, t5-small lora r=16 q,v": "met",
         "training step ours/peft <= 0.95, t5-small ia3": "met (spread includes 1: not a clear win)",
         "training step ours/peft <= 0.95, t5-small lora r=32 all linear": "missed (spread includes 1: not a clear win)",
-        "end-to-end samples/s ours/reference >= 1.5": "missed",
+        "end-to-end samples/s ours/reference >= 1.5, t5-small": "missed",
     }  # QLoRA has no target
-    assert "[10, 11]" in text and "1.31 [1.25, 1.38]" in text
+    assert "0.93 [0.9, 0.97]; above the floor ours 310 ms, peft 880 ms" in text
+    assert "[10, 11]" in text and "1.31 [1.25, 1.38]; padding 0.07 vs 0.36" in text
+
+
+def test_the_report_writes_between_the_markers_and_refuses_a_file_without_them(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- a -->\nold\n<!-- b -->\noutro\n")
+    report.replace_between(page, "<!-- a -->", "<!-- b -->", "\nnew\n")
+    assert page.read_text() == "intro\n<!-- a -->\nnew\n<!-- b -->\noutro\n"
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        report.replace_between(page, "<!-- a -->", "<!-- b -->", "x")
+    assert page.read_text() == "no markers\n"
