@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_run.sh [stage ...]     (default: all stages, in this order)
 #
 # Stages: env, tests (pytest -m gpu), parity, nf4, train_step, train_step_compiled, paged, memory, inference,
-# end_to_end, report. Each runs under its own
+# end_to_end, end_to_end_compiled, report. Each runs under its own
 # time limit and writes its log; after each stage the logs and benchmarks/results/*.json are packed
 # into $OUT/gpu_results.tar.gz, so a run cut short still returns what it finished.
 # Packages the machine lacks travel as wheels in .gpu/wheels (and .gpu/site, unpacked), which are
@@ -61,7 +61,9 @@ for s in $STAGES; do
         memory) stage memory 200 python3 -m benchmarks.bench_memory --device cuda --shape t5-base ;;
         inference) stage inference 120 python3 -m benchmarks.bench_inference --device cuda --shape t5-base --repeats 10 ;;
         report) stage report 30 python3 -m benchmarks.report ;;
-        end_to_end) stage end_to_end 200 python3 -m benchmarks.bench_end_to_end --device cuda --steps 120 --rounds 2 ;;
+        end_to_end) stage end_to_end 200 python3 -m benchmarks.bench_end_to_end --device cuda --examples 480 --rounds 2 ;;
+        end_to_end_compiled) stage end_to_end_compiled 400 python3 -m benchmarks.bench_end_to_end --device cuda \
+                   --examples 480 --epochs 2 --rounds 2 --compile ;;
         *) echo "unknown stage $s" ;;
     esac
 done

@@ -68,11 +68,15 @@ def train_step(data: dict) -> list[str]:
              spread(r["ratio"]), r["ratio"]["verdict"], f"{r['parity']['loss_abs_diff']:.1e}",
              f"{r['parity']['grad_rel_diff']:.1e}"]
             for r in data["results"]]
+    header = ["shape", "method", "ours ms", "peft ms", "floor ms", "above floor ours / peft ms",
+              "ours / peft [range]", "verdict", "loss diff", "grad rel diff"]
+    if s.get("compile"):  # both compiled: the first step holds the compilation
+        header.append("first step s ours / peft")
+        for row, r in zip(rows, data["results"]):
+            row.append(f"{r['first_step_s']['ours']} / {r['first_step_s']['peft']}")
     return [f"**Training step** ({s['precision']}, batch {s['batch']} x {s['src']} / {s['tgt']}, "
-            f"{s['repeats']} interleaved repeats{', compiled' if s.get('compile') else ''}; floor: the fp32 base "
-            "alone, gradient to its inputs): " + where(data), "",
-            *table(["shape", "method", "ours ms", "peft ms", "floor ms", "above floor ours / peft ms",
-                    "ours / peft [range]", "verdict", "loss diff", "grad rel diff"], rows)]
+            f"{s['repeats']} interleaved repeats{', both compiled' if s.get('compile') else ''}; floor: the fp32 base "
+            "alone, gradient to its inputs): " + where(data), "", *table(header, rows)]
 
 
 def end_to_end(data: dict) -> list[str]:
