@@ -135,10 +135,13 @@ def test_resuming_with_another_method_is_refused(tmp_path):
         module.on_load_checkpoint(checkpoint)
 
 
-def test_gradient_checkpointing_keeps_adapter_gradients():
+@pytest.mark.parametrize("lora", [LORA, peftcore.LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=("q", "v"))],
+                         ids=["no dropout", "LoRA dropout"])
+def test_gradient_checkpointing_keeps_adapter_gradients(lora):
+    """With LoRA dropout too: the recomputed forward must draw the same dropped positions."""
     def grads(checkpointing):
         L.seed_everything(0)
-        module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, dropout_rate=0.0, peft=LORA,
+        module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, dropout_rate=0.0, peft=lora,
                                   gradient_checkpointing=checkpointing)
         module.model.train()
         batch = {"input_ids": torch.randint(2, 1000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long),
