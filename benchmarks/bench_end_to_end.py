@@ -172,13 +172,9 @@ def timed_from(args) -> int:
 def warm_up(shape: str, device: torch.device) -> None:
     """One training step of the shape, so that the first run does not pay the process's start-up
     (thread pools, the CUDA context and kernels' first loads) alone."""
-    import transformers
+    from benchmarks.bench_train_step import build_base, make_batch
 
-    from peftcore.t5 import t5_config
-
-    model = transformers.T5ForConditionalGeneration(t5_config(shape)).to(device)
-    ids = torch.randint(2, 32000, (BATCH, 128), device=device)
-    model(input_ids=ids, labels=ids[:, :32].contiguous()).loss.backward()
+    build_base(shape, device)(**make_batch(BATCH, 128, 32, device)).loss.backward()
     synchronize(device)
 
 

@@ -9,9 +9,9 @@ first step checks parity (loss, logits and adapter gradients, dropout off) befor
 timed. Then the two steps alternate ``--repeats`` times with a third, the floor: the frozen base
 alone with the gradient flowing back to its input embeddings, the work every adapter's step
 contains. The ratio is ours / peft (below 1: ours is faster), with the range of the per-repeat
-ratios; each library's cost above the floor shows what the adapter itself costs. QLoRA's reference is peft over bitsandbytes' ``Linear4bit``
-(NF4, double quantization; bf16 compute under ``--precision bf16``, else fp32), quantized from
-the same fp32 weights.
+ratios; each library's cost above the floor shows what the adapter itself costs. QLoRA's
+reference is peft over bitsandbytes' ``Linear4bit`` (NF4, double quantization; bf16 compute
+under ``--precision bf16``, else fp32), quantized from the same fp32 weights.
 
 ``--precision bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` with fp32 master
 weights (what Lightning's ``bf16-mixed`` and the HF Trainer's ``bf16=True`` do). On CUDA the run

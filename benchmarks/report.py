@@ -119,7 +119,7 @@ def nf4(data: dict) -> list[str]:
 
 
 def targets(results: dict[str, dict]) -> list[str]:
-    lines = ["**Targets** (verdicts computed from the result files listed below):", ""]
+    """The targets table: one row per target and result file, its verdict computed from the file."""
     rows = []
     for name, data in results.items():
         if name.startswith("bench_train_step_") and not data["settings"].get("compile"):
@@ -136,7 +136,7 @@ def targets(results: dict[str, dict]) -> list[str]:
             padding = f"; padding {data['runs']['ours'][0]['padding_fraction']} vs {data['runs']['reference'][0]['padding_fraction']}"
             rows.append([f"end-to-end samples/s ours/reference >= {END_TO_END_TARGET}, {data['settings']['shape']}",
                          data["machine"]["device"], spread(data["speedup"]) + padding, "met" if ok else "missed"])
-    return lines + table(["target", "device", "measured [range]", "verdict"], rows)
+    return table(["target", "device", "measured [range]", "verdict"], rows)
 
 
 SECTIONS = (("bench_parity_", parity), ("bench_train_step_", train_step), ("bench_end_to_end_", end_to_end),
@@ -147,14 +147,14 @@ def load(results_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
 
 
-def render(results_dir: Path = HERE / "results") -> str:
-    results = load(results_dir)
-    out = [BEGIN, "", *targets(results), ""]
+def render(results: dict[str, dict]) -> str:
+    """benchmarks/README.md's generated part: the targets, then every result file's table."""
+    out = ["", "", "**Targets** (verdicts computed from the result files listed below):", "", *targets(results), ""]
     for prefix, render_one in SECTIONS:
         for name, data in results.items():
             if name.startswith(prefix) and data.get("results", data.get("runs")):
                 out += [f"<!-- from results/{name}.json -->", *render_one(data), ""]
-    return "\n".join(out + [END])
+    return "\n".join(out)
 
 
 def replace_between(path: Path, begin: str, end: str, body: str) -> None:
@@ -168,8 +168,9 @@ def replace_between(path: Path, begin: str, end: str, body: str) -> None:
 
 
 def main(results_dir: Path = HERE / "results") -> None:
-    replace_between(README, BEGIN, END, render(results_dir).removeprefix(BEGIN).removesuffix(END))
-    replace_between(MAIN_README, TARGETS_BEGIN, TARGETS_END, "\n" + "\n".join(targets(load(results_dir))[2:]) + "\n")
+    results = load(results_dir)
+    replace_between(README, BEGIN, END, render(results) + "\n")
+    replace_between(MAIN_README, TARGETS_BEGIN, TARGETS_END, "\n" + "\n".join(targets(results)) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
     (tmp_path / "bench_train_step_cpu-2threads.json").write_text(json.dumps(step))
     (tmp_path / "bench_train_step_compiled_cpu-2threads.json").write_text(json.dumps(compiled))
     (tmp_path / "bench_end_to_end_cpu-2threads.json").write_text(json.dumps(e2e))
-    text = report.render(tmp_path)
+    text = report.render(report.load(tmp_path))
     verdicts = {line.split(" | ")[0].removeprefix("| "): line.rstrip(" |").split(" | ")[-1]
                 for line in text.splitlines() if line.startswith("| training step") or line.startswith("| end-to-end")}
     assert verdicts == {
