@@ -12,11 +12,13 @@
 
 Each method translates its own config fields and tensor names (``config_from_peft``,
 ``config_to_peft``, ``peft_tensors``, ``saved_tensors`` in its module, found through
-peftcore.methods); this module handles the files, the fields every method shares, and the checks. A loaded adapter computes exactly what it
-computed where it was saved, or the load is refused with the reason: every key and shape is
-checked before anything is copied, and on a mismatch the model is left as it was. Files are
-written to temporary names and renamed into place, so an interrupted save never leaves a
-half-written adapter behind.
+peftcore.methods); this module handles the files, the fields every method shares, and the
+checks. A loaded adapter computes exactly what it computed where it was saved, or the load is
+refused with the reason: every key, shape and dtype is checked, and every value is finite (a
+floating-point slot takes no int64 or bool tensor; one NaN or inf makes the logits NaN), before
+anything is copied, and on a mismatch the model is left as it was. An adapter holding NaN or inf
+is not saved either. Files are written to temporary names, synced and renamed into place
+(peftcore.files), so an interrupted save never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import pickle
 from pathlib import Path
 from types import ModuleType
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -47,12 +49,19 @@ PathLike = Union[str, os.PathLike]
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> None:
-    """Write the model's adapter (and modules_to_save) to directory ``path`` in peft's format."""
+    """Write the model's adapter (and modules_to_save) to directory ``path`` in peft's format.
+    An adapter holding NaN or inf (training diverged) is refused and nothing is written."""
     config = _injected_config(model)
     method = methods.for_config(config)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, method, saving=True).items()}
+    broken = _non_finite(tensors)
+    if broken:
+        raise ValueError(
+            f"cannot save the adapter to {directory}: {broken}. Training diverged (a NaN or inf loss); nothing was "
+            "written. Save the adapter of an earlier checkpoint, or train again (e.g. with a lower learning rate)"
+        )
     peft_config = to_peft_config(config, model)
     write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
@@ -60,8 +69,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load an adapter saved by peftcore or peft into ``model`` (injecting it first if the model
-    has none). Every key and shape is checked before anything is copied; on a mismatch the model
-    is left as it was."""
+    has none). Every key, shape, dtype and value (finite) is checked before anything is copied;
+    on a mismatch the model is left as it was."""
     directory = Path(path)
     data = _read_json(directory / CONFIG_NAME)
     try:
@@ -211,6 +220,40 @@ def _check_fits(
                 f"the adapter in {directory} does not fit this model: {key!r} has shape "
                 f"{tuple(saved[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
+    _check_values(saved, live, directory)
+
+
+def _check_values(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path) -> None:
+    """A floating-point slot takes only floating-point values (copy_ would turn an int64 or bool
+    tensor into numbers silently), and only finite ones (one NaN makes every logit NaN)."""
+    for key, tensor in live.items():
+        kind_ok = saved[key].is_floating_point() if tensor.is_floating_point() else saved[key].dtype == tensor.dtype
+        if not kind_ok:
+            raise ValueError(
+                f"the adapter in {directory} holds {key!r} as {saved[key].dtype}, but the model's tensor is "
+                f"{tensor.dtype} and adapter tensors are floating point; copying it would convert its values "
+                "silently. The file was not written as an adapter by peft or peftcore (or was altered): save the "
+                "adapter again from the trained model"
+            )
+    broken = _non_finite({key: saved[key] for key in live})
+    if broken:
+        raise ValueError(
+            f"the adapter in {directory} holds non-finite values: {broken}, which make the model's logits NaN. The "
+            "adapter diverged in training: load the adapter of an earlier checkpoint, or train again (e.g. with a "
+            "lower learning rate)"
+        )
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    """The first floating-point tensor holding NaN or inf, with its counts, and how many others do; None if none."""
+    found = []
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            found.append(f"{key!r} has {nan} NaN and {inf} inf values (of {tensor.numel()})")
+    if not found:
+        return None
+    return found[0] + (f", and {len(found) - 1} more tensors have some" if len(found) > 1 else "")
 
 
 def _explain(key: str, in_file: bool, model: nn.Module, config: AdapterConfig) -> str:

@@ -11,7 +11,7 @@ from conftest import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import IA3Config, LoRAConfig, inject, load_adapter, save_adapter
-from peftcore.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from peftcore.checkpoint import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from peftcore.surgery import adapter_layers
 
 CONFIGS = [
@@ -196,3 +196,60 @@ def test_loading_into_a_model_that_computes_differently_is_refused(tmp_path):
     rescaled = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=16, init="pissa"))
     with pytest.raises(ValueError, match="scale 4 here; the file gives rank 4, scale 2"):
         load_adapter(rescaled, tmp_path)
+
+
+V_LORA_B = "base_model.model.decoder.block.1.layer.0.SelfAttention.v.lora_B.weight"
+BAD_VALUES = {
+    "int64": (lambda t: (t * 100).to(torch.int64), r"holds '.*v\.lora_B\.weight' as torch\.int64.*floating point"),
+    "bool": (lambda t: t > 0, r"holds '.*v\.lora_B\.weight' as torch\.bool.*floating point"),
+    "nan": (lambda t: t.index_put((torch.tensor([0, 1]), torch.tensor([0, 2])), torch.tensor(float("nan"))),
+            r"non-finite values: '.*v\.lora_B\.weight' has 2 NaN and 0 inf values \(of 256\).*earlier checkpoint"),
+    "inf": (lambda t: t.index_put((torch.tensor([3]),), torch.tensor(float("-inf"))),
+            r"non-finite values: '.*v\.lora_B\.weight' has 0 NaN and 4 inf values \(of 256\)"),
+}
+
+
+def write_weights(directory, tensors, pickled):
+    """Replace the adapter's weights file: safetensors, or peft's pickled .bin (safetensors removed)."""
+    if pickled:
+        (directory / WEIGHTS_NAME).unlink()
+        torch.save(tensors, directory / PICKLED_WEIGHTS_NAME)
+    else:
+        safetensors.torch.save_file(tensors, directory / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("bad", list(BAD_VALUES))
+def test_non_float_or_non_finite_tensors_are_refused_by_name(tmp_path, bad, pickled):
+    """copy_ would turn int64/bool into numbers and NaN/inf make every logit NaN: refused before any copy."""
+    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    change, message = BAD_VALUES[bad]
+    tensors[V_LORA_B] = change(tensors[V_LORA_B])
+    write_weights(tmp_path, tensors, pickled)
+    target = build_t5("t5-tiny")
+    reference = copy.deepcopy(target)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(target, tmp_path)
+    assert_untouched(target, reference)
+    holder = trained(build_t5("t5-tiny"), CONFIGS[0], seed=5)  # a model that already holds such an adapter
+    before = copy.deepcopy(holder.state_dict())
+    with pytest.raises(ValueError, match=message):
+        load_adapter(holder, tmp_path)
+    assert all(torch.equal(p, before[name]) for name, p in holder.state_dict().items())
+
+
+def test_a_diverged_adapter_is_not_saved(tmp_path):
+    """An adapter trained to NaN written silently is the same failure as one loaded silently."""
+    model = trained(build_t5("t5-tiny"), CONFIGS[0])
+    save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    layers = dict(adapter_layers(model))
+    with torch.no_grad():
+        layers["decoder.block.1.layer.0.SelfAttention.v"].lora_B.weight[0, 0] = float("nan")
+        layers["encoder.block.0.layer.0.SelfAttention.q"].lora_A.weight[1, :3] = float("inf")
+    with pytest.raises(ValueError, match=r"cannot save the adapter to .*: 'base_model\.model\.encoder\.block\.0\.layer"
+                                         r"\.0\.SelfAttention\.q\.lora_A\.weight' has 0 NaN and 3 inf values \(of 256\), "
+                                         r"and 1 more tensors have some\. Training diverged.*nothing was written"):
+        save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
