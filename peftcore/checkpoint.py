@@ -50,7 +50,9 @@ PathLike = Union[str, os.PathLike]
 
 def save_adapter(model: nn.Module, path: PathLike) -> None:
     """Write the model's adapter (and modules_to_save) to directory ``path`` in peft's format.
-    An adapter holding NaN or inf (training diverged) is refused and nothing is written."""
+    An adapter holding NaN or inf (training diverged) is refused and nothing is written. A
+    pickled adapter_model.bin already there (peft's safe_serialization=False) is removed once the
+    new files are in place, so the directory holds one adapter; other files are left alone."""
     config = _injected_config(model)
     method = methods.for_config(config)
     directory = Path(path)
@@ -65,6 +67,15 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     peft_config = to_peft_config(config, model)
     write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
+    _remove_replaced_pickle(directory)
+
+
+def _remove_replaced_pickle(directory: Path) -> None:
+    """peft's adapter_model.bin left from an earlier save is now a second, stale adapter beside
+    the new safetensors file: removed, only once the new files are in place, and nothing else."""
+    stale = directory / PICKLED_WEIGHTS_NAME
+    if stale.is_file() or stale.is_symlink():
+        stale.unlink()
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:

@@ -253,3 +253,35 @@ def test_a_diverged_adapter_is_not_saved(tmp_path):
                                          r"and 1 more tensors have some\. Training diverged.*nothing was written"):
         save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def save_pickled_peft_adapter(directory):
+    theirs = peft.get_peft_model(build_t5("t5-tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
+                                                                    init_lora_weights=False))
+    theirs.save_pretrained(directory, safe_serialization=False)
+    assert (directory / PICKLED_WEIGHTS_NAME).exists()
+
+
+def test_saving_over_a_pickled_peft_adapter_leaves_one_adapter(tmp_path):
+    save_pickled_peft_adapter(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    unrelated = sorted(p.name for p in tmp_path.iterdir() if p.name not in (CONFIG_NAME, PICKLED_WEIGHTS_NAME))
+    ours = trained(build_t5("t5-tiny"), CONFIGS[0])
+    save_adapter(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, *unrelated])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    batch = t5_batch()
+    torch.testing.assert_close(logits(load_adapter(build_t5("t5-tiny"), tmp_path), batch), logits(ours, batch))
+
+
+def test_a_failed_save_over_a_pickled_adapter_keeps_it(tmp_path, monkeypatch):
+    save_pickled_peft_adapter(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peftcore.checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
