@@ -16,9 +16,15 @@ peftcore.methods); this module handles the files, the fields every method shares
 checks. A loaded adapter computes exactly what it computed where it was saved, or the load is
 refused with the reason: every key, shape and dtype is checked, and every value is finite (a
 floating-point slot takes no int64 or bool tensor; one NaN or inf makes the logits NaN), before
-anything is copied, and on a mismatch the model is left as it was. An adapter holding NaN or inf
-is not saved either. Files are written to temporary names, synced and renamed into place
-(peftcore.files), so an interrupted save never leaves a half-written file behind.
+anything is copied, and on a mismatch the model is left as it was. An adapter for a model of
+another depth or width is refused as such first (ModelShapeMismatch, a ValueError: "trained on a
+model with 6 encoder and 6 decoder layers and d_model 512; this model has ..."), read from the
+file's names (highest block index) and shapes.
+
+save_adapter refuses an adapter holding NaN or inf, writes each file to a temporary name, syncs
+it and renames it into place (peftcore.files), so an interrupted save never leaves a
+half-written file behind, and then removes a stale adapter_model.bin, so the directory holds
+one adapter.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -101,6 +108,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         inject(model, config, initialise=False)  # the init may rewrite the base: only after the checks
     try:
         live = {**_tensors(model, method), **_saved_base_weights(model, saved)}
+        _check_same_shape(saved, live, directory, model, config, data.get("base_model_name_or_path"))
         _check_fits(saved, live, directory, model, config)
     except Exception:
         if injected_here:  # roll back: the model leaves exactly as it came
@@ -211,6 +219,95 @@ def _check_same_method(model: nn.Module, saved: AdapterConfig, directory: Path) 
                 f"the adapter in {directory} does not compute what the model's adapter does: {difference}; the model "
                 "already holds an adapter, so load it into a model without one (or call peftcore.unload(model) first)"
             )
+
+
+class ModelShapeMismatch(ValueError):
+    """The adapter was trained on a model of another depth or width than the one it is loaded
+    into. ``trained_on`` and ``this_model`` describe both ("6 encoder and 6 decoder layers and
+    d_model 512"), ``base_model`` is the file's base_model_name_or_path (or None), so a caller
+    can word its own remedy; the message starts with the plain fact."""
+
+    def __init__(self, directory: Path, trained_on: str, this_model: str, base_model: Optional[str]):
+        self.directory, self.trained_on, self.this_model, self.base_model = directory, trained_on, this_model, base_model
+        named = f" (its {CONFIG_NAME} names base_model_name_or_path={base_model!r})" if base_model else ""
+        super().__init__(
+            f"the adapter in {directory} was trained on a model with {trained_on}; this model has {this_model}. "
+            f"Load it into a model of the shape it was trained on{named}"
+        )
+
+
+def _check_same_shape(
+    saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path, model: nn.Module,
+    config: AdapterConfig, base_model: Optional[str],
+) -> None:
+    """Refuse, before the per-key checks, an adapter for a deeper or shallower model or a wider
+    or narrower one, saying so. Depth per stack is the highest layer index in the names + 1
+    (``encoder.block.5.`` -> 6 encoder layers); it counts as different where the file's differs
+    from this model's and from what this model's adapter holds (layers_to_transform may leave the
+    top layers out). Width: every dimension that is this model's hidden size is one other size in
+    the file (``_file_width``)."""
+    file_depths = _depths(key.removeprefix(PREFIX) for key in saved)
+    live_depths = _depths(key.removeprefix(PREFIX) for key in live)
+    model_depths = _depths(f"{name}." for name, _ in model.named_modules())
+    stacks = [stack for stack in model_depths if stack in file_depths]  # in the model's order
+    deeper = any(file_depths[s] != model_depths[s] and file_depths[s] != live_depths.get(s) for s in stacks)
+    width_name, width = _hidden_size(model)
+    file_width = _file_width(saved, live, width)
+    if not deeper and file_width is None:
+        return
+    trained_on, this_model = [], []
+    if deeper:
+        at_least = "at least " if getattr(config, "layers_to_transform", None) else ""  # its top layers may be left out
+        trained_on.append(at_least + _layers({stack: file_depths[stack] for stack in stacks}))
+        this_model.append(_layers({stack: model_depths[stack] for stack in stacks}))
+    if file_width is not None:
+        trained_on.append(f"{width_name} {file_width}")
+        this_model.append(f"{width_name} {width}")
+    raise ModelShapeMismatch(directory, " and ".join(trained_on), " and ".join(this_model), base_model)
+
+
+def _depths(names: Iterable[str]) -> dict[str, int]:
+    """Layers per stack, read from dotted names: the first ``<stack>.<number>.`` segment
+    (``encoder.block.3.layer.0...`` -> stack ``encoder.block``, layer 3), highest number + 1."""
+    depths: dict[str, int] = {}
+    for name in names:
+        match = re.match(r"(.*?)\.(\d+)\.", name)
+        if match:
+            depths[match[1]] = max(depths.get(match[1], 0), int(match[2]) + 1)
+    return depths
+
+
+def _layers(depths: dict[str, int]) -> str:
+    """``{"encoder.block": 6, "decoder.block": 6}`` -> ``6 encoder and 6 decoder layers``."""
+    parts = [f"{n} {stack.rsplit('.', 1)[0]}" for stack, n in depths.items()]
+    return (" and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]) + " layers"
+
+
+def _hidden_size(model: nn.Module) -> tuple[str, Optional[int]]:
+    config = getattr(model, "config", None)
+    for name in ("d_model", "hidden_size"):
+        if isinstance(getattr(config, name, None), int):
+            return name, getattr(config, name)
+    return "hidden size", None
+
+
+def _file_width(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], width: Optional[int]) -> Optional[int]:
+    """The file's hidden size where it differs from this model's ``width``: every dimension of a
+    shared key that is ``width`` here (lora_A's in_features, lora_B's out_features of q and o, ...)
+    has one other size in the file, in two tensors at least. None when they agree or the file
+    does not show one other size (one tensor of a wrong shape is the per-key check's to name)."""
+    if width is None:
+        return None
+    sizes: dict[int, set[str]] = {}
+    for key, tensor in live.items():
+        if key in saved and saved[key].dim() == tensor.dim():
+            for dim in range(tensor.dim()):
+                if tensor.shape[dim] == width:
+                    sizes.setdefault(saved[key].shape[dim], set()).add(key)
+    if len(sizes) != 1 or width in sizes:
+        return None
+    (size, keys), = sizes.items()
+    return size if len(keys) >= 2 else None
 
 
 def _check_fits(

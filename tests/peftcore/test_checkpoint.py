@@ -2,17 +2,20 @@
 
 import copy
 import json
+import re
 
 import peft
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from conftest import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import IA3Config, LoRAConfig, inject, load_adapter, save_adapter
-from peftcore.checkpoint import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
+from peftcore.checkpoint import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, ModelShapeMismatch
 from peftcore.surgery import adapter_layers
+from peftcore.t5 import t5_config
 
 CONFIGS = [
     LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
@@ -104,13 +107,63 @@ def assert_untouched(model, reference):
         assert torch.equal(p, q), name
 
 
-def test_adapter_for_another_shape_names_the_key_and_changes_nothing(tmp_path):
-    save_adapter(trained(build_t5("t5-tiny"), CONFIGS[0]), tmp_path)
-    target = build_t5("t5-small", seed=3)
+def build_t5_of(seed=0, **shape):
+    """t5-tiny with some of its shape changed (layers, d_model): quick to build."""
+    torch.manual_seed(seed)
+    config = t5_config("t5-tiny")
+    for key, value in shape.items():
+        setattr(config, key, value)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def test_a_t5_small_adapter_and_a_t5_tiny_one_say_the_models_differ(tmp_path):
+    """Both directions on the public shapes; the model is left as it was, the file's base named."""
+    tiny_model = trained(build_t5("t5-tiny"), CONFIGS[0])
+    tiny_model.config._name_or_path = "my/t5-tiny"
+    save_adapter(tiny_model, tmp_path / "tiny")
+    small = build_t5("t5-small", seed=3)
+    small_copy = copy.deepcopy(small)
+    with pytest.raises(ModelShapeMismatch, match=re.escape(
+            "was trained on a model with 2 encoder and 2 decoder layers and d_model 64; this model has 6 encoder and "
+            "6 decoder layers and d_model 512. Load it into a model of the shape it was trained on (its "
+            "adapter_config.json names base_model_name_or_path='my/t5-tiny')")) as refused:
+        load_adapter(small, tmp_path / "tiny")
+    assert isinstance(refused.value, ValueError) and refused.value.trained_on.startswith("2 encoder")
+    assert refused.value.this_model.endswith("d_model 512") and refused.value.base_model == "my/t5-tiny"
+    assert_untouched(small, small_copy)
+    save_adapter(trained(small, CONFIGS[0]), tmp_path / "small")
+    with pytest.raises(ModelShapeMismatch, match=r"^the adapter in .*small was trained on a model with 6 encoder and 6 "
+                                                 r"decoder layers and d_model 512; this model has 2 encoder and 2 "
+                                                 r"decoder layers and d_model 64\. Load it into a model of the shape"):
+        load_adapter(build_t5("t5-tiny"), tmp_path / "small")
+
+
+@pytest.mark.parametrize("file_shape, model_shape, message", [
+    ({"num_layers": 3, "num_decoder_layers": 4}, {}, "3 encoder and 4 decoder layers; this model has 2 encoder and 2"),
+    ({}, {"num_layers": 3, "num_decoder_layers": 4}, "2 encoder and 2 decoder layers; this model has 3 encoder and 4"),
+    ({}, {"d_model": 32}, "d_model 64; this model has d_model 32"),
+], ids=["deeper-file", "shallower-file", "width-only"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=["lora", "ia3"])
+def test_an_adapter_for_a_deeper_shallower_or_wider_model_says_so(tmp_path, file_shape, model_shape, message, config):
+    save_adapter(trained(build_t5_of(**file_shape), config), tmp_path)
+    target = build_t5_of(seed=3, **model_shape)
     target_copy = copy.deepcopy(target)
-    with pytest.raises(ValueError, match=r"missing key|has shape"):
+    with pytest.raises(ModelShapeMismatch, match=f"was trained on a model with {message}"):
         load_adapter(target, tmp_path)
     assert_untouched(target, target_copy)
+
+
+def test_an_adapter_limited_to_some_layers_loads_into_a_model_that_has_them(tmp_path):
+    """layers_to_transform=[0, 1] selects the same two blocks in a model of any depth: the file
+    cannot tell, and what it holds fits, so it loads (the highest block is not read as the depth)."""
+    config = LoRAConfig(r=4, alpha=8, layers_to_transform=(0, 1))
+    save_adapter(trained(build_t5_of(num_layers=3, num_decoder_layers=3), config), tmp_path)
+    for target in (build_t5("t5-tiny"), build_t5_of(num_layers=4, num_decoder_layers=4)):
+        assert len(list(adapter_layers(load_adapter(target, tmp_path)))) == 2 * (2 + 4)  # q, v; decoder: cross too
+    save_adapter(trained(build_t5_of(num_layers=4, num_decoder_layers=4), LoRAConfig(layers_to_transform=(0, 1, 2))),
+                 tmp_path)  # block 2 is beyond t5-tiny: the file's top block is only a lower bound of the depth
+    with pytest.raises(ModelShapeMismatch, match="with at least 3 encoder and 3 decoder layers; this model has 2 encoder"):
+        load_adapter(build_t5("t5-tiny"), tmp_path)
 
 
 def test_adapter_with_a_wrong_shape_names_the_key(tmp_path):
