@@ -500,8 +500,8 @@ def check_count(name: str, value: Any, minimum: int = 1, none_means: str | None 
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        allowed += f", or null for {none_means}" if none_means is not None else ""
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        allowed += f" (or null for {none_means})" if none_means is not None else ""
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def check_name(name: str, value: Any, none_means: str | None = None) -> None:
@@ -509,14 +509,14 @@ def check_name(name: str, value: Any, none_means: str | None = None) -> None:
     if value is None and none_means is not None:
         return
     if not isinstance(value, str) or not value:
-        allowed = "a non-empty string" + (f", or null for {none_means}" if none_means is not None else "")
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        allowed = "a non-empty string" + (f" (or null for {none_means})" if none_means is not None else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _field_names(value: Any, option: str) -> tuple[str, ...]:
     fields = (value,) if isinstance(value, str) else value
     if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) and f for f in fields):
-        raise ValueError(f"{option} must be a field name or a non-empty list of them; got {value!r}")
+        raise ValueError(f"{option} must be a field name or a non-empty list of them, got {value!r}")
     return tuple(fields)
 
 
@@ -563,26 +563,26 @@ def _check_options(options: dict[str, Any]) -> None:
         check_count(name, options[name], none_means="every dialogue")
     check_count("num_workers", options["num_workers"], minimum=0)
     if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
-        raise ValueError(f"seed must be an integer; got {options['seed']!r}")
+        raise ValueError(f"seed must be an integer, got {options['seed']!r}")
     for name in ("dataset", "train_split", "val_split", "test_split", "dialogue_field", "speaker_key", "text_key",
                  "tokenizer"):
         check_name(name, options[name])
     check_name("id_field", options["id_field"], none_means="made-up ids")
     for name in ("strip_mentions_and_links", "group_by_length"):
         if not isinstance(options[name], bool):
-            raise ValueError(f"{name} must be true or false; got {options[name]!r}")
+            raise ValueError(f"{name} must be true or false, got {options[name]!r}")
     if not isinstance(options["prefix"], str):
-        raise ValueError(f"prefix must be a string (\"\" for none); got {options['prefix']!r}")
+        raise ValueError(f"prefix must be a string (\"\" for none), got {options['prefix']!r}")
     if options["target_summaries"] not in ("first", "all"):
-        raise ValueError(f"target_summaries must be 'first' or 'all'; got {options['target_summaries']!r}")
+        raise ValueError(f"target_summaries must be 'first' or 'all', got {options['target_summaries']!r}")
     renames = options["rename_speakers"]
     if renames is not None and not (isinstance(renames, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in renames.items())):
-        raise ValueError(f"rename_speakers must map speaker names to names ({{}} keeps them); got {renames!r}")
+        raise ValueError(f"rename_speakers must map speaker names to names ({{}} keeps them), got {renames!r}")
     files = options["data_files"]
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(k, str) and k and isinstance(v, (str, Path)) and str(v) for k, v in files.items())):
-        raise ValueError(f"data_files must map split names to file paths, e.g. {{train: a.jsonl, valid: b.jsonl}}; "
+        raise ValueError(f"data_files must map split names to file paths, e.g. {{train: a.jsonl, valid: b.jsonl}}, "
                          f"got {files!r}")
     tokenizer_path(options["tokenizer"])  # an unknown bundled name fails now; nothing is loaded
 

@@ -413,7 +413,7 @@ def test_row_without_summary(tmp_path):
 
 
 def test_bad_arguments_fail_at_construction():
-    with pytest.raises(ValueError, match="limit_train must be a positive integer, or null for every dialogue; got 0"):
+    with pytest.raises(ValueError, match=r"limit_train must be a positive integer \(or null for every dialogue\), got 0"):
         DialogSummaryDataModule(limit_train=0)
     with pytest.raises(ValueError, match="target_summaries"):
         DialogSummaryDataModule(target_summaries="best")

@@ -13,32 +13,32 @@ from experiments.data import BUNDLED_TOKENIZER, DataError, DialogSummaryDataModu
     ("batch_size", 2.5, "a positive integer"),
     ("batch_size", True, "a positive integer"),
     ("batch_size", "8", "a positive integer"),
-    ("eval_batch_size", 0, "a positive integer, or null for batch_size"),
+    ("eval_batch_size", 0, "a positive integer (or null for batch_size)"),
     ("max_source_length", -1, "a positive integer"),
     ("max_source_length", 0, "a positive integer"),
     ("max_target_length", 0, "a positive integer"),
-    ("limit_train", 0, "a positive integer, or null for every dialogue"),
-    ("limit_train", -2, "a positive integer, or null for every dialogue"),
-    ("limit_val", 0, "a positive integer, or null for every dialogue"),
-    ("limit_test", 1.5, "a positive integer, or null for every dialogue"),
+    ("limit_train", 0, "a positive integer (or null for every dialogue)"),
+    ("limit_train", -2, "a positive integer (or null for every dialogue)"),
+    ("limit_val", 0, "a positive integer (or null for every dialogue)"),
+    ("limit_test", 1.5, "a positive integer (or null for every dialogue)"),
     ("num_workers", -1, "an integer >= 0"),
     ("num_workers", 1.0, "an integer >= 0"),
     ("seed", 1.5, "an integer"),
     ("group_by_length", "yes", "true or false"),
     ("strip_mentions_and_links", 1, "true or false"),
     ("dialogue_field", "", "a non-empty string"),
-    ("id_field", 3, "a non-empty string, or null for made-up ids"),
+    ("id_field", 3, "a non-empty string (or null for made-up ids)"),
     ("prefix", None, 'a string ("" for none)'),
     ("target_summaries", "best", "'first' or 'all'"),
 ])
 def test_a_bad_option_is_refused_at_construction_naming_it(name, value, allowed):
     with pytest.raises(ValueError) as err:
         DialogSummaryDataModule(**{name: value})
-    assert str(err.value) == f"{name} must be {allowed}; got {value!r}"
+    assert str(err.value) == f"{name} must be {allowed}, got {value!r}"
 
 
 def test_bad_mappings_are_refused_at_construction():
-    with pytest.raises(ValueError, match=r"rename_speakers must map speaker names to names \(\{\} keeps them\); "
+    with pytest.raises(ValueError, match=r"rename_speakers must map speaker names to names \(\{\} keeps them\), "
                                          r"got \{'Customer': 1\}"):
         DialogSummaryDataModule(rename_speakers={"Customer": 1})
     with pytest.raises(ValueError, match=r"data_files must map split names to file paths.*got \{'train': 3\}"):

@@ -105,7 +105,7 @@ def test_split_keys_follow_the_split_names(dialogsum):
     ({"train": "summary", "valid": "summary", "tset": "summary1"}, "the key 'tset', which names no split"),
     ({"train": "summary", "valid": [], "test": "summary1"}, r"summary_field\['valid'\] must be a field name"),
     ({"train": "summary", "valid": 3, "test": "summary1"}, r"summary_field\['valid'\] must be a field name"),
-    ([], "summary_field must be a field name or a non-empty list of them; got \\[\\]"),
+    ([], "summary_field must be a field name or a non-empty list of them, got \\[\\]"),
 ])
 def test_bad_summary_field_fails_at_construction(summary_field, message):
     with pytest.raises(ValueError, match=message):
