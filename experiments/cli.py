@@ -28,13 +28,16 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from peftcore import methods
 
+from experiments.checkpointing import LAST, read_checkpoint
 from experiments.data import DialogSummaryDataModule
 from experiments.module import Seq2SeqFineTuner
 
@@ -101,17 +104,66 @@ class ProjectCLI(LightningCLI):
         for name in ("optimizer", "lr_scheduler"):
             parser.add_argument(f"--{name}", type=_refuse_lightning_optimizer(name), help="refused: see --model.optimizer")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version of this hook loads the checkpoint's hyperparameters over the parsed
+        config, so ``--ckpt_path FILE`` silently undid ``--model.num_beams 4`` (and it shows a
+        damaged file as a raw traceback); LightningCLI offers no public switch for it. Here what
+        the command gives wins; the base and the method, which a trained checkpoint cannot
+        change, are checked against the checkpoint and refused by name when they differ."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else None
+        if config is None or not config.get("ckpt_path"):
+            return
+        try:
+            checkpoint = read_checkpoint(_resolve_checkpoint(config))
+        except (ValueError, FileNotFoundError) as err:
+            self.parser.error(str(err))
+        adopted = same_model(config.model, checkpoint.get("hyper_parameters") or {}, config.ckpt_path, self.parser.error)
+        if adopted:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": adopted}}, self.config)
+            rank_zero_info(f"model.{', model.'.join(adopted)} from {config.ckpt_path} (the command names no model)")
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_method(self.parser, config)
         _run_directory(config)
-        _default_checkpointing(self.parser, config)
+        _default_callbacks(self.parser, config)
 
     def instantiate_classes(self) -> None:
         # The model and data classes check their settings and raise ValueError naming the bad one
         # (a target that matches no module, a missing data file...): an error, not a traceback.
         try:
             super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            self.parser.error(str(err))
+
+    # Each command reads and checks its data before Lightning makes the run's directory, so a
+    # bad file or row is an error that leaves nothing behind (setup() then finds it done).
+    def before_fit(self) -> None:
+        self._read_data("fit")
+        rank_zero_info(f"fit: run directory {self.trainer.log_dir}")
+
+    def after_fit(self) -> None:
+        if self.trainer.fast_dev_run:
+            return
+        saved = [str(Path(c.dirpath) / LAST) for c in self.trainer.checkpoint_callbacks if c.dirpath]
+        rank_zero_info(f"fit: done, run directory {self.trainer.log_dir}" + (f"; resume or extend it with "
+                       f"--ckpt_path {saved[0]}" if saved else ""))
+
+    def before_validate(self) -> None:
+        self._read_data("validate")
+
+    def before_test(self) -> None:
+        self._read_data("test")
+
+    def before_predict(self) -> None:
+        self._read_data("predict")
+
+    def _read_data(self, stage: str) -> None:
+        if self.datamodule is None or self.trainer.world_size > 1:  # other ranks read in Lightning's setup
+            return
+        try:
+            self.datamodule.prepare_data()
+            self.datamodule.setup(stage)
         except (ValueError, FileNotFoundError) as err:
             self.parser.error(str(err))
 
@@ -186,18 +238,76 @@ def _refuse_lightning_optimizer(name: str):
 # --- where a run's files go --------------------------------------------------------------------
 
 
+def _resolve_checkpoint(config: Namespace) -> str:
+    """``config.ckpt_path``, with ``last``/``best`` made the newest run's file (set in ``config``)."""
+    if config.ckpt_path in NAMED_CHECKPOINTS:
+        root = runs_of(config)
+        if root is None:
+            raise ValueError(f"--ckpt_path {config.ckpt_path} needs the TensorBoard logger to find the runs; "
+                             "give the checkpoint's path")
+        config.ckpt_path = str(newest_checkpoint(root, config.ckpt_path))
+    return config.ckpt_path
+
+
 def _run_directory(config: Namespace) -> None:
-    """``--ckpt_path`` of a run continues in that run's version directory; ``last``/``best``
-    name the newest run's checkpoint."""
-    ckpt = config.get("ckpt_path")
-    root = runs_of(config)
+    """``--ckpt_path`` of a run continues in that run's version directory."""
+    ckpt, root = config.get("ckpt_path"), runs_of(config)
     if not ckpt or root is None:
         return
-    if ckpt in NAMED_CHECKPOINTS:
-        ckpt = config.ckpt_path = str(newest_checkpoint(root, ckpt))
     path = Path(ckpt)
     if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == root.resolve():
         config.trainer.logger.init_args.version = path.parent.parent.name
+
+
+# The settings a trained checkpoint fixes: its tensors belong to this base and this method.
+MODEL_IDENTITY = ("pretrained", "shape", "random_init", "gated", "peft", "quantization")
+
+
+def same_model(given: Namespace, saved: dict, ckpt_path: str, error: Callable[[str], NoReturn]) -> dict:
+    """Check the command's model settings against the checkpoint's hyperparameters ``saved``.
+    Returns the identity settings to take from the checkpoint when the command names no model
+    at all (neither pretrained nor shape); calls ``error`` when one differs from it."""
+    recorded = {key: saved[key] for key in MODEL_IDENTITY if key in saved}
+    if not given.get("pretrained") and not given.get("shape"):
+        return recorded
+    differ = [key for key in recorded if _comparable(given.get(key)) != _comparable(recorded[key])]
+    if differ:
+        lines = "; ".join(_difference(key, recorded[key], given.get(key)) for key in differ)
+        error(f"--ckpt_path {ckpt_path} was trained with another model: {lines}. A checkpoint's base model and "
+              "method cannot change: give the run's own config (config.yaml in its directory) or drop those options")
+    return {}
+
+
+def _difference(key: str, saved: object, given: object) -> str:
+    """``model.peft: LoRAConfig r=16 in the checkpoint, r=8 here`` (a method: the fields that differ)."""
+    saved, given = _comparable(saved), _comparable(given)
+    if isinstance(saved, tuple) and isinstance(given, tuple) and saved[0] == given[0]:
+        fields = [k for k in saved[1] if saved[1][k] != given[1].get(k)]
+        return (f"model.{key}: {_named(saved)} {', '.join(f'{k}={saved[1][k]!r}' for k in fields)} in the "
+                f"checkpoint, {', '.join(f'{k}={given[1][k]!r}' for k in fields)} here")
+    return f"model.{key}: {_named(saved)} in the checkpoint, {_named(given)} here"
+
+
+def _named(value: object) -> str:
+    """A method as its class name (``_comparable`` makes it ``(class_path, fields)``), else the value."""
+    return value[0].rpartition(".")[2] if isinstance(value, tuple) else repr(value)
+
+
+def _comparable(value: object) -> object:
+    """A setting as plain data: a method's section becomes its config class's full field list
+    (defaults filled in, as the class normalises them), so equal settings compare equal."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict) and value.get("class_path"):
+        try:
+            return (value["class_path"], dataclasses.asdict(config_class(value["class_path"])(**(value.get("init_args") or {}))))
+        except (TypeError, ValueError, AttributeError, ImportError):
+            return value
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return str(value) if not isinstance(value, (type(None), bool, int, float, str)) else value
 
 
 def runs_of(config: Namespace) -> Optional[Path]:
@@ -220,22 +330,46 @@ def newest_checkpoint(run_root: Path, which: str) -> Path:
     return found[-1]
 
 
-def _default_checkpointing(parser: LightningArgumentParser, config: Namespace) -> None:
-    """RunCheckpoint unless the config names a checkpoint callback (or turns checkpointing off);
-    Lightning's own ModelCheckpoint is refused: it overwrites and loses work (see RunCheckpoint)."""
+def _default_callbacks(parser: LightningArgumentParser, config: Namespace) -> None:
+    """RunCheckpoint unless the config names a checkpoint callback; Lightning's own
+    ModelCheckpoint is refused: it overwrites and loses work (see RunCheckpoint). The trainer's
+    switches win over the config's callbacks: ``enable_checkpointing: false`` drops the
+    checkpoint callbacks and ``enable_progress_bar: false`` the progress bars (Lightning would
+    refuse the pair)."""
     trainer = config.get("trainer")
-    if trainer is None or trainer.get("enable_checkpointing") is False:
+    if trainer is None:
         return
-    callbacks = trainer.get("callbacks") or []
-    names = [c.get("class_path") for c in callbacks if isinstance(c, Namespace)]
+    callbacks = list(trainer.get("callbacks") or [])
+    switched_off = {flag: base for flag, base in (("enable_checkpointing", Checkpoint), ("enable_progress_bar", ProgressBar))
+                    if trainer.get(flag) is False}
+    kept = [c for c in callbacks if not any(_is_subclass(_class_path(c), base) for base in switched_off.values())]
+    if len(kept) < len(callbacks):
+        dropped = ", ".join(_class_path(c) for c in callbacks if c not in kept)
+        rank_zero_info(f"{' and '.join(f'trainer.{flag}=false' for flag in switched_off)}: not using {dropped}")
+    trainer.callbacks = kept
+    if "enable_checkpointing" in switched_off:
+        rank_zero_info("checkpointing is off: this run writes no checkpoint, so it cannot be resumed")
+        return
+    names = [_class_path(c) for c in kept]
     if "lightning.pytorch.callbacks.ModelCheckpoint" in names:
         parser.error(
             "trainer.callbacks names lightning.pytorch.callbacks.ModelCheckpoint; use "
             f"{CHECKPOINT} (the same arguments, plus save_every_n_steps): it keeps every run's checkpoints in the "
             "run's own directory, writes them atomically and saves on Ctrl-C and on errors"
         )
-    if CHECKPOINT not in names:
-        trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT, init_args=Namespace())]
+    if not any(_is_subclass(name, Checkpoint) for name in names):
+        trainer.callbacks = [*kept, Namespace(class_path=CHECKPOINT, init_args=Namespace())]
+
+
+def _class_path(callback: object) -> Optional[str]:
+    return callback.get("class_path") if isinstance(callback, Namespace) else None
+
+
+def _is_subclass(class_path: Optional[str], base: type) -> bool:
+    try:
+        return isinstance(class_path, str) and issubclass(config_class(class_path), base)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 class KeepingSaveConfigCallback(SaveConfigCallback):

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NoReturn, Optional, Union
 
 import lightning as L
 from lightning.fabric.utilities.data import _set_sampler_epoch
@@ -31,7 +31,7 @@ from peftcore.config import NF4Config
 from peftcore.files import write_atomically
 from peftcore.loraplus import param_groups
 from peftcore.t5 import SHAPES, t5_config
-from experiments.data import ASSETS, skip_batches
+from experiments.data import ASSETS, skip_batches, tokenizer_path
 from experiments.metrics import ROUGE_KEYS, Rouge
 
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -89,6 +89,37 @@ def build_model(
     return transformers.T5ForConditionalGeneration(config)
 
 
+def with_tokenizer_path(peft: MethodConfig) -> MethodConfig:
+    """``peft`` with its ``tokenizer`` (prompt tuning's text init) as a hub name or a path: a
+    bundled name (``bundled:t5-tokenizer``) becomes the shipped tokenizer's path, found from any
+    working directory (the saved hyperparameters keep the portable name)."""
+    tokenizer = getattr(peft, "tokenizer", None)
+    return peft if tokenizer is None else dataclasses.replace(peft, tokenizer=tokenizer_path(tokenizer))
+
+
+def check_settings(lr: float, weight_decay: float, betas: tuple[float, float], num_beams: int, max_new_tokens: int,
+                   dropout_rate: Optional[float], gpu_budget_bytes: Optional[int]) -> None:
+    """Refuse, by the option's name, values that torch or generate would take with a confusing
+    error (``num_beams: 0`` divides by zero) or without one (a negative weight decay)."""
+    def refuse(name: str, value: object, allowed: str) -> NoReturn:
+        raise ValueError(f"model.{name} must be {allowed}, got {value!r}")
+
+    if not (math.isfinite(lr) and lr > 0):
+        refuse("lr", lr, "a positive number (the peak learning rate, e.g. 1e-3)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        refuse("weight_decay", weight_decay, "a number >= 0 (0 turns weight decay off)")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        refuse("betas", list(betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if num_beams < 1:
+        refuse("num_beams", num_beams, "an integer >= 1 (1 is greedy decoding)")
+    if max_new_tokens < 1:
+        refuse("max_new_tokens", max_new_tokens, "an integer >= 1 (the longest generated summary, in tokens)")
+    if dropout_rate is not None and not 0.0 <= dropout_rate < 1.0:
+        refuse("dropout_rate", dropout_rate, "in [0, 1), or null to keep the model's own")
+    if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
+        refuse("gpu_budget_bytes", gpu_budget_bytes, "a number of bytes >= 0, or null (all optimizer state on the device)")
+
+
 class Seq2SeqFineTuner(L.LightningModule):
     """Fine-tunes a T5 model for summarisation with full fine-tuning or any peftcore method.
 
@@ -122,8 +153,9 @@ class Seq2SeqFineTuner(L.LightningModule):
         generate_in_validation: score ROUGE on generated summaries in validation (slower).
         export_best_adapter: after each validation with a new best loss, save the adapter in
             peft's format to ``<log_dir>/best_adapter``.
-        predictions_path: where ``predict`` writes JSONL ``{id, dialogue, reference, prediction}``;
-            default ``<log_dir>/predictions.jsonl``.
+        predictions_path: where ``predict`` writes JSONL ``{id, dialogue, reference, prediction}``
+            (a file given here is replaced); default ``<log_dir>/predictions.jsonl``, then
+            ``predictions-2.jsonl`` and so on for later predicts on the run (none replaced).
     """
 
     def __init__(
@@ -157,6 +189,8 @@ class Seq2SeqFineTuner(L.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be a positive number (about 16 in the paper), got {loraplus_lr_ratio}")
+        check_settings(lr=lr, weight_decay=weight_decay, betas=betas, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       dropout_rate=dropout_rate, gpu_budget_bytes=gpu_budget_bytes)
         self.save_hyperparameters()
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
@@ -164,7 +198,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         if quantization is not None:
             peftcore.quantize(self.model, quantization)
         if peft is not None:
-            peftcore.inject(self.model, peft)
+            peftcore.inject(self.model, with_tokenizer_path(peft))
         if gradient_checkpointing:
             # Non-reentrant checkpointing lets gradients reach the adapter even when the
             # checkpointed block's inputs (frozen embeddings) do not require grad.
@@ -300,7 +334,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        path = Path(self.hparams.predictions_path or Path(self._log_dir()) / "predictions.jsonl")
+        path = Path(self.hparams.predictions_path) if self.hparams.predictions_path else _unused(Path(self._log_dir()))
         if self.trainer.world_size > 1:
             path = path.with_suffix(f".rank{self.global_rank}.jsonl")
         write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._predictions))
@@ -363,6 +397,15 @@ class Seq2SeqFineTuner(L.LightningModule):
     def _log_dir(self) -> str:
         logger = self.trainer.logger
         return (logger.log_dir if logger is not None and logger.log_dir else None) or self.trainer.default_root_dir
+
+
+def _unused(run_dir: Path) -> Path:
+    """``predictions.jsonl`` in the run's directory, or for a later predict on the same run
+    ``predictions-2.jsonl``, ``-3``...: one command's output never replaces another's."""
+    path, k = run_dir / "predictions.jsonl", 2
+    while path.exists():
+        path, k = run_dir / f"predictions-{k}.jsonl", k + 1
+    return path
 
 
 # fit --help shows the docstring: the method list in it comes from peftcore.methods.

@@ -64,8 +64,8 @@ class PromptTuningConfig:
             fail(name, "init", self.init, "one of " + " | ".join(PROMPT_INITS))
         if (self.init == "text") != bool(self.init_text):
             fail(name, "init_text", self.init_text, "a non-empty string exactly when init='text'")
-        if self.init == "text" and not self.tokenizer:
-            fail(name, "tokenizer", self.tokenizer, "a tokenizer name or path when init='text'")
+        if (self.init == "text") != bool(self.tokenizer):  # only the text init tokenizes: never ignored
+            fail(name, "tokenizer", self.tokenizer, "a tokenizer name or path exactly when init='text'")
 
 
 class SoftPrompt(nn.Module):

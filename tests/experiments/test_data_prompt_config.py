@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 
 import experiments.data as data_mod
-from experiments.data import load_tokenizer, tokenizer_path
+from experiments.data import load_tokenizer
+from experiments.module import Seq2SeqFineTuner
 from peftcore import PromptTuningConfig
-from peftcore.prompt import _text_ids
 
 PROMPT_TUNING_YAML = Path(data_mod.__file__).parent / "configs" / "prompt_tuning.yaml"
 
@@ -20,9 +21,9 @@ def test_prompt_tuning_yaml_tokenizer_resolves_outside_the_repository(monkeypatc
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--peft", type=PromptTuningConfig)
     config = parser.instantiate_classes(parser.parse_object({"peft": section["init_args"]})).peft
-    # what the model module does with the setting before inject(): a bundled name becomes its path
-    resolved = PromptTuningConfig(**{**vars(config), "tokenizer": tokenizer_path(config.tokenizer)})
-    ids = _text_ids(resolved, resolved.num_virtual_tokens)
+    model = Seq2SeqFineTuner(pretrained="bundled:t5-tiny-dialogue", peft=config).model  # as fit builds it
     expected = load_tokenizer("bundled")(config.init_text)["input_ids"]
-    assert len(ids) == 20 and ids[: len(expected)] == expected[:20]
+    prompt = next(p for n, p in model.named_parameters() if p.requires_grad)
+    embeddings = model.get_input_embeddings().weight
+    assert prompt.shape[0] == 20 and torch.equal(prompt[: len(expected)], embeddings[expected[:20]])
     assert config.init == "text" and data_mod.is_bundled(config.tokenizer)

@@ -71,3 +71,11 @@ def test_nf4_compute_dtype_and_prompt_config():
         PromptTuningConfig(init="text")
     with pytest.raises(ValueError, match="PromptTuningConfig.num_virtual_tokens"):
         PromptTuningConfig(num_virtual_tokens=0)
+
+
+@pytest.mark.parametrize("init", ["random", "vocab"])
+def test_a_prompt_tokenizer_the_init_would_not_use_is_refused(init):
+    with pytest.raises(ValueError, match=r"PromptTuningConfig\.tokenizer must be a tokenizer name or path exactly when "
+                                         r"init='text', got 't5-base'"):
+        PromptTuningConfig(init=init, tokenizer="t5-base")
+    assert PromptTuningConfig(init="text", init_text="Summarize", tokenizer="t5-base").tokenizer == "t5-base"
