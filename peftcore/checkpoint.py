@@ -24,7 +24,9 @@ file's names (highest block index) and shapes.
 save_adapter refuses an adapter holding NaN or inf, writes each file to a temporary name, syncs
 it and renames it into place (peftcore.files), so an interrupted save never leaves a
 half-written file behind, and then removes a stale adapter_model.bin, so the directory holds
-one adapter.
+one adapter. The weights carry the config they were saved with (safetensors metadata), so a
+save killed between its two files is refused on load instead of pairing new weights with an
+old config.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from types import ModuleType
 from typing import Iterable, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,6 +54,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# The safetensors metadata entry holding the config the tensors were written with (its fields
+# that say what they compute; the file-level ones below may change, by hand too): the two files
+# of one save are two renames, and a save killed between them must not load as one adapter.
+SAVED_WITH = "peftcore_adapter_config"
+FILE_LEVEL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
 PathLike = Union[str, os.PathLike]
 
 
@@ -72,7 +79,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
             "written. Save the adapter of an earlier checkpoint, or train again (e.g. with a lower learning rate)"
         )
     peft_config = to_peft_config(config, model)
-    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", SAVED_WITH: json.dumps(_what_it_computes(peft_config), sort_keys=True)}
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
     _remove_replaced_pickle(directory)
 
@@ -92,6 +100,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     directory = Path(path)
     data = _read_json(directory / CONFIG_NAME)
     try:
+        _check_one_save(directory, data)
         method = methods.for_peft(data)
         config = method.config_from_peft(data, model)
         saved = _read_tensors(directory)
@@ -163,6 +172,36 @@ def to_peft_config(config: AdapterConfig, model: nn.Module) -> dict:
             modules_to_save=list(config.modules_to_save) or None,
         )
     return {**fields, **methods.for_config(config).config_to_peft(config, model)}
+
+
+def _what_it_computes(peft_config: dict) -> dict:
+    return {key: value for key, value in peft_config.items() if key not in FILE_LEVEL_FIELDS}
+
+
+def _check_one_save(directory: Path, peft_config: dict) -> None:
+    """Refuse a config and weights that come from different saves (a save_adapter killed between
+    its two renames, or an edited config): with ``lora_alpha`` changed they would load without a
+    word and compute something else. Files without the entry (peft's) are not checked."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return
+    try:
+        with safe_open(path, "pt") as weights:
+            written = (weights.metadata() or {}).get(SAVED_WITH)
+    except (SafetensorError, OSError, ValueError):
+        return  # _read_tensors names the damaged file
+    if written is None:
+        return
+    saved_with, now = json.loads(written), _what_it_computes(peft_config)
+    differ = sorted(key for key in saved_with.keys() | now.keys() if saved_with.get(key) != now.get(key))
+    if differ:
+        shown_fields = "; ".join(f"{key}: {now.get(key)!r} in {CONFIG_NAME}, {saved_with.get(key)!r} when the weights "
+                                 "were saved" for key in differ)
+        raise ValueError(
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} come from different saves ({shown_fields}): a save_adapter that was "
+            "interrupted between its two files, or a config edited by hand. Save the adapter again from its model "
+            "or checkpoint"
+        )
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -100,6 +100,26 @@ def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
+def test_a_save_killed_between_its_two_files_is_refused_not_loaded(tmp_path):
+    """The weights of one save beside the config of another (alpha changed, so every shape
+    fits): loaded, it would scale the update by the wrong factor without a word."""
+    model = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8, target_modules=("q", "v")))
+    save_adapter(model, tmp_path / "old")
+    retrained = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=32, target_modules=("q", "v")), seed=5)
+    save_adapter(retrained, tmp_path / "new")
+    (tmp_path / "old" / CONFIG_NAME).write_bytes((tmp_path / "new" / CONFIG_NAME).read_bytes())  # the kill came here
+    with pytest.raises(ValueError, match=r"come from different saves \(lora_alpha: 32 in adapter_config\.json, "
+                                         r"8 when the weights were saved\): a save_adapter that was interrupted"):
+        load_adapter(build_t5("t5-tiny"), tmp_path / "old")
+    # the fields that describe the file, not the tensors, may change (by hand too)
+    data = json.loads((tmp_path / "new" / CONFIG_NAME).read_text())
+    data.update(base_model_name_or_path="somewhere/else", inference_mode=False)
+    (tmp_path / "new" / CONFIG_NAME).write_text(json.dumps(data))
+    batch = t5_batch()
+    torch.testing.assert_close(logits(load_adapter(build_t5("t5-tiny"), tmp_path / "new").eval(), batch),
+                               logits(retrained, batch))
+
+
 def assert_untouched(model, reference):
     assert not list(adapter_layers(model)) and not hasattr(model, "peftcore_config")
     assert all(p.requires_grad for p in model.parameters())
