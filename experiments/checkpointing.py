@@ -91,7 +91,11 @@ class LocalCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+        try:
+            write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+        except OSError as err:  # torch's message names no file; the previous one is still in place
+            kept = f"; the previous {Path(path).name} is kept" if Path(path).exists() else ""
+            raise OSError(err.errno, f"could not write the checkpoint {path}: {err.strerror or err}{kept}") from err
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:

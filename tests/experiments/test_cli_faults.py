@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import peftcore
 from experiments import cli as cli_module
-from experiments.checkpointing import DamagedCheckpoint, RunCheckpoint, read_checkpoint
+from experiments.checkpointing import DamagedCheckpoint, LocalCheckpointIO, RunCheckpoint, read_checkpoint
 from experiments.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,6 +168,23 @@ def test_checkpoints_never_touch_tmpdir_and_stray_temporaries_go(tmp_path, monke
     stray.write_bytes(b"half a checkpoint")
     fit(str(DEMO), "--ckpt_path", "last")
     assert not stray.exists() and sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("."))  == []
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    io = LocalCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=rf"could not write the checkpoint {path}: No space left on device; the previous "
+                                      r"last\.ckpt is kept"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
 
 
 def test_a_failed_command_leaves_no_run_directory_and_fit_names_its_own(tmp_path, monkeypatch):
