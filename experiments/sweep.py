@@ -15,16 +15,27 @@ dotted key; each trial is an ordinary ``fit`` run of the base config with one po
       model.peft.init_args.r: {low: 4, high: 32, int: true}      # integers (step, log allowed)
       model.peft.init_args.target_modules: {choices: [[q, v], [q, k, v, o, wi, wo]]}
 
-Optuna runs it on a storage: by default the SQLite file ``<output_dir>/<study_name>.db`` (an
-interrupted sweep resumes where it stopped: finished trials are kept, and a new trial takes the
-place of the one in flight), or any database URL Optuna accepts, so that several processes or machines run workers
-on one sweep. The space is checked before any trial starts: an unknown key, empty choices or a
-value the config refuses is an error. A trial that fails (a NaN loss, out of memory, a
-combination that does not build) is recorded with its error and the sweep goes on. Each trial
-writes its run to ``<output_dir>/<study_name>/trial_<n>/`` (TensorBoard, config, checkpoints);
-the sweep ends with ``trials.md`` / ``trials.csv`` (sorted by the objective) and ``best.yaml``,
-the best trial's full config, ready for ``python -m experiments fit --config``.
-``optuna-dashboard <storage URL>`` shows the study live.
+Checked before any trial starts (an error, exit status 1): the objective must be a metric the
+model logs in validation (``val/loss``; ``val/rouge1|rouge2|rougeL|rougeLsum`` when it generates
+in validation) in the direction that makes sense; every key must be a fit option; and every value
+of the space must be one the config, the method's config, the data module and the model accept
+(``data.batch_size: 0`` is refused, not found by a trial).
+
+Optuna runs it on a storage: by default the SQLite file ``<output_dir>/<study_name>.db``, or any
+database URL Optuna accepts, so that several processes or machines run workers on one sweep.
+Together they finish exactly ``n_trials`` trials: a worker starts a trial only while the finished
+and running ones fall short, and a trial that finds others started first and enough is skipped
+before it trains. An interrupted sweep resumes where it stopped: finished trials are kept; the
+trial a Ctrl-C interrupted, or whose worker died (found at once for a dead process on this
+machine, after the heartbeat's grace period for another machine), does not count, and on a grid
+its point runs again (every point exactly once) while another sampler draws a new one. A trial
+that fails (a NaN loss, out of memory, a combination that does not build) is recorded with its
+error and the sweep goes on; a sweep none of whose trials completes is an error that sums up the
+failures. Each trial writes its run to ``<output_dir>/<study_name>/trial_<n>/`` (TensorBoard,
+config, checkpoints); the sweep ends with ``trials.md`` / ``trials.csv`` (sorted by the objective,
+then the trials that did not count and why) and ``best.yaml``, the best trial's full config,
+ready for ``python -m experiments fit --config``. ``optuna-dashboard <storage URL>`` shows the
+study live.
 """
 
 from __future__ import annotations
@@ -32,24 +43,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import difflib
+import functools
 import io
+import itertools
 import json
 import math
 import os
+import random
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import optuna
 import sqlalchemy.exc
 import yaml
 from lightning.pytorch.callbacks import Callback
+from optuna.trial import FrozenTrial, TrialState
 
 from peftcore.files import write_atomically
 
 PRIMITIVES = (type(None), bool, int, float, str)
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+PEFT_PREFIX = "model.peft.init_args."
+HOST = socket.gethostname()
+POLL_SECONDS = 2.0  # how often a worker with nothing to start looks at the others' trials again
+# What a trial's record says happened to it (see _outcome). The first three count towards n_trials;
+# the next three did not finish (their point runs again on a grid); a skipped trial never trained.
+COUNTED = ("complete", "pruned", "failed")
+LOST = ("interrupted", "worker died", "stale")
+
+
+class SweepFailed(RuntimeError):
+    """No trial of the sweep completed."""
+
+
+class TrialSkipped(Exception):
+    """A trial that must not train (its place is taken); recorded as skipped, never counted."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +163,21 @@ class TrialReporter(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {trainer.current_epoch}: {self.objective}={value:.4f}")
 
 
+@dataclass(frozen=True)
+class _Trials:
+    """What every trial of one sweep needs to know."""
+
+    base_config: str
+    fixed: list[str]
+    params: list[Param]
+    study_name: str
+    root: Path
+    objective: str
+    direction: str
+    n_trials: int
+    grid: list[dict]  # a grid sampler's points in the seeded order; [] for the other samplers
+
+
 def sweep(
     base_config: Optional[str] = None,
     space: Optional[dict[str, dict]] = None,
@@ -151,15 +198,22 @@ def sweep(
         base_config: the ``fit`` config every trial starts from.
         space: ``{dotted fit option: {choices: [...]} | {low, high, log, int, step}}``.
         study_name: the study's name in the storage, and its directory under output_dir.
-        n_trials: trials to finish (completed, pruned or failed with an error), all workers together.
+        n_trials: trials to finish (completed, pruned or failed with an error), all workers
+            together; with the grid sampler at most the number of points (each runs once).
         sampler: ``random`` (the study's), ``grid`` (every combination of choices) or ``tpe``.
-        seed: the sampler's seed.
+        seed: the sampler's seed (random and TPE: trial k of a study draws with seed + k).
         pruner: ``none``, ``median`` or ``hyperband``, on the per-epoch objective.
-        objective: the validation metric each trial is scored by (its best epoch counts).
-        direction: ``maximize`` or ``minimize`` the objective.
+        objective: the validation metric each trial is scored by (its best epoch counts):
+            ``val/loss``, or ``val/rouge1``, ``val/rouge2``, ``val/rougeL``, ``val/rougeLsum``
+            (these need ``model.generate_in_validation: true``, the default).
+        direction: ``maximize`` (ROUGE) or ``minimize`` (the loss) the objective.
         storage: an Optuna database URL; default ``sqlite:///<output_dir>/<study_name>.db``.
         output_dir: where the storage, the trials' runs and the results go.
         overrides: fixed ``fit`` options for every trial, e.g. ``["--trainer.max_epochs=2"]``.
+
+    Raises:
+        ValueError: a bad sweep file, objective or space, before any trial.
+        SweepFailed: no trial completed (the table of their errors is written first).
     """
     if not base_config or not space:
         raise ValueError("a sweep needs base_config (a fit config) and a space (at least one dotted option)")
@@ -168,85 +222,309 @@ def sweep(
     params = [Param.parse(key, spec) for key, spec in space.items()]
     fixed = list(overrides or [])
     base = check_space(base_config, fixed, params)
-    if sampler == "grid":
-        if any(p.choices is None for p in params):
-            raise ValueError("the grid sampler needs choices for every key; " + ", ".join(p.key for p in params if p.choices is None) + " is a range")
-        n_trials = min(n_trials, math.prod(len(p.choices) for p in params))
+    check_objective(objective, direction, base, params)
+    grid = _grid_points(params, seed) if sampler == "grid" else []
+    if grid:
+        n_trials = min(n_trials, len(grid))
 
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        storage=_storage(storage or f"sqlite:///{(root / f'{study_name}.db').resolve()}"),
-        study_name=study_name, direction=direction, load_if_exists=True, pruner=_pruner(pruner, base),
-    )
-    study.sampler = _sampler(sampler, params, seed + len(study.trials))  # a resumed search draws new points
-    optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial: that trial is run again
-
-    def run(trial: optuna.Trial) -> float:
-        return _run_trial(trial, base_config, fixed, params, study_name, root, objective, direction)
-
-    while len(_finished(study)) < n_trials:
-        study.optimize(run, n_trials=1, catch=(Exception,))
+    rdb = _storage(storage or f"sqlite:///{(root / f'{study_name}.db').resolve()}")
+    study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction, load_if_exists=True,
+                                pruner=_pruner(pruner, base))
+    study.sampler = _sampler(sampler, params, seed)
+    setup = _Trials(base_config, fixed, params, study_name, root, objective, direction, n_trials, grid)
+    _run_until_finished(study, rdb, setup, sampler, seed)
     return write_results(study, params, base_config, fixed, root / study_name, objective)
 
 
-def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count towards n_trials: completed, pruned, or failed with an error (a trial
-    interrupted by Ctrl-C or a dead worker is not finished: it runs again)."""
-    return [t for t in study.trials if t.state in COUNTED or (t.state.name == "FAIL" and "error" in t.user_attrs)]
+def _run_until_finished(study: optuna.Study, rdb: optuna.storages.BaseStorage, setup: _Trials, sampler: str,
+                        seed: int) -> None:
+    """Start trials one at a time while the finished and running ones (all workers') fall short
+    of n_trials; wait while others' trials in flight may finish the sweep."""
+    waiting_said = False
+    while True:
+        _recover(study, rdb)
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if _outcome(t) in COUNTED]
+        if len(finished) >= setup.n_trials:
+            return
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if len(finished) + len(running) >= setup.n_trials:
+            if not waiting_said:
+                print(f"sweep {setup.study_name}: {len(finished)} trials finished and {len(running)} running "
+                      f"on other workers make the {setup.n_trials}; waiting for them")
+                waiting_said = True
+            time.sleep(POLL_SECONDS)  # they may finish the sweep, or fail and leave a trial to run
+            continue
+        if setup.grid:
+            _queue_next_point(study, setup.grid)
+        else:  # a resumed search (or another worker) draws new points
+            study.sampler = _sampler(sampler, setup.params, seed + len(trials))
+        study.optimize(lambda trial: _run_trial(trial, setup), n_trials=1, catch=(Exception,))
 
 
-def _run_trial(trial, base_config, fixed, params, study_name, root, objective, direction) -> float:
+# --- what happened to a trial -------------------------------------------------------------------
+
+
+def _outcome(trial: FrozenTrial) -> str:
+    """``complete``, ``pruned``, ``failed`` (an error: it counts), ``interrupted`` (Ctrl-C),
+    ``worker died`` (its process was gone), ``stale`` (no heartbeat for the grace period),
+    ``skipped`` (it never trained: its place was taken), ``running`` or ``waiting``."""
+    if trial.state == TrialState.COMPLETE:
+        return "complete"
+    if trial.state == TrialState.PRUNED:
+        return "pruned"
+    if trial.state != TrialState.FAIL:
+        return trial.state.name.lower()
+    attrs = trial.user_attrs
+    for key, outcome in (("error", "failed"), ("skipped", "skipped"), ("interrupted", "interrupted"),
+                         ("worker_died", "worker died")):
+        if key in attrs:
+            return outcome
+    return "stale"  # failed by optuna.storages.fail_stale_trials, which records nothing else
+
+
+def _point(trial: FrozenTrial) -> str:
+    """The trial's point of the space as comparable text ({} while it has not drawn one)."""
+    return json.dumps(trial.params or trial.user_attrs.get("point") or {}, sort_keys=True)
+
+
+# --- workers that are gone ----------------------------------------------------------------------
+
+
+def _recover(study: optuna.Study, rdb: optuna.storages.BaseStorage) -> None:
+    """Fail the running trials whose worker is gone, so that they stop holding places (and, on a
+    grid, their points)."""
+    _fail_dead_workers(study, rdb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # workers on other machines: after the grace period
+
+
+def _fail_dead_workers(study: optuna.Study, rdb: optuna.storages.BaseStorage) -> None:
+    """A running trial whose worker ran on this machine and whose process is gone is failed now
+    (the heartbeat would take its grace period to say so)."""
+    study_id = rdb.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host != HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            trial_id = rdb.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            rdb.set_trial_user_attr(trial_id, "worker_died", f"its worker, process {pid} on {host}, was gone")
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process runs one trial at a time, and none is running between trials
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user holds the number
+    try:  # a zombie has exited; its parent has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _grid_points(params: list[Param], seed: int) -> list[dict]:
+    """Every combination of the choices (as Optuna stores them), in an order shuffled by ``seed``."""
+    if any(p.choices is None for p in params):
+        raise ValueError("the grid sampler needs choices for every key; " + ", ".join(p.key for p in params if p.choices is None) + " is a range")
+    points = [dict(zip([p.key for p in params], values)) for values in itertools.product(*(p.encoded() for p in params))]
+    random.Random(seed).shuffle(points)
+    return points
+
+
+def _queue_next_point(study: optuna.Study, grid: list[dict]) -> None:
+    """Queue the first point of the grid that no finished, running or queued trial holds.
+
+    The sweep walks the grid itself rather than leave it to Optuna's grid sampler, which counts a
+    failed trial's point as visited (an interrupted trial's point would never run) and numbers
+    its points in an order that depends on the seed of each process."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return  # the queue has one already
+    held = {_point(t) for t in trials if _outcome(t) in (*COUNTED, "running")}
+    for point in grid:
+        if json.dumps(point, sort_keys=True) not in held:
+            study.enqueue_trial(point, user_attrs={"point": point})
+            return
+
+
+# --- one trial ----------------------------------------------------------------------------------
+
+
+def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
     from experiments.cli import lightning_cli
 
-    values = {p.key: p.suggest(trial) for p in params}
-    args = ["--config", base_config, *fixed, *(f"--{k}={json.dumps(v)}" for k, v in values.items()),
-            f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={study_name}",
-            f"--trainer.logger.init_args.version=trial_{trial.number}"]
+    trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
+    try:
+        values = {p.key: p.suggest(trial) for p in setup.params}
+    except Exception as err:
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+        raise
     trial.set_user_attr("values", values)
-    trial.set_user_attr("worker", os.getpid())
-    trial.set_user_attr("run_dir", str(root / study_name / f"trial_{trial.number}"))
+    reason = _taken(trial, setup)
+    if reason:
+        trial.set_user_attr("skipped", reason)
+        raise TrialSkipped(reason)
+    root, name = setup.root, setup.study_name
+    args = ["--config", setup.base_config, *setup.fixed, *(f"--{k}={json.dumps(v)}" for k, v in values.items()),
+            f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={name}",
+            f"--trainer.logger.init_args.version=trial_{trial.number}"]
+    trial.set_user_attr("run_dir", str(root / name / f"trial_{trial.number}"))
     try:
         cli = lightning_cli(args, run=False, exit_on_error=False)
-        reporter = TrialReporter(trial, objective, direction == "maximize")
+        reporter = TrialReporter(trial, setup.objective, setup.direction == "maximize")
         cli.trainer.callbacks.append(reporter)
         cli.trainer.fit(cli.model, cli.datamodule)
     except optuna.TrialPruned:
         raise
     except (KeyboardInterrupt, SystemExit):
-        # Not finished: mark it failed now (Optuna leaves it running), and a resumed sweep runs a new trial.
+        # Not finished: mark it failed now (Optuna leaves it running); a resumed sweep runs its
+        # place again (on a grid, its point).
         trial.set_user_attr("interrupted", True)
-        trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial.study.tell(trial, state=TrialState.FAIL)
         raise
     except Exception as err:
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
         raise
     if reporter.best is None:
-        trial.set_user_attr("error", f"no validation ran, so {objective!r} was never measured")
+        trial.set_user_attr("error", f"no validation ran, so {setup.objective!r} was never measured")
         raise RuntimeError(trial.user_attrs["error"])
     return reporter.best
 
 
+def _taken(trial: optuna.Trial, setup: _Trials) -> Optional[str]:
+    """Why this trial, already started, must not train, or None. Workers decide to start a trial
+    before they create it, so two may both take the last place; of the trials running, the one
+    started first keeps it. On a grid, a point is run once: a finished trial or one started
+    earlier that holds this trial's point takes it."""
+    trials = trial.study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == trial.number)
+    ahead = [t for t in trials if t.state == TrialState.RUNNING and t.number != me.number
+             and (t.datetime_start, t.number) < (me.datetime_start, me.number)]
+    finished = [t for t in trials if _outcome(t) in COUNTED]
+    if setup.grid:
+        point = json.dumps(trial.params, sort_keys=True)
+        holder = next((t for t in [*finished, *ahead] if _point(t) == point), None)
+        if holder is not None:
+            return f"trial {holder.number} holds its point"
+    if len(finished) + len(ahead) >= setup.n_trials:
+        return f"{len(finished)} trials finished and {len(ahead)} started earlier make the {setup.n_trials}"
+    return None
+
+
+# --- checks before any trial --------------------------------------------------------------------
+
+
+def validation_metrics(generate: bool) -> list[str]:
+    """What Seq2SeqFineTuner logs in validation: ``val/loss`` at every step and, when it generates
+    (``generate_in_validation``), ``val/<ROUGE key>`` at each epoch's end."""
+    from experiments.metrics import ROUGE_KEYS
+
+    return ["val/loss", *(f"val/{key}" for key in ROUGE_KEYS if generate)]
+
+
+def check_objective(objective: str, direction: str, base: dict, params: list[Param]) -> None:
+    """Refuse an objective no trial would log, or one that the direction would score backwards."""
+    every = validation_metrics(True)
+    if objective not in every:
+        close = difflib.get_close_matches(objective, every, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"objective {objective!r} is not a metric the model logs in validation; "
+                         f"it logs {', '.join(every)}{hint}")
+    generates = [(base.get("model") or {}).get("generate_in_validation", True)]
+    generates += next((p.candidates() for p in params if p.key == "model.generate_in_validation"), [])
+    if objective not in validation_metrics(all(generates)):
+        raise ValueError(f"objective {objective!r} is measured on generated summaries, but model.generate_in_validation "
+                         f"is false in the base config or the space ({generates}); set it true, or use val/loss")
+    lower_is_better = objective == "val/loss"
+    if lower_is_better != (direction == "minimize"):
+        better = "minimize" if lower_is_better else "maximize"
+        raise ValueError(f"direction {direction!r} would pick the worst trial by {objective}; give direction: {better}")
+
+
 def check_space(base_config: str, fixed: list[str], params: list[Param]) -> dict:
-    """Refuse a space that cannot run before any trial starts: every key must be a fit option
-    and every candidate value one that option (and, for the method's fields, its config) accepts.
-    Returns the base config as the CLI parses it."""
+    """Refuse a space that cannot run before any trial starts: every key must be a fit option,
+    and every candidate value one that option, the method's config, the data module and the
+    model accept. Returns the base config as the CLI parses it."""
     base = _parsed([*_config_args(base_config), *fixed], "the base config with overrides")
+    _check_constructors(base, "the base config with overrides")
     first = [f"--{p.key}={json.dumps(p.candidates()[0])}" for p in params]
     _parsed([*_config_args(base_config), *fixed, *first], "the space")  # unknown keys, types
     peft = base.get("model", {}).get("peft") or {}
     cls = config_class(peft["class_path"]) if peft.get("class_path") else None
     for p in params:
-        field = p.key.removeprefix("model.peft.init_args.")
         for value in p.candidates():
-            if field != p.key and cls is not None:
+            what = f"space[{p.key!r}] value {value!r}"
+            if p.key.startswith(PEFT_PREFIX) and cls is not None:
                 try:
-                    cls(**{**(peft.get("init_args") or {}), field: value})
+                    cls(**{**(peft.get("init_args") or {}), p.key.removeprefix(PEFT_PREFIX): value})
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"space[{p.key!r}] value {value!r} is refused: {err}") from None
-            elif value != p.candidates()[0]:
-                _parsed([*_config_args(base_config), *fixed, f"--{p.key}={json.dumps(value)}"], f"space[{p.key!r}]={value!r}")
+                    raise ValueError(f"{what} is refused: {err}") from None
+            else:
+                config = _parsed([*_config_args(base_config), *fixed, f"--{p.key}={json.dumps(value)}"], what)
+                _check_constructors(config, what)
     return base
+
+
+class _SettingsAccepted(Exception):
+    """Seq2SeqFineTuner got as far as building its model: every setting it checks passed."""
+
+
+@contextlib.contextmanager
+def _model_not_built() -> Iterator[None]:
+    """Seq2SeqFineTuner checks its settings before it builds (downloads, loads) the model: while
+    this is active, building it stops the constructor there with _SettingsAccepted."""
+    import experiments.module
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise _SettingsAccepted
+
+    saved, experiments.module.build_model = experiments.module.build_model, stop
+    try:
+        yield
+    finally:
+        experiments.module.build_model = saved
+
+
+def _check_constructors(config: dict, what: str) -> None:
+    """Construct the data module from ``config``'s data section (cheap: nothing is loaded) and
+    run the model's own checks on its model section, so that their ValueErrors come now."""
+    try:
+        _construct("data", config.get("data") or {})
+        with _model_not_built():
+            try:
+                _construct("model", config.get("model") or {})
+            except _SettingsAccepted:
+                pass
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is refused: {err}") from None
+
+
+@functools.cache
+def _section_parser(section: str):
+    """A parser of one section of the fit config, whose ``instantiate`` builds its class."""
+    from jsonargparse import ArgumentParser
+
+    from experiments.cli import DialogSummaryDataModule, Seq2SeqFineTuner  # the CLI's classes, its parse settings
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments({"model": Seq2SeqFineTuner, "data": DialogSummaryDataModule}[section], section)
+    return parser
+
+
+def _construct(section: str, init_args: dict) -> None:
+    parser = _section_parser(section)
+    parser.instantiate(parser.parse_object({section: init_args}))
 
 
 def _config_args(base_config: str) -> list[str]:
@@ -275,7 +553,7 @@ def _parsed(args: list[str], what: str) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage:
+def _storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so a worker that dies leaves a trial others can tell is stale.
 
     Workers started together on a new database race to create its schema: the losers' CREATE
@@ -293,7 +571,7 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def _sampler(name: str, params: list[Param], seed: int) -> optuna.samplers.BaseSampler:
-    if name == "grid":
+    if name == "grid":  # it records the space; the sweep queues every trial's point itself (_queue_next_point)
         return optuna.samplers.GridSampler({p.key: p.encoded() for p in params}, seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -309,15 +587,23 @@ def _pruner(name: str, base: dict) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+# --- results ------------------------------------------------------------------------------------
+
+
 def write_results(study: optuna.Study, params: list[Param], base_config: str, fixed: list[str], out: Path,
                   objective: str) -> dict:
-    """trials.md / trials.csv sorted by the objective, and best.yaml: the best trial's config."""
+    """trials.md / trials.csv: the finished trials sorted by the objective, then those that did not
+    count (interrupted, dead worker, stale) and what took their place; best.yaml: the best trial's
+    config. Raises SweepFailed, after writing the tables, when no trial completed."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    trials = sorted(_finished(study), key=lambda t: (t.value is None, -(t.value or 0) if maximize else (t.value or 0)))
+    everything = study.get_trials(deepcopy=False)
+    counted = sorted((t for t in everything if _outcome(t) in COUNTED),
+                     key=lambda t: (t.value is None, -(t.value or 0) if maximize else (t.value or 0)))
+    lost = [t for t in everything if _outcome(t) in LOST]
     header = ["trial", "state", objective, *(p.key for p in params), "run or error"]
-    rows = [[t.number, t.state.name.lower(), "" if t.value is None else round(t.value, 4),
+    rows = [[t.number, _outcome(t), "" if t.value is None else round(t.value, 4),
              *(json.dumps(t.user_attrs.get("values", {}).get(p.key)) for p in params),
-             t.user_attrs.get("error") or t.user_attrs.get("run_dir", "")] for t in trials]
+             _note(t, everything)] for t in [*counted, *lost]]
     table = "| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n"
     table += "".join("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n" for row in rows)
     buffer = io.StringIO()
@@ -325,8 +611,8 @@ def write_results(study: optuna.Study, params: list[Param], base_config: str, fi
     write_atomically(out / "trials.md", f"# Sweep {study.study_name}: {objective}\n\n{table}")
     write_atomically(out / "trials.csv", buffer.getvalue())
     print(table)
-    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    result = {"study": study.study_name, "trials": len(trials), "table": str(out / "trials.md")}
+    completed = [t for t in counted if t.state == TrialState.COMPLETE]
+    result = {"study": study.study_name, "trials": len(counted), "table": str(out / "trials.md")}
     if completed:
         best = completed[0]
         values = best.user_attrs["values"]
@@ -338,7 +624,32 @@ def write_results(study: optuna.Study, params: list[Param], base_config: str, fi
                       best_run=best.user_attrs["run_dir"], best_config=str(out / "best.yaml"))
         print(f"best: trial {best.number}, {objective} = {best.value:.4f}; config: {out / 'best.yaml'}")
     write_atomically(out / "result.json", json.dumps(result, indent=2) + "\n")
+    if not completed:
+        raise SweepFailed(_failure_summary(study.study_name, counted, out / "trials.md"))
     return result
+
+
+def _note(trial: FrozenTrial, everything: list[FrozenTrial]) -> str:
+    """The run directory or error of a finished trial; why a lost one does not count."""
+    outcome = _outcome(trial)
+    if outcome in COUNTED:
+        return trial.user_attrs.get("error") or trial.user_attrs.get("run_dir", "")
+    why = {"interrupted": "interrupted (Ctrl-C)", "stale": "no heartbeat for the grace period (its worker died)",
+           "worker died": trial.user_attrs.get("worker_died", "its worker died")}[outcome]
+    again = next((t.number for t in everything if t.number > trial.number and _outcome(t) in COUNTED
+                  and trial.params and _point(t) == _point(trial)), None)
+    return f"not counted: {why}" + (f"; its point ran again as trial {again}" if again is not None else "")
+
+
+def _failure_summary(name: str, finished: list[FrozenTrial], table: Path) -> str:
+    """Every distinct error with the trials that hit it."""
+    if not finished:
+        return f"sweep {name!r} finished no trial; see {table}"
+    errors: dict[str, list[int]] = {}
+    for trial in sorted(finished, key=lambda t: t.number):
+        errors.setdefault(trial.user_attrs.get("error") or _outcome(trial), []).append(trial.number)
+    lines = [f"  trial{'s' * (len(n) > 1)} {', '.join(map(str, n))}: {error}" for error, n in errors.items()]
+    return f"no trial of sweep {name!r} completed ({len(finished)} finished); see {table}\n" + "\n".join(lines)
 
 
 def sweep_cli(argv: list[str]) -> None:
@@ -346,5 +657,5 @@ def sweep_cli(argv: list[str]) -> None:
 
     try:
         CLI(sweep, args=argv)
-    except ValueError as err:  # a bad space or file: the message, not a traceback
+    except (ValueError, SweepFailed) as err:  # a bad space or file, or nothing completed: the message, not a traceback
         raise SystemExit(f"error: {err}") from None

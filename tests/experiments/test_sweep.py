@@ -1,12 +1,15 @@
 """Sweeps: a random search that writes its table and a ready-to-run best config, resuming without
-repeating finished trials, two workers on one storage, bad spaces refused before any trial, and a
-failing trial recorded while the sweep goes on."""
+repeating finished trials, a grid run point by point across a Ctrl-C and a kill -9, two workers on
+one storage finishing exactly n_trials, bad objectives and spaces refused before any trial, a
+failing trial recorded while the sweep goes on, and a sweep with no completed trial an error."""
 
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -16,6 +19,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from experiments.cli import lightning_cli
+from experiments.__main__ import main
 from experiments.sweep import TrialReporter, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,19 +83,81 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     assert first.stat().st_mtime_ns == stamp and trials(tmp_path)[1].user_attrs.get("interrupted")
 
 
-def test_two_workers_share_one_study(tmp_path):
-    config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(dict(base_config=DEMO, space=SPACE, study_name="shared", n_trials=4,
-                                          output_dir=str(tmp_path / "sweeps"), overrides=TINY)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, "-m", "experiments", "sweep", "--config", str(config)], cwd=tmp_path,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+GRID = {"model.lr": {"choices": [0.003, 0.002, 0.001]}}
+
+
+def points(tmp_path, state="COMPLETE") -> list[float]:
+    return [t.user_attrs["values"]["model.lr"] for t in trials(tmp_path) if t.state.name == state]
+
+
+def test_an_interrupted_grid_sweep_runs_every_point_exactly_once(tmp_path, monkeypatch):
+    # Optuna's grid sampler counts a failed trial's point as visited and numbers its points after
+    # shuffling them with its seed: reseeded on resume, it ran one point twice and skipped one.
+    monkeypatch.chdir(tmp_path)
+    interrupt = "--trainer.callbacks+=" + json.dumps({"class_path": "test_sweep.InterruptTrial",
+                                                       "init_args": {"version": "trial_1"}})
+    with pytest.raises(SystemExit):
+        run(tmp_path, space=GRID, sampler="grid", overrides=[*TINY, interrupt])
+    [interrupted] = points(tmp_path, "FAIL")
+    run(tmp_path, space=GRID, sampler="grid")
+    assert sorted(points(tmp_path)) == [0.001, 0.002, 0.003]  # each point once, the interrupted one too
+    assert [t.state.name for t in trials(tmp_path)] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    table = (tmp_path / "sweeps/s/trials.md").read_text()
+    assert table.count("| complete |") == 3 and "| interrupted |" in table
+    rerun = next(t for t in trials(tmp_path)[2:] if t.user_attrs["values"]["model.lr"] == interrupted)
+    assert f"not counted: interrupted (Ctrl-C); its point ran again as trial {rerun.number}" in table
+
+
+class KillWorker(Callback):
+    """kill -9 of the worker process in the middle of the trial whose run is ``version``."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.logger.version == self.version:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_command(tmp_path, name: str, **options) -> tuple[list[str], dict]:
+    config = tmp_path / f"{name}.yaml"
+    options = {**dict(base_config=DEMO, space=SPACE, study_name=name, seed=1, output_dir=str(tmp_path / "sweeps"), overrides=TINY),
+               **options}
+    config.write_text(yaml.safe_dump(options))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/experiments")])}
+    return [sys.executable, "-m", "experiments", "sweep", "--config", str(config)], env
+
+
+def test_a_trial_whose_worker_was_killed_is_failed_at_once_and_its_point_runs_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grid = {"model.lr": {"choices": [0.003, 0.001]}}
+    kill = "--trainer.callbacks+=" + json.dumps({"class_path": "test_sweep.KillWorker", "init_args": {"version": "trial_0"}})
+    command, env = worker_command(tmp_path, "s", space=grid, sampler="grid", n_trials=2, overrides=[*TINY, kill])
+    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == -signal.SIGKILL, err[-2000:]
+    assert [t.state.name for t in trials(tmp_path)] == ["RUNNING"]  # what kill -9 leaves
+    started = time.monotonic()
+    run(tmp_path, space=grid, sampler="grid")
+    assert time.monotonic() - started < 60  # not after the heartbeat's 90 s grace: the process is known dead
+    killed = trials(tmp_path)[0]
+    assert killed.state.name == "FAIL" and f"process {worker.pid} on" in killed.user_attrs["worker_died"]
+    assert [t.state.name for t in trials(tmp_path)] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert sorted(points(tmp_path)) == [0.001, 0.003]  # the killed trial's point ran again
+    assert "| 0 | worker died |" in (tmp_path / "sweeps/s/trials.md").read_text()
+
+
+def test_two_workers_on_one_study_finish_exactly_n_trials(tmp_path):
+    command, env = worker_command(tmp_path, "shared", n_trials=3)
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
     for worker in workers:
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-2000:]
-    done = [t for t in trials(tmp_path, "shared") if t.state.name == "COMPLETE"]
-    assert 4 <= len(done) <= 5  # each worker stops once 4 are finished; one may be in flight then
-    assert len({t.user_attrs["worker"] for t in done}) == 2 and len({t.number for t in done}) == len(done)
+    states = [t.state.name for t in trials(tmp_path, "shared")]
+    assert states.count("COMPLETE") == 3  # not one more per worker
+    skipped = [t for t in trials(tmp_path, "shared") if t.state.name == "FAIL"]
+    assert all("skipped" in t.user_attrs for t in skipped)  # a trial that lost the last place never trained
 
 
 def _open_storage(url: str) -> None:
@@ -122,12 +188,43 @@ def test_workers_racing_to_create_a_new_database_all_get_it(tmp_path):
         ({"model.peft.init_args.r": {"choices": [8, 0]}}, r"value 0 is refused: LoRAConfig\.r must be a positive integer"),
         ({"model.lr": {"low": 0.0, "high": 1.0, "log": True}}, r"log-uniform, so low must be > 0"),
         ({"model.lr": {"between": [1, 2]}}, r"has \['between'\]"),
+        ({"data.batch_size": {"choices": [4, 0]}}, r"'data\.batch_size'\] value 0 is refused: batch_size must be a positive"),
+        ({"model.warmup_ratio": {"choices": [0.1, 1.5]}}, r"value 1\.5 is refused: warmup_ratio must be in \[0, 1\)"),
     ],
 )
 def test_an_invalid_space_is_refused_before_any_trial(tmp_path, space, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, space=space)
     assert not (tmp_path / "sweeps/s.db").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(objective="val/rouge_l"), r"'val/rouge_l' is not a metric the model logs in validation; it logs val/loss, "
+                                        r"val/rouge1, val/rouge2, val/rougeL, val/rougeLsum; did you mean 'val/rougeL'"),
+        (dict(objective="val/loss"), r"direction 'maximize' would pick the worst trial by val/loss; give direction: minimize"),
+        (dict(overrides=[*TINY, "--model.generate_in_validation=false"]), r"needs model.generate_in_validation|generated summaries"),
+    ],
+)
+def test_an_objective_no_trial_would_score_is_refused_before_any_trial(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, **options)
+    assert not (tmp_path / "sweeps/s.db").exists()
+
+
+def test_a_sweep_whose_trials_all_fail_exits_non_zero_with_the_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "sweep.yaml"
+    space = {"model.peft.init_args.target_modules": {"choices": [["nope"], ["nada"]]}}
+    config.write_text(yaml.safe_dump(dict(base_config=DEMO, space=space, sampler="grid", study_name="s",
+                                          output_dir=str(tmp_path / "sweeps"), overrides=TINY)))
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", "--config", str(config)])
+    message = str(exit.value.code)
+    assert message.startswith("error: no trial of sweep 's' completed (2 finished)")
+    assert "trial 0: " in message and "trial 1: " in message and message.count("matches no module") == 2
+    assert (tmp_path / "sweeps/s/trials.md").exists()  # the table is written first
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
@@ -152,3 +249,35 @@ def test_the_reporter_prunes_when_the_pruner_says_so():
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 0"):
         reporter.on_validation_end(Trainer(), None)
     assert reporter.best == pytest.approx(0.1)
+
+
+def small_study(tmp_path) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    from experiments.sweep import _storage
+
+    storage = _storage(f"sqlite:///{tmp_path / 'unit.db'}")
+    return optuna.create_study(storage=storage, study_name="unit"), storage
+
+
+def test_of_two_trials_started_for_the_last_place_the_first_keeps_it(tmp_path):
+    from experiments.sweep import _taken, _Trials
+
+    study, _ = small_study(tmp_path)
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    first, second = study.ask(), study.ask()  # two workers both saw 2 of 3 finished
+    setup = _Trials(DEMO, [], [], "unit", tmp_path, "val/rougeL", "maximize", n_trials=3, grid=[])
+    assert _taken(first, setup) is None
+    assert _taken(second, setup) == "2 trials finished and 1 started earlier make the 3"
+
+
+def test_a_running_trial_is_failed_at_once_only_when_its_worker_is_known_dead(tmp_path):
+    from experiments.sweep import HOST, _recover
+
+    study, storage = small_study(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process of this machine that has exited
+    workers = [f"{HOST}:{gone.pid}", f"{HOST}:{os.getppid()}", f"elsewhere:{gone.pid}"]
+    for worker in workers:
+        study.ask().set_user_attr("worker", worker)
+    _recover(study, storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING"]  # another machine: the heartbeat decides
