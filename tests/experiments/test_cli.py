@@ -167,6 +167,13 @@ def test_lightnings_model_checkpoint_is_refused_for_what_it_would_lose(tmp_path,
         ("--model.peft.init_args.target_modules=[qq]", r"target_modules 'qq' matches no module.*Closest match: 'q'"),
         ("--optimizer=SGD", r"Lightning's --optimizer is not used here.*--model.optimizer \(adamw \| paged_adamw\)"),
         ("--lr_scheduler=StepLR", r"Lightning's --lr_scheduler is not used here"),
+        # values torch or generate would take with a confusing error, or without one
+        ("--model.lr=-1", r"model\.lr must be a positive number .*got -1\.0"),
+        ("--model.num_beams=0", r"model\.num_beams must be an integer >= 1 .*got 0"),
+        ("--model.max_new_tokens=-5", r"model\.max_new_tokens must be an integer >= 1 .*got -5"),
+        ("--model.betas=[0.9, 1.5]", r"model\.betas must be two numbers in \[0, 1\).*got \[0\.9, 1\.5\]"),
+        ("--model.weight_decay=-0.5", r"model\.weight_decay must be a number >= 0 .*got -0\.5"),
+        ("--model.dropout_rate=1.0", r"model\.dropout_rate must be in \[0, 1\).*got 1\.0"),
     ],
 )
 def test_a_mistake_is_named(argument, message, capsys, tmp_path, monkeypatch):
