@@ -2,13 +2,17 @@
 
 evaluate: one run (a checkpoint, an exported adapter, or the untuned base model) on the test
 split: generate summaries, then ROUGE, BERTScore, G-Eval (when an API is configured) and the
-efficiency figures, written as ``<output_dir>/eval_record.json`` next to the predictions.
-report: several such records -> tables (+ % change against a base run) and plots.
+efficiency figures, written as ``<output_dir>/eval_record.json`` next to the predictions, stage
+by stage; the record says which stages completed, and ``--resume true`` computes only the rest.
+report: several such records -> tables (+ % change against a base run) and plots; records of
+different test examples are refused unless ``--allow_mixed true``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +32,14 @@ from experiments.metrics import rouge_scores
 from experiments.report import write_report
 
 
+RECORD_NAME = "eval_record.json"
+# What an evaluation computes, in order. A record's "completed" maps each stage done to the
+# settings it was done with; "pending" lists the stages still to do.
+STAGES = ("predictions", "rouge", "bertscore", "geval")
+# G-Eval settings that change its scores (a rerun with others scores again).
+GEVAL_SCORING = ("model", "base_url", "n_samples", "temperature", "use_logprobs", "top_logprobs", "max_tokens")
+
+
 def evaluate(
     train_config: Optional[str] = None,
     run_name: str = "run",
@@ -41,19 +53,23 @@ def evaluate(
     bertscore_layers: Optional[int] = None,
     geval: GEvalConfig = GEvalConfig(),
     overrides: Optional[list[str]] = None,
+    resume: bool = False,
 ) -> dict:
     """Evaluate one run on its config's test split and write ``<output_dir>/<run_name>/eval_record.json``.
 
-    The record is rewritten as each metric completes (ROUGE, then BERTScore, then G-Eval), so a
-    failure loses only what was still to come; a G-Eval failure is recorded, said plainly, and
-    ends the command with status 1 (a rerun resumes G-Eval from its request cache).
+    The record is rewritten as each stage completes (the predictions with the efficiency
+    figures, ROUGE, BERTScore, G-Eval); its ``completed`` says which stages are done and with
+    what settings, ``pending`` which are still to do. A failure loses only what was still to
+    come; a G-Eval failure is recorded, said plainly, and ends the command with status 1.
 
     Args:
         train_config: the run's training YAML (model, data and trainer sections).
         run_name: the run's column name in reports.
         ckpt_path: a Lightning checkpoint of the run (trainable state only); ``last`` or ``best``
             is the newest run's ``last.ckpt`` / ``best.ckpt`` (the config's logger names the runs).
-        adapter: or a directory holding an adapter in peft's format.
+        adapter: or a directory holding an adapter in peft's format. The config's model is built
+            first: with a method in it, the adapter must be the same method and shape; add
+            ``--overrides '["--model.peft=null"]'`` to build the base bare and load the adapter as saved.
         base_model: evaluate the untuned base model instead (no adapter, nothing trained).
         output_dir: records go to ``<output_dir>/<run_name>/``.
         num_beams: generation beams (default: the config's).
@@ -66,6 +82,10 @@ def evaluate(
         geval: G-Eval settings (OpenAI or any compatible server); skipped with a note when no API
             key or base_url is configured.
         overrides: extra LightningCLI arguments, e.g. ``["--data.limit_test=20"]``.
+        resume: keep what an earlier evaluation into the same directory completed with the same
+            settings (its predictions, its metrics) and compute only what is missing; nothing at
+            all when nothing is. An earlier record of other settings is replaced. ``last`` and
+            ``best`` checkpoints are never resumed (they name a newer file as runs go on).
     """
     if not train_config:
         raise ValueError("--train_config is required: the run's training YAML (e.g. experiments/configs/lora.yaml)")
@@ -74,9 +94,102 @@ def evaluate(
     check_bertscore_model(bertscore_model)  # before minutes of generation, not after
     geval = geval or GEvalConfig()
     geval_on, geval_note = geval_available(geval)
-    from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of
+    from experiments.cli import NAMED_CHECKPOINTS
 
     out = Path(output_dir) / run_name
+    wanted = _wanted_stages(train_config, ckpt_path, adapter, base_model, num_beams, max_new_tokens, overrides,
+                            bertscore_model, bertscore_layers, geval if geval_on else None)
+    record = _earlier_record(out, wanted) if resume and ckpt_path not in NAMED_CHECKPOINTS else None
+    if record is not None and not _missing(record, wanted):
+        print(f"evaluate: {run_name}: evaluated already ({out / RECORD_NAME})")
+        return record
+    if record is None:
+        record = _predict(train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens,
+                          overrides)
+        record["completed"] = {"predictions": wanted["predictions"]}
+    else:
+        print(f"evaluate: {run_name}: resuming {out / RECORD_NAME}: {', '.join(_missing(record, wanted))} still to do")
+    metrics, settings = record["metrics"], record["settings"]
+    settings["geval"] = geval_note
+
+    def done(stage: Optional[str] = None) -> None:
+        if stage is not None:
+            record["completed"][stage] = wanted[stage]
+        record["pending"] = _missing(record, wanted)
+        write_atomically(out / RECORD_NAME, json.dumps(record, indent=2))
+
+    done()
+    rows = [json.loads(line) for line in Path(record["predictions"]).read_text().splitlines()]
+    predictions = [row["prediction"] for row in rows]
+    references = [row["reference"] if isinstance(row["reference"], list) else [row["reference"]] for row in rows]
+    todo = _missing(record, wanted)
+    if "rouge" in todo:
+        metrics.update(rouge_scores(predictions, references))
+        done("rouge")
+    if "bertscore" in todo:
+        metrics.update(bert_scores(predictions, references, model_type=bertscore_model, num_layers=bertscore_layers))
+        settings["bertscore_model"] = bertscore_model
+        done("bertscore")
+    if "geval" in todo:
+        try:
+            check_judge(geval)
+            result = geval_scores([row["dialogue"] for row in rows], predictions, geval)
+        except GEvalUnavailable as err:
+            settings["geval"] = {"model": geval.model, "base_url": geval.base_url, "error": str(err)}
+            done()
+            rank_zero_info(f"wrote {out / RECORD_NAME} without G-Eval")
+            raise SystemExit(f"error: {err}") from None
+        metrics.update({k: result[k] for k in ("relevance", "coherence", "consistency", "fluency")})
+        settings["geval"] = {"model": geval.model, "method": result["method"], "failures": result["failures"]}
+        done("geval")
+    elif not geval_on:
+        rank_zero_info(geval_note)
+    rank_zero_info(f"wrote {out / RECORD_NAME}")
+    return record
+
+
+def _wanted_stages(train_config: str, ckpt_path: Optional[str], adapter: Optional[str], base_model: bool,
+                   num_beams: Optional[int], max_new_tokens: Optional[int], overrides: Optional[list[str]],
+                   bertscore_model: Optional[str], bertscore_layers: Optional[int],
+                   geval: Optional[GEvalConfig]) -> dict[str, dict]:
+    """The stages this evaluation asks for, each with the settings its result depends on."""
+    text = Path(train_config).read_text() if Path(train_config).is_file() else ""
+    wanted: dict[str, dict] = {
+        "predictions": {"train_config": train_config, "train_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                        "ckpt_path": ckpt_path, "adapter": adapter, "base_model": base_model, "num_beams": num_beams,
+                        "max_new_tokens": max_new_tokens, "overrides": list(overrides or [])},
+        "rouge": {},
+    }
+    if bertscore_model:
+        wanted["bertscore"] = {"model": bertscore_model, "layers": bertscore_layers}
+    if geval is not None:
+        wanted["geval"] = {name: getattr(geval, name) for name in GEVAL_SCORING}
+    return wanted
+
+
+def _missing(record: dict, wanted: dict[str, dict]) -> list[str]:
+    completed = record.get("completed") or {}
+    return [stage for stage in STAGES if stage in wanted and completed.get(stage) != wanted[stage]]
+
+
+def _earlier_record(out: Path, wanted: dict[str, dict]) -> Optional[dict]:
+    """The record an earlier evaluation left in ``out``, when its predictions are of the same
+    settings and still there; else None (the evaluation starts afresh)."""
+    path = out / RECORD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (record.get("completed") or {}).get("predictions") == wanted["predictions"]
+    return record if same and Path(record.get("predictions", "")).is_file() else None
+
+
+def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter: Optional[str], base_model: bool,
+             out: Path, num_beams: Optional[int], max_new_tokens: Optional[int],
+             overrides: Optional[list[str]]) -> dict:
+    """Build the run, write its summaries of the test split; a record with the efficiency figures."""
+    from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of
+
     args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
     args += [f"--model.num_beams={num_beams}"] * (num_beams is not None)
     args += [f"--model.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
@@ -96,7 +209,7 @@ def evaluate(
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         epoch, runtime = checkpoint.get("epoch", 0) + 1, round(module.train_runtime, 1)
     elif adapter is not None:
-        peftcore.load_adapter(module.model, adapter)
+        _load_adapter(module.model, adapter, train_config)
         epoch = runtime = None
     else:
         if getattr(module.model, "peftcore_config", None) is not None:
@@ -106,44 +219,37 @@ def evaluate(
 
     trainer = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, logger=False, enable_progress_bar=False)
     trainer.predict(module, datamodule=data)
-    rows = [json.loads(line) for line in Path(module.hparams.predictions_path).read_text().splitlines()]
-    predictions = [row["prediction"] for row in rows]
-    references = [row["reference"] if isinstance(row["reference"], list) else [row["reference"]] for row in rows]
-
+    examples = len(Path(module.hparams.predictions_path).read_text().splitlines())
     metrics: dict = {**module.efficiency(), "epoch": epoch, "train_runtime": runtime}
     if torch.cuda.is_available():
         metrics["peak_accelerator_memory"] = torch.cuda.max_memory_allocated() / 2**30
     settings: dict = {"config": train_config, "ckpt_path": ckpt_path, "adapter": adapter, "base_model": base_model,
-                      "examples": len(rows), "num_beams": module.hparams.num_beams,
-                      "max_new_tokens": module.hparams.max_new_tokens, "geval": geval_note,
+                      "examples": examples, "test_set": _test_set(cli.config.as_dict().get("data") or {}),
+                      "num_beams": module.hparams.num_beams, "max_new_tokens": module.hparams.max_new_tokens,
                       "method": type(getattr(module.model, "peftcore_config", None)).__name__.replace("NoneType", "full or none")}
-    record = {"run": run_name, "metrics": metrics, "settings": settings, "predictions": module.hparams.predictions_path}
+    return {"run": run_name, "metrics": metrics, "settings": settings, "predictions": module.hparams.predictions_path}
 
-    def save() -> None:
-        write_atomically(out / "eval_record.json", json.dumps(record, indent=2))
 
-    metrics.update(rouge_scores(predictions, references))
-    save()
-    if bertscore_model:
-        metrics.update(bert_scores(predictions, references, model_type=bertscore_model, num_layers=bertscore_layers))
-        settings["bertscore_model"] = bertscore_model
-        save()
-    if geval_on:
-        try:
-            check_judge(geval)
-            result = geval_scores([row["dialogue"] for row in rows], predictions, geval)
-        except GEvalUnavailable as err:
-            settings["geval"] = {"model": geval.model, "base_url": geval.base_url, "error": str(err)}
-            save()
-            rank_zero_info(f"wrote {out / 'eval_record.json'} without G-Eval")
-            raise SystemExit(f"error: {err}") from None
-        metrics.update({k: result[k] for k in ("relevance", "coherence", "consistency", "fluency")})
-        settings["geval"] = {"model": geval.model, "method": result["method"], "failures": result["failures"]}
-        save()
-    else:
-        rank_zero_info(geval_note)
-    rank_zero_info(f"wrote {out / 'eval_record.json'}")
-    return record
+def _test_set(data: dict) -> dict:
+    """What the test examples are: the records of runs scored on different ones do not compare."""
+    return {key: data.get(key) for key in ("dataset", "data_files", "test_split", "summary_field", "limit_test")}
+
+
+def _load_adapter(model: torch.nn.Module, adapter: str, train_config: str) -> None:
+    """peftcore.load_adapter, its remedy said for the command line: a model the config already
+    gave an adapter takes only the same method and shape."""
+    held = getattr(model, "peftcore_config", None)
+    try:
+        peftcore.load_adapter(model, adapter)
+    except ValueError as err:
+        if held is None:
+            raise
+        message = re.sub(r"\s*\(or call peftcore\.unload\(model\) first\)", "", str(err))
+        raise ValueError(
+            f"{message}. {train_config} builds the model with a {type(held).__name__} already; to evaluate the adapter "
+            "as it was saved, build the base bare: add --overrides '[\"--model.peft=null\"]' (the adapter's "
+            "adapter_config.json then says what it is), or give a config of the adapter's own method and shape"
+        ) from None
 
 
 # Keys a `fit` command saves in a run's config.yaml that belong to the command, not to the model,
@@ -161,17 +267,20 @@ def _model_and_data_config(train_config: str, out: Path) -> Path:
     return write_atomically(out / "train_config.yaml", yaml.safe_dump(kept, sort_keys=False))
 
 
-def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", base_run: Optional[str] = None) -> None:
+def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", base_run: Optional[str] = None,
+           allow_mixed: bool = False) -> None:
     """Tables (Markdown, CSV), % change against ``base_run`` and plots from evaluation records.
 
     Args:
         records: ``eval_record.json`` files or the run directories holding them.
         out_dir: where report.md, metrics.csv, change.csv and the PNGs go.
         base_run: the run (by name) the % change table compares against.
+        allow_mixed: report records scored on different test examples (another test set, split
+            or number of examples) or BERTScore models, marked as mixed; by default they are refused.
     """
     if not records:
         raise ValueError("--records is required: a list of eval_record.json files or run directories")
-    written = write_report(records, out_dir, base_run=base_run)
+    written = write_report(records, out_dir, base_run=base_run, allow_mixed=allow_mixed)
     print(Path(written["markdown"]).read_text() if "markdown" in written else written)
 
 
@@ -183,4 +292,7 @@ def evaluate_cli(argv: list[str]) -> None:
 
 
 def report_cli(argv: list[str]) -> None:
-    CLI(report, args=argv)
+    try:
+        CLI(report, args=argv)
+    except (ValueError, FileNotFoundError) as err:  # records that do not compare or are not there: the message
+        raise SystemExit(f"error: {err}") from None

@@ -10,7 +10,13 @@ Output, in ``out_dir``: ``report.md`` (the tables, the settings, the plots), ``m
 the base run), ``metrics.png`` (one bar chart per metric), ``params_vs_rougeL.png``
 (trainable parameters, log scale, against ROUGE-L) and ``tensorboard/`` (the same numbers as
 scalars, the tables as text, the plots as figures; rewritten on each report).
-A metric a run did not compute is a blank cell, never a zero.
+A metric a run did not compute is a blank cell, never a zero; a record whose evaluation has
+stages still pending (``pending`` in the record) is named under the table.
+
+Records scored on different test examples (another test set, split or number of examples) or
+with different BERTScore models do not compare: the report refuses them, naming the records and
+what differs, unless ``allow_mixed`` is set; then the report says at its top what differs and
+the change table is marked mixed.
 """
 
 import csv
@@ -58,6 +64,21 @@ def load_record(record: dict[str, Any] | str | Path) -> dict[str, Any]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"run {data['run']!r}: metric {name!r} is {value!r}, expected a number or null")
     return data
+
+
+def differences(records: list[dict[str, Any]]) -> list[str]:
+    """What makes the records' scores incomparable, one line per setting that differs (among
+    the records that state it): the test set, the number of examples, the BERTScore model."""
+    settings = {r["run"]: r.get("settings") or {} for r in records}
+    with_bertscore = {r["run"] for r in records if r["metrics"].get("f1") is not None}
+    checks = [("test set", "test_set", set(settings)), ("examples", "examples", set(settings)),
+              ("BERTScore model", "bertscore_model", with_bertscore)]
+    lines = []
+    for label, key, runs in checks:
+        stated = {run: s[key] for run, s in settings.items() if run in runs and s.get(key) is not None}
+        if len({json.dumps(v, sort_keys=True) for v in stated.values()}) > 1:
+            lines.append(f"{label}: " + "; ".join(f"{run}: {json.dumps(v, sort_keys=True)}" for run, v in stated.items()))
+    return lines
 
 
 def metric_names(records: list[dict[str, Any]]) -> list[str]:
@@ -182,7 +203,8 @@ def _png_bytes(fig: plt.Figure) -> bytes:
 
 
 def write_report(
-    records: list[dict[str, Any] | str | Path], out_dir: str | Path, base_run: str | None = None
+    records: list[dict[str, Any] | str | Path], out_dir: str | Path, base_run: str | None = None,
+    allow_mixed: bool = False,
 ) -> dict[str, Path]:
     """Write the comparison of ``records`` to ``out_dir``.
 
@@ -192,6 +214,8 @@ def write_report(
         out_dir: Where the report goes (created if needed).
         base_run: Name of the run that % changes are relative to (typically the untuned model);
             ``None`` writes no % change table.
+        allow_mixed: Write the report of records scored on different test examples (or BERTScore
+            models), marked as mixed, instead of refusing them.
 
     Returns:
         The written paths: ``markdown``, ``csv``, ``metrics_png``, ``tensorboard``, and
@@ -199,8 +223,9 @@ def write_report(
         parameters and ROUGE-L).
 
     Raises:
-        ValueError: No records, two records with the same run name, a malformed record, or a
-            ``base_run`` that is not among the runs.
+        ValueError: No records, two records with the same run name, a malformed record, a
+            ``base_run`` that is not among the runs, or records that do not compare (see
+            ``differences``) without ``allow_mixed``.
     """
     loaded = [load_record(r) for r in records]
     if not loaded:
@@ -211,6 +236,11 @@ def write_report(
         raise ValueError(f"run names must be unique; repeated: {duplicates}")
     if base_run is not None and base_run not in runs:
         raise ValueError(f"base run {base_run!r} not found; the runs are {runs}")
+    mixed = differences(loaded)
+    if mixed and not allow_mixed:
+        raise ValueError("the records were not scored alike, so their numbers and changes do not compare:\n  "
+                         + "\n  ".join(mixed) + "\nEvaluate them on the same test examples (and BERTScore model), "
+                         "or pass --allow_mixed true to write the report marked as mixed")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -228,7 +258,7 @@ def write_report(
         b = runs.index(base_run)
         change = {m: [percent_change(table[m][runs.index(r)], table[m][b]) for r in others] for m in metrics}
         written["change_csv"] = out_dir / "change.csv"
-        header = [f"% change vs {base_run}", *others]
+        header = [f"% change vs {base_run}" + (" (mixed records)" if mixed else ""), *others]
         write_atomically(written["change_csv"], _csv_text(header, [[m, *change[m]] for m in metrics]))
         cells = [[m, *(_change_cell(v, table[m][runs.index(r)], table[m][b]) for v, r in zip(change[m], others))]
                  for m in metrics]
@@ -242,11 +272,19 @@ def write_report(
         written[key] = out_dir / name
         write_atomically(written[key], _png_bytes(fig))
 
-    sections = ["# Results\n", "## Metrics\n", md_metrics]
+    sections = ["# Results\n"]
+    if mixed:
+        sections += ["**Mixed records** (written with allow_mixed): the runs were not scored alike, so their "
+                     "numbers do not compare:\n", *(f"- {line}\n" for line in mixed)]
+    sections += ["## Metrics\n", md_metrics]
+    pending = [f"`{r['run']}` ({', '.join(r['pending'])})" for r in loaded if r.get("pending")]
+    if pending:
+        sections += ["Evaluations not finished, their blank cells still to compute (rerun `evaluate` with "
+                     f"`--resume true`): {', '.join(pending)}.\n"]
     if md_change is not None:
-        sections += [f"## Change vs `{base_run}` (%)\n", "100 * (run - base) / base; where the base is 0, the "
-                     "absolute difference run - base, marked *abs*; blank where either is missing.\n",
-                     md_change]  # fmt: skip
+        sections += [f"## Change vs `{base_run}` (%)" + (" (mixed records)" if mixed else "") + "\n",
+                     "100 * (run - base) / base; where the base is 0, the absolute difference run - base, marked "
+                     "*abs*; blank where either is missing.\n", md_change]  # fmt: skip
     sections += ["## Plots\n", *(f"![{name}]({name})\n" for name, _ in figures.values())]
     settings = "".join(f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded)
     sections += ["## Settings\n", settings]

@@ -70,3 +70,53 @@ def test_an_unreachable_bertscore_model_fails_before_generating(tmp_path, monkey
     assert "'an-uncached/model' is not in the local Hugging Face cache" in message
     assert "offline:all-MiniLM-L6-v2" in message and "null to skip" in message
     assert not out.exists()  # decided before any summary was generated
+
+
+def test_a_record_cut_short_is_resumed_with_only_its_missing_metrics(tmp_path, monkeypatch, capsys):
+    import experiments.evaluate as evaluation
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(evaluation, "check_bertscore_model", lambda model: None)
+    options = dict(train_config=DEMO, run_name="base", base_model=True, output_dir=str(tmp_path / "eval"),
+                   bertscore_model="a-bertscore-model", overrides=["--data.limit_test=2", "--model.max_new_tokens=4"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process killed during BERTScore
+
+    monkeypatch.setattr(evaluation, "bert_scores", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(**options)
+    path = tmp_path / "eval/base/eval_record.json"
+    record = json.loads(path.read_text())
+    assert set(record["completed"]) == {"predictions", "rouge"} and record["pending"] == ["bertscore"]
+    assert "rougeL" in record["metrics"] and "f1" not in record["metrics"]
+    predictions = Path(record["predictions"]).stat().st_mtime_ns
+
+    monkeypatch.setattr(evaluation, "bert_scores", lambda *args, **kwargs: {"precision": 0.5, "recall": 0.25, "f1": 0.3})
+    evaluation.evaluate(**options, resume=True)
+    record = json.loads(path.read_text())
+    assert record["pending"] == [] and record["metrics"]["f1"] == 0.3 and record["metrics"]["rougeL"] is not None
+    assert Path(record["predictions"]).stat().st_mtime_ns == predictions  # not generated again
+    assert "bertscore still to do" in capsys.readouterr().out
+    stamp = path.stat().st_mtime_ns
+    evaluation.evaluate(**options, resume=True)
+    assert path.stat().st_mtime_ns == stamp and "evaluated already" in capsys.readouterr().out
+    evaluation.evaluate(**{**options, "overrides": ["--data.limit_test=1", "--model.max_new_tokens=4"]}, resume=True)
+    assert json.loads(path.read_text())["settings"]["examples"] == 1  # other settings: evaluated afresh
+
+
+def test_an_adapter_of_another_shape_than_the_config_says_gives_the_command_line_remedy(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    model = build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0)
+    peftcore.inject(model, peftcore.LoRAConfig(r=4, alpha=8, target_modules=("q", "v")))
+    peftcore.save_adapter(model, tmp_path / "adapter")
+    command = ["evaluate", "--train_config", DEMO, "--run_name", "r4", "--adapter", str(tmp_path / "adapter"),
+               "--output_dir", str(tmp_path / "eval"), "--bertscore_model", "null"]
+    with pytest.raises(SystemExit) as info:  # demo.yaml builds LoRA r=16 on q, k, v, o, wi, wo
+        main([*command, "--overrides", SMALL])
+    message = str(info.value.code)
+    assert "does not compute what the model's adapter does" in message and "peftcore.unload" not in message
+    assert "builds the model with a LoRAConfig already" in message and """--overrides '["--model.peft=null"]'""" in message
+    main([*command, "--overrides", '["--data.limit_test=2", "--model.max_new_tokens=4", "--model.peft=null"]'])
+    record = json.loads((tmp_path / "eval/r4/eval_record.json").read_text())
+    assert record["metrics"]["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

@@ -180,3 +180,32 @@ def test_without_base_run_there_is_no_change_table(tmp_path):
     written = write_report([LORA, IA3], tmp_path)
     assert "change_csv" not in written and not (tmp_path / "change.csv").exists()
     assert "Change vs" not in written["markdown"].read_text()
+
+
+def scored_on(record: dict, run: str, dataset: str, examples: int) -> dict:
+    test_set = {"dataset": dataset, "data_files": None, "test_split": "test", "summary_field": "summaries",
+                "limit_test": examples}
+    return {**record, "run": run, "settings": {**record["settings"], "examples": examples, "test_set": test_set}}
+
+
+def test_records_of_different_test_sets_are_refused_naming_what_differs(tmp_path):
+    tweetsumm, dialogsum = scored_on(BASE, "base", "tweetsumm", 64), scored_on(LORA, "lora", "knkarthick/dialogsum", 32)
+    with pytest.raises(ValueError) as info:
+        write_report([tweetsumm, dialogsum], tmp_path, base_run="base")
+    message = str(info.value)
+    assert "test set: base: " in message and '"dataset": "knkarthick/dialogsum"' in message
+    assert "examples: base: 64; lora: 32" in message and "--allow_mixed true" in message
+    assert not list(tmp_path.iterdir())
+    written = write_report([tweetsumm, dialogsum], tmp_path, base_run="base", allow_mixed=True)
+    text = written["markdown"].read_text()
+    assert text.startswith("# Results\n\n**Mixed records**") and "- examples: base: 64; lora: 32" in text
+    assert "## Change vs `base` (%) (mixed records)" in text
+    assert read_csv(written["change_csv"])[0] == ["% change vs base (mixed records)", "lora"]
+    same = write_report([tweetsumm, scored_on(LORA, "lora", "tweetsumm", 64)], tmp_path / "same", base_run="base")
+    assert "Mixed" not in same["markdown"].read_text()
+
+
+def test_a_record_with_stages_pending_is_named_under_the_table(tmp_path):
+    cut_short = {**IA3, "pending": ["bertscore"]}
+    text = write_report([BASE, cut_short], tmp_path)["markdown"].read_text()
+    assert "Evaluations not finished, their blank cells still to compute" in text and "`ia3` (bertscore)" in text
