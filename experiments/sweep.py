@@ -201,7 +201,8 @@ def sweep(
         n_trials: trials to finish (completed, pruned or failed with an error), all workers
             together; with the grid sampler at most the number of points (each runs once).
         sampler: ``random`` (the study's), ``grid`` (every combination of choices) or ``tpe``.
-        seed: the sampler's seed (random and TPE: trial k of a study draws with seed + k).
+        seed: the grid's order; for random and TPE, each trial's sampler is seeded with seed + the
+            number of trials before it, so a resumed search draws new points.
         pruner: ``none``, ``median`` or ``hyperband``, on the per-epoch objective.
         objective: the validation metric each trial is scored by (its best epoch counts):
             ``val/loss``, or ``val/rouge1``, ``val/rouge2``, ``val/rougeL``, ``val/rougeLsum``
