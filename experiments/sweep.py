@@ -18,8 +18,10 @@ dotted key; each trial is an ordinary ``fit`` run of the base config with one po
 Checked before any trial starts (an error, exit status 1): the objective must be a metric the
 model logs in validation (``val/loss``; ``val/rouge1|rouge2|rougeL|rougeLsum`` when it generates
 in validation) in the direction that makes sense; every key must be a fit option; and every value
-of the space must be one the config, the method's config, the data module and the model accept
-(``data.batch_size: 0`` is refused, not found by a trial).
+of the space (each choice, both ends of a range) must pass the config's parsing, the method
+config's checks, the data module's and the model's own checks of their settings (those it makes
+before it builds the network): ``data.batch_size: 0`` or ``model.lr: 0`` is refused, not found by a
+trial. What only building shows (a target name no module has) fails that trial.
 
 Optuna runs it on a storage: by default the SQLite file ``<output_dir>/<study_name>.db``, or any
 database URL Optuna accepts, so that several processes or machines run workers on one sweep.
