@@ -110,7 +110,8 @@ def evaluate(
     else:
         print(f"evaluate: {run_name}: resuming {out / RECORD_NAME}: {', '.join(_missing(record, wanted))} still to do")
     metrics, settings = record["metrics"], record["settings"]
-    settings["geval"] = geval_note
+    if "geval" not in record["completed"]:  # a finished G-Eval keeps its own settings (judge, method, failures)
+        settings["geval"] = geval_note
 
     def done(stage: Optional[str] = None) -> None:
         if stage is not None:
