@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import lightning as L
 import torch
@@ -185,11 +185,16 @@ def _earlier_record(out: Path, wanted: dict[str, dict]) -> Optional[dict]:
     return record if same and Path(record.get("predictions", "")).is_file() else None
 
 
+def _refuse(message: str) -> NoReturn:
+    raise ValueError(message)
+
+
 def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter: Optional[str], base_model: bool,
              out: Path, num_beams: Optional[int], max_new_tokens: Optional[int],
              overrides: Optional[list[str]]) -> dict:
     """Build the run, write its summaries of the test split; a record with the efficiency figures."""
-    from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of
+    from experiments.checkpointing import read_checkpoint
+    from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of, same_model
 
     args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
     args += [f"--model.num_beams={num_beams}"] * (num_beams is not None)
@@ -205,7 +210,8 @@ def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter
             raise ValueError(f"--ckpt_path {ckpt_path} needs the config's TensorBoard logger to find the runs")
         ckpt_path = str(newest_checkpoint(root, ckpt_path))
     if ckpt_path is not None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt_path)  # weights_only=True; a damaged file is named with the run's others
+        same_model(cli.config.model, checkpoint.get("hyper_parameters") or {}, ckpt_path, _refuse)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         epoch, runtime = checkpoint.get("epoch", 0) + 1, round(module.train_runtime, 1)

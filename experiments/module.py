@@ -13,6 +13,7 @@ checkpoint is megabytes; the frozen base is rebuilt from the same settings on re
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -61,19 +62,14 @@ def _bundled_model(name: str) -> Path:
     return path
 
 
-def build_model(
-    pretrained: Optional[str], shape: Optional[str], random_init: bool, gated: bool, dropout_rate: Optional[float]
-) -> transformers.T5ForConditionalGeneration:
+def check_model_source(pretrained: Optional[str], shape: Optional[str], random_init: bool) -> None:
     """Exactly one of: real weights from ``pretrained``, or a named shape with ``random_init``."""
     if pretrained and shape:
         raise ValueError(f"give either pretrained ({pretrained!r}) or shape ({shape!r}), not both")
-    overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
-    if pretrained and pretrained.startswith(BUNDLED):
-        pretrained = str(_bundled_model(pretrained.removeprefix(BUNDLED)))
     if pretrained:
-        # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
-        # precision setting decides the compute dtype.
-        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, dtype=torch.float32, **overrides)
+        if pretrained.startswith(BUNDLED):
+            _bundled_model(pretrained.removeprefix(BUNDLED))
+        return
     if not shape:
         raise ValueError("set pretrained (a hub name such as google-t5/t5-base, or a local path) or shape")
     if shape not in SHAPES:
@@ -83,6 +79,20 @@ def build_model(
             f"shape={shape!r} builds a model with random weights; set random_init: true to ask for that explicitly, "
             "or set pretrained to load real weights"
         )
+
+
+def build_model(
+    pretrained: Optional[str], shape: Optional[str], random_init: bool, gated: bool, dropout_rate: Optional[float]
+) -> transformers.T5ForConditionalGeneration:
+    """The model ``check_model_source`` allows: real weights, or a named shape's random ones."""
+    check_model_source(pretrained, shape, random_init)
+    overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    if pretrained:
+        if pretrained.startswith(BUNDLED):
+            pretrained = str(_bundled_model(pretrained.removeprefix(BUNDLED)))
+        # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
+        # precision setting decides the compute dtype.
+        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, dtype=torch.float32, **overrides)
     config = t5_config(shape, gated=gated)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -97,13 +107,20 @@ def with_tokenizer_path(peft: MethodConfig) -> MethodConfig:
     return peft if tokenizer is None else dataclasses.replace(peft, tokenizer=tokenizer_path(tokenizer))
 
 
-def check_settings(lr: float, weight_decay: float, betas: tuple[float, float], num_beams: int, max_new_tokens: int,
-                   dropout_rate: Optional[float], gpu_budget_bytes: Optional[int]) -> None:
+def _check_training(optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float], warmup_ratio: float,
+                    loraplus_lr_ratio: Optional[float], num_beams: int, max_new_tokens: int,
+                    dropout_rate: Optional[float], gpu_budget_bytes: Optional[int]) -> None:
     """Refuse, by the option's name, values that torch or generate would take with a confusing
     error (``num_beams: 0`` divides by zero) or without one (a negative weight decay)."""
     def refuse(name: str, value: object, allowed: str) -> NoReturn:
         raise ValueError(f"model.{name} must be {allowed}, got {value!r}")
 
+    if optimizer not in OPTIMIZERS:
+        refuse("optimizer", optimizer, f"one of {OPTIMIZERS}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        refuse("warmup_ratio", warmup_ratio, "in [0, 1)")
+    if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
+        refuse("loraplus_lr_ratio", loraplus_lr_ratio, "a positive number (about 16 in the paper), or null")
     if not (math.isfinite(lr) and lr > 0):
         refuse("lr", lr, "a positive number (the peak learning rate, e.g. 1e-3)")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -183,15 +200,9 @@ class Seq2SeqFineTuner(L.LightningModule):
         predictions_path: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
-            raise ValueError(f"loraplus_lr_ratio must be a positive number (about 16 in the paper), got {loraplus_lr_ratio}")
-        check_settings(lr=lr, weight_decay=weight_decay, betas=betas, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                       dropout_rate=dropout_rate, gpu_budget_bytes=gpu_budget_bytes)
         self.save_hyperparameters()
+        self.check_settings(**{key: self.hparams[key] for key in inspect.signature(type(self).__init__).parameters
+                               if key in self.hparams})
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
         self.model = build_model(pretrained, shape, random_init, gated, dropout_rate).train()
@@ -212,6 +223,17 @@ class Seq2SeqFineTuner(L.LightningModule):
         self.first_step_seconds: Optional[float] = None  # of this process's fit
         self.train_runtime = 0.0  # seconds of fit, summed over resumed runs
         self._fit_started: Optional[float] = None
+
+    @classmethod
+    def check_settings(cls, **settings: Any) -> None:
+        """Every check the constructor makes before it builds anything, for ``settings`` (any of
+        its arguments; the rest at their defaults): a sweep checks each value of its space so."""
+        given = inspect.signature(cls.__init__).bind(None, **settings)
+        given.apply_defaults()
+        a = given.arguments
+        check_model_source(a["pretrained"], a["shape"], a["random_init"])
+        _check_training(a["optimizer"], a["lr"], a["weight_decay"], a["betas"], a["warmup_ratio"], a["loraplus_lr_ratio"],
+                        a["num_beams"], a["max_new_tokens"], a["dropout_rate"], a["gpu_budget_bytes"])
 
     # --- reports ------------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import optuna
 import sqlalchemy.exc
@@ -479,55 +479,36 @@ def check_space(base_config: str, fixed: list[str], params: list[Param]) -> dict
     return base
 
 
-class _SettingsAccepted(Exception):
-    """Seq2SeqFineTuner got as far as building its model: every setting it checks passed."""
-
-
-@contextlib.contextmanager
-def _model_not_built() -> Iterator[None]:
-    """Seq2SeqFineTuner checks its settings before it builds (downloads, loads) the model: while
-    this is active, building it stops the constructor there with _SettingsAccepted."""
-    import experiments.module
-
-    def stop(*args: Any, **kwargs: Any) -> None:
-        raise _SettingsAccepted
-
-    saved, experiments.module.build_model = experiments.module.build_model, stop
-    try:
-        yield
-    finally:
-        experiments.module.build_model = saved
-
-
 def _check_constructors(config: dict, what: str) -> None:
     """Construct the data module from ``config``'s data section (cheap: nothing is loaded) and
-    run the model's own checks on its model section, so that their ValueErrors come now."""
+    run the model's own checks on its model section (Seq2SeqFineTuner.check_settings: nothing
+    is built), so that their ValueErrors come now."""
+    from experiments.cli import Seq2SeqFineTuner
+
     try:
-        _construct("data", config.get("data") or {})
-        with _model_not_built():
-            try:
-                _construct("model", config.get("model") or {})
-            except _SettingsAccepted:
-                pass
+        _section("data", config.get("data") or {})
+        Seq2SeqFineTuner.check_settings(**vars(_section("model", config.get("model") or {})))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} is refused: {err}") from None
 
 
 @functools.cache
 def _section_parser(section: str):
-    """A parser of one section of the fit config, whose ``instantiate`` builds its class."""
+    """A parser of one section of the fit config: the data module built, the model's arguments
+    with their own classes (the method's config...) built but not the model."""
     from jsonargparse import ArgumentParser
 
     from experiments.cli import DialogSummaryDataModule, Seq2SeqFineTuner  # the CLI's classes, its parse settings
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments({"model": Seq2SeqFineTuner, "data": DialogSummaryDataModule}[section], section)
+    cls = {"model": Seq2SeqFineTuner, "data": DialogSummaryDataModule}[section]
+    parser.add_class_arguments(cls, section, instantiate=section == "data")
     return parser
 
 
-def _construct(section: str, init_args: dict) -> None:
+def _section(section: str, init_args: dict) -> Any:
     parser = _section_parser(section)
-    parser.instantiate(parser.parse_object({section: init_args}))
+    return parser.instantiate(parser.parse_object({section: init_args}))[section]
 
 
 def _config_args(base_config: str) -> list[str]:

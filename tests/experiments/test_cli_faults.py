@@ -127,6 +127,20 @@ def test_a_command_naming_no_model_takes_the_checkpoints(fitted):
     assert cli.model.hparams.max_new_tokens == 4  # the command's own settings still win
 
 
+def test_evaluate_reads_a_checkpoint_as_the_cli_does(fitted, tmp_path):
+    """weights_only=True with the damaged file named, and a config of another method refused by name."""
+    from experiments.__main__ import main
+
+    ckpt = str(fitted / "checkpoints/last.ckpt")
+    evaluate = ["evaluate", "--train_config", str(DEMO), "--run_name", "x", "--output_dir", str(tmp_path / "eval"),
+                "--bertscore_model", "null", "--ckpt_path", ckpt]
+    with pytest.raises(SystemExit, match=r"model\.peft: LoRAConfig r=16 in the checkpoint, r=8 here"):
+        main([*evaluate, "--overrides", '["--model.peft.init_args.r=8"]'])
+    (fitted / "checkpoints/last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"last\.ckpt is damaged or not a checkpoint of this project \(it is empty\)"):
+        main([*evaluate, "--overrides", '["--data.limit_test=2"]'])
+
+
 def test_predict_keeps_every_commands_output(fitted):
     for _ in range(2):
         lightning_cli(["predict", "--config", str(DEMO), *SMALL, "--data.limit_test=2", "--model.max_new_tokens=4",

@@ -189,7 +189,7 @@ def test_workers_racing_to_create_a_new_database_all_get_it(tmp_path):
         ({"model.lr": {"low": 0.0, "high": 1.0, "log": True}}, r"log-uniform, so low must be > 0"),
         ({"model.lr": {"between": [1, 2]}}, r"has \['between'\]"),
         ({"data.batch_size": {"choices": [4, 0]}}, r"'data\.batch_size'\] value 0 is refused: batch_size must be a positive"),
-        ({"model.warmup_ratio": {"choices": [0.1, 1.5]}}, r"value 1\.5 is refused: warmup_ratio must be in \[0, 1\)"),
+        ({"model.warmup_ratio": {"choices": [0.1, 1.5]}}, r"value 1\.5 is refused: model\.warmup_ratio must be in \[0, 1\)"),
         ({"model.lr": {"low": 0.0, "high": 0.01}}, r"'model\.lr'\] value 0\.0 is refused: model\.lr must be a positive number"),
     ],
 )
