@@ -201,7 +201,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, m
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
 
 
-def test_a_failed_command_leaves_no_run_directory_and_fit_names_its_own(tmp_path, monkeypatch):
+def test_a_failed_command_leaves_no_run_directory_and_fit_names_its_own(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad").mkdir()
     row = {"id": "1", "turns": [], "summaries": ["a summary"]}  # an empty dialogue
@@ -210,6 +210,8 @@ def test_a_failed_command_leaves_no_run_directory_and_fit_names_its_own(tmp_path
     with pytest.raises(SystemExit) as info:
         fit(str(DEMO), "--data.dataset=bad")
     assert info.value.code == 2 and not (tmp_path / "runs").exists()
+    err = capsys.readouterr().err
+    assert "bad/train.jsonl, line 1" in err and "dialogue" in err and "Traceback" not in err, err
     with pytest.raises(SystemExit):
         fit(str(DEMO), "--ckpt_path", "missing.ckpt")
     assert not (tmp_path / "runs").exists()
