@@ -19,6 +19,7 @@ from torch import nn
 
 from peftcore import t5
 from peftcore.config import fail, normalise_common, normalise_targets
+from peftcore.contract import AdapterLayer
 from peftcore.matching import TargetModules, ends_with, shown
 from peftcore.peft_fields import check_fields
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
@@ -65,33 +66,15 @@ class IA3Config:
                 )
 
 
-class IA3Scaler(nn.Module):
+class IA3Scaler(AdapterLayer):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a learned scaling vector ``self.scale``."""
 
     def __init__(self, base: nn.Module, feedforward: bool) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.feedforward = feedforward
-        self.merged = False
-        self.disabled = False
-        for param in base.parameters():
-            param.requires_grad_(False)
         device, dtype = adapter_device_dtype(base)
         size = base.in_features if feedforward else base.out_features
         self.scale = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
-        return self.base.weight
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"scale": self.scale}

@@ -40,6 +40,7 @@ from peftcore.config import (
     positive_int,
     positive_number,
 )
+from peftcore.contract import AdapterLayer
 from peftcore.dropout import apply_drop, dropped_positions
 from peftcore.matching import TargetModules, pattern_key, select_targets, shown
 from peftcore.peft_fields import check_fields, peft_version
@@ -191,7 +192,7 @@ class FusedLoRA(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a rank-``r`` update."""
 
     LORAPLUS_FAST = ("lora_B.weight",)  # the B factor, which LoRA+ trains at ratio * lr
@@ -208,8 +209,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         """``initialise=False`` leaves A and B as nn.Linear makes them and the base untouched;
         ``initialise()`` runs the init later (``load_adapter`` does, after checking the file)."""
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.r = r
         self.alpha = alpha
         self.scale = lora_scale(r, alpha, use_rslora)
@@ -217,30 +217,12 @@ class LoRALinear(nn.Module):
         # The starting factors A0, B0 of a randomised (pissa_niter) init; None otherwise.
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
-        self.merged = False
-        self.disabled = False
-        for param in base.parameters():
-            param.requires_grad_(False)
-
         device, dtype = adapter_device_dtype(base)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if initialise:
             self.initialise()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
-        return self.base.weight
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
@@ -301,10 +283,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             write_weight(self.base, read_weight(self.base) - self.delta_weight())
             self.merged = False
-
-    def fold_into_base(self) -> None:
-        """Merge for good (unload): for LoRA the same as merge."""
-        self.merge()
 
     @torch.no_grad()
     def initialise(self) -> None:
