@@ -47,7 +47,7 @@ from torch import nn
 from peftcore import methods
 from peftcore.files import write_atomically
 from peftcore.matching import resolve_targets, shown, why_not_selected
-from peftcore.peft_fields import PEFT_FORMAT_VERSION
+from peftcore.peft_format.fields import PEFT_FORMAT_VERSION
 from peftcore.surgery import AdapterConfig, adapter_layers, inject, trained_copies, unload
 
 CONFIG_NAME = "adapter_config.json"

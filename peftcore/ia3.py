@@ -21,7 +21,7 @@ from peftcore import t5
 from peftcore.config import fail, normalise_common, normalise_targets
 from peftcore.contract import AdapterLayer
 from peftcore.matching import TargetModules, ends_with, shown
-from peftcore.peft_fields import check_fields
+from peftcore.peft_format.fields import check_fields
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
 __all__ = ["IA3Config", "IA3Scaler"]
@@ -155,7 +155,7 @@ def check(config: IA3Config, targets: list[str]) -> None:
 # --- peft's format -------------------------------------------------------------------------------
 #
 # Every field of peft's IA3Config (unchanged from release 0.17 to 0.21) is in one of these tables;
-# PeftConfig's own fields are in peft_fields.METADATA (see peft_fields.check_fields).
+# PeftConfig's own fields are in peft_format.fields.METADATA (see peft_format.fields.check_fields).
 
 PEFT_TYPE = "IA3"
 

@@ -43,7 +43,7 @@ from peftcore.config import (
 from peftcore.contract import AdapterLayer
 from peftcore.dropout import apply_drop, dropped_positions
 from peftcore.matching import TargetModules, pattern_key, select_targets, shown
-from peftcore.peft_fields import check_fields, peft_version
+from peftcore.peft_format.fields import check_fields, peft_version
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
 __all__ = ["LoRAConfig", "LoRALinear"]
@@ -356,7 +356,7 @@ def check(config: LoRAConfig, targets: list[str]) -> None:
 # --- peft's format -------------------------------------------------------------------------------
 #
 # Every field of peft's LoraConfig in releases 0.17 to 0.21 is listed in exactly one of the three
-# tables below (PeftConfig's own fields are in peft_fields.METADATA); see peft_fields.check_fields.
+# tables below (PeftConfig's own fields are in peft_format.fields.METADATA); see peft_format.fields.check_fields.
 
 PEFT_TYPE = "LORA"
 # peft's names of LoRAConfig's fields where they differ (the CLI points peft users to ours).

@@ -13,7 +13,7 @@ What a method module provides (``lora.py`` is the model):
     IDENTITY_AT_INIT        whether a freshly injected model computes what the base computes
     PEFT_TYPE, PEFT_NAMES   peft's peft_type for it, and peft's names of its fields that differ
     PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT
-                            every field of peft's config, accounted for (peft_fields.check_fields)
+                            every field of peft's config, accounted for (peft_format.fields.check_fields)
     claims(data)            is this adapter_config.json the method's? (DoRA: LORA + use_dora)
     config_from_peft(data, model) -> Config;  config_to_peft(config, model) -> dict
     peft_tensors(layer)     the layer's live tensors under peft's names (for loading);

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from peftcore.config import fail, positive_int
-from peftcore.peft_fields import check_fields
+from peftcore.peft_format.fields import check_fields
 
 __all__ = ["PromptTuningConfig", "SoftPrompt"]
 
@@ -202,7 +202,7 @@ def remove(model: nn.Module, prompt: SoftPrompt) -> None:
 # --- peft's format ---------------------------------------------------------------------------------
 #
 # Every field of peft's PromptTuningConfig and PromptLearningConfig (unchanged from 0.17 to 0.21),
-# besides PeftConfig's own (peft_fields.METADATA), is in one of these tables.
+# besides PeftConfig's own (peft_format.fields.METADATA), is in one of these tables.
 
 PEFT_TYPE = "PROMPT_TUNING"
 PEFT_NAMES = {"prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer"}

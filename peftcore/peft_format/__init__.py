@@ -1,0 +1,1 @@
+"""peft's adapter files, translated: ``adapter_config.json`` fields and tensor names, per method."""
