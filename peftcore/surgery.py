@@ -34,6 +34,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """The layer methods' wrappers in ``model`` (adapter_layers without an input method's module)."""
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, AdapterLayer):
+            yield name, layer
+
+
 def trained_copies(model: nn.Module) -> Iterator[tuple[str, TrainedCopy]]:
     """The modules_to_save of an injected model, by the name of the module they stand in for."""
     for name, module in model.named_modules():
@@ -139,13 +146,6 @@ def merge(model: nn.Module) -> None:
     _untie_merged_bases(model)
     for _, layer in wrapped_layers(model):
         layer.merge()
-
-
-def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    """The layer methods' wrappers in ``model`` (adapter_layers without an input method's module)."""
-    for name, layer in adapter_layers(model):
-        if isinstance(layer, AdapterLayer):
-            yield name, layer
 
 
 def _refuse_merging_inputs(model: nn.Module) -> None:
