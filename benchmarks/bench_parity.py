@@ -42,7 +42,7 @@ import peftcore
 from benchmarks import common
 from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, swap_to_bitsandbytes_nf4, write_result
-from peftcore import methods
+from peftcore import peft_format
 from peftcore.checkpoint import _read_tensors, to_peft_config
 
 ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo")
@@ -99,7 +99,7 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
 
     spec = CASES[name]
     config, nf4 = spec["config"], spec.get("nf4", False)
-    method = methods.for_config(config)
+    translator = peft_format.for_config(config)
     base = build_base(shape, device).eval()
     batch = batch_on(device, *batch_shape)
 
@@ -135,8 +135,7 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
             result.loss.backward()
         grads = [gradients_as_saved(ours, lambda: (peftcore.save_adapter(ours, f"{tmp}/g"), _read_tensors(Path(tmp) / "g"))[1]),
                  gradients_as_saved(theirs, lambda: peft.get_peft_model_state_dict(theirs))]
-        if hasattr(method, "read_file_tensors"):
-            grads = [method.read_file_tensors(g, data) for g in grads]
+        grads = [translator.read_file_tensors(g, data) for g in grads]
         # peft also saves the frozen weight of a tied layer it adapts (lm_head): not an adapter tensor
         frozen_extra = sorted(k for k in grads[1].keys() - grads[0].keys() if k.endswith("base_layer.weight"))
         for key in frozen_extra:

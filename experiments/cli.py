@@ -36,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 
 from peftcore import methods
+from peftcore.peft_format import peft_names
 
 from experiments.checkpointing import LAST, read_checkpoint
 from experiments.data import DialogSummaryDataModule
@@ -207,7 +208,7 @@ def explain_method_error(message: str) -> str:
         return message
     cls = config_class(bad.group(1))
     key, fields = bad.group(2), [f.name for f in dataclasses.fields(cls)]
-    renamed = dict(getattr(methods.for_config_class(cls), "PEFT_NAMES", {}))  # peft's name -> peftcore's
+    renamed = peft_names(cls)  # peft's name -> peftcore's
     close = difflib.get_close_matches(key, [*fields, *renamed], n=1)
     if key in renamed:
         hint = f"; peft's {key!r} is peftcore's {renamed[key]!r}"

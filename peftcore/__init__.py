@@ -1,25 +1,29 @@
-"""peftcore: parameter-efficient fine-tuning layers written from scratch, peft-compatible on disk.
+"""peftcore: parameter-efficient fine-tuning layers written from scratch, peft-compatible on disk."""
 
-Each method's public names (its config and its layer) come from its module's ``__all__``, for
-every method in peftcore.methods.METHODS.
-"""
-
-from peftcore import methods
 from peftcore.checkpoint import load_adapter, save_adapter
 from peftcore.config import NF4Config
+from peftcore.dora import DoRAConfig, DoRALinear
+from peftcore.ia3 import IA3Config, IA3Scaler
+from peftcore.lora import LoRAConfig, LoRALinear
 from peftcore.nf4 import NF4Linear
 from peftcore.paged import PagedAdamW
+from peftcore.prompt import PromptTuningConfig, SoftPrompt
 from peftcore.stats import ParamCount, count_parameters, memory_footprint, print_trainable_parameters
 from peftcore.surgery import disable_adapters, inject, merge, quantize, unload, unmerge
 
-for _method in methods.METHODS:
-    globals().update({name: getattr(_method, name) for name in _method.__all__})
-
 __all__ = [
+    "DoRAConfig",
+    "DoRALinear",
+    "IA3Config",
+    "IA3Scaler",
+    "LoRAConfig",
+    "LoRALinear",
     "NF4Config",
     "NF4Linear",
     "PagedAdamW",
     "ParamCount",
+    "PromptTuningConfig",
+    "SoftPrompt",
     "count_parameters",
     "disable_adapters",
     "inject",
@@ -31,5 +35,4 @@ __all__ = [
     "save_adapter",
     "unload",
     "unmerge",
-    *(name for _method in methods.METHODS for name in _method.__all__),
 ]

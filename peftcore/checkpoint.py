@@ -10,11 +10,9 @@
 
     prompt_embeddings            a soft prompt (prompt tuning), (num_virtual_tokens x 2, d_model)
 
-Each method translates its own config fields and tensor names (``config_from_peft``,
-``config_to_peft``, ``peft_tensors``, ``saved_tensors`` in its module, found through
-peftcore.methods); this module handles the files, the fields every method shares, and the
-checks. A loaded adapter computes exactly what it computed where it was saved, or the load is
-refused with the reason: every key, shape and dtype is checked, and every value is finite (a
+Config fields and tensor names are translated in peftcore.peft_format (one translator per
+method); this module handles the files and the checks. A loaded adapter computes exactly what
+it computed where it was saved, or the load is refused with the reason: every key, shape and dtype is checked, and every value is finite (a
 floating-point slot takes no int64 or bool tensor; one NaN or inf makes the logits NaN), before
 anything is copied, and on a mismatch the model is left as it was. An adapter for a model of
 another depth or width is refused as such first (ModelShapeMismatch, a ValueError: "trained on a
@@ -36,7 +34,6 @@ import os
 import pickle
 import re
 from pathlib import Path
-from types import ModuleType
 from typing import Iterable, Optional, Union
 
 import torch
@@ -44,16 +41,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftcore import methods
+from peftcore import methods, peft_format
 from peftcore.files import write_atomically
-from peftcore.matching import resolve_targets, shown, why_not_selected
-from peftcore.peft_fields import PEFT_FORMAT_VERSION
+from peftcore.matching import resolve_targets, why_not_selected
+from peftcore.peft_format import PREFIX
 from peftcore.surgery import AdapterConfig, adapter_layers, inject, trained_copies, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 # The safetensors metadata entry holding the config the tensors were written with (its fields
 # that say what they compute; the file-level ones below may change, by hand too): the two files
 # of one save are two renames, and a save killed between them must not load as one adapter.
@@ -68,10 +64,11 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     pickled adapter_model.bin already there (peft's safe_serialization=False) is removed once the
     new files are in place, so the directory holds one adapter; other files are left alone."""
     config = _injected_config(model)
-    method = methods.for_config(config)
+    methods.for_config(config)  # a TypeError for what is not a method config, before the directory exists
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _tensors(model, method, saving=True).items()}
+    saved = peft_format.adapter_tensors(model, config, saving=True)
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in saved.items()}
     broken = _non_finite(tensors)
     if broken:
         raise ValueError(
@@ -101,11 +98,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     data = _read_json(directory / CONFIG_NAME)
     try:
         _check_one_save(directory, data)
-        method = methods.for_peft(data)
-        config = method.config_from_peft(data, model)
-        saved = _read_tensors(directory)
-        if hasattr(method, "read_file_tensors"):
-            saved = method.read_file_tensors(saved, data)
+        translator = peft_format.for_file(data)
+        config = translator.config_from_peft(data, model)
+        saved = translator.read_file_tensors(_read_tensors(directory), data)
     except ValueError as err:
         raise ValueError(f"cannot load the adapter in {directory}: {err}") from None
 
@@ -116,7 +111,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         grad_flags = {id(p): p.requires_grad for p in model.parameters()}
         inject(model, config, initialise=False)  # the init may rewrite the base: only after the checks
     try:
-        live = {**_tensors(model, method), **_saved_base_weights(model, saved)}
+        live = {**peft_format.adapter_tensors(model, config), **_saved_base_weights(model, saved)}
         _check_same_shape(saved, live, directory, model, config, data.get("base_model_name_or_path"))
         _check_fits(saved, live, directory, model, config)
     except Exception:
@@ -141,37 +136,9 @@ def _injected_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _tensors(model: nn.Module, method: ModuleType, saving: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's names: live ones (to load into), or as saved. A layer's
-    names follow its module's dotted name; an input transform's stand alone (prompt_embeddings)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
-        prefix = f"{PREFIX}{name}." if method.KIND == "layer" else ""
-        for key, tensor in (method.saved_tensors if saving else method.peft_tensors)(layer).items():
-            tensors[prefix + key] = tensor
-    for name, copy in trained_copies(model):
-        for key, tensor in copy.trained.state_dict(keep_vars=True).items():
-            tensors[f"{PREFIX}{name}.{key}"] = tensor
-    return tensors
-
-
 def to_peft_config(config: AdapterConfig, model: nn.Module) -> dict:
-    """adapter_config.json for ``config``: the fields every method writes the same way (and the
-    targeting fields, for the methods that have them), then the method's own."""
-    fields = {
-        "task_type": "SEQ_2_SEQ_LM",
-        "peft_version": PEFT_FORMAT_VERSION,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
-    }
-    if hasattr(config, "target_modules"):
-        fields.update(
-            target_modules=shown(config.target_modules),
-            exclude_modules=shown(config.exclude_modules),
-            modules_to_save=list(config.modules_to_save) or None,
-        )
-    return {**fields, **methods.for_config(config).config_to_peft(config, model)}
+    """adapter_config.json for ``config`` (peft_format.config_to_peft)."""
+    return peft_format.config_to_peft(config, model)
 
 
 def _what_it_computes(peft_config: dict) -> dict:
@@ -416,7 +383,7 @@ def _explain(key: str, in_file: bool, model: nn.Module, config: AdapterConfig) -
         return f"The config adapts {name!r}, but the file has no {tensor!r} for it."
     if name in adapted:
         return f"The file holds {tensor!r} for {name!r}, which this adapter does not have."
-    if not hasattr(config, "target_modules"):
+    if isinstance(methods.for_config(config), methods.InputMethod):
         return f"This adapter has no {tensor!r} for {name!r}."
     if tensor in modules[name].state_dict():
         return f"The file holds {name!r} in full, but modules_to_save={list(config.modules_to_save)} does not name it."

@@ -11,15 +11,11 @@ constant in backward (it is detached). Forward, in peft's order of operations:
 where ``W x`` is the base's output without its bias (or, while dropout is active, ``W dropout(x)``,
 as peft computes it). Over an NF4 base (QDoRA) W is the dequantized weight. Merging writes
 ``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
-
-peft stores DoRA as a LoRA adapter with ``use_dora: true`` and the magnitude as
-``<module>.lora_magnitude_vector``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +24,7 @@ from torch import nn
 from peftcore import lora
 from peftcore.weights import adapter_device_dtype, dense_weight, read_weight, write_weight
 
-__all__ = ["DoRAConfig", "DoRALinear"]
+__all__ = ["DoRA", "DoRAConfig", "DoRALinear"]
 
 
 @dataclass(frozen=True)
@@ -100,50 +96,9 @@ class DoRALinear(lora.LoRALinear):
             self.merged_norm, self.merged = None, False
 
 
-# --- the method contract (see peftcore/methods.py): LoRA's, with the magnitude ---------------------
+class DoRA(lora.LoRA):
+    """DoRA as a method: LoRA's wrap, check and differs, with DoRA's config and layer."""
 
-KIND = "layer"
-Config = DoRAConfig
-Layer = DoRALinear
-IDENTITY_AT_INIT = True  # LoRA's, and m starts at the row norms
-check = lora.check
-
-
-def wrap(base: nn.Module, config: DoRAConfig, name: str, initialise: bool = True) -> DoRALinear:
-    return lora.wrap(base, config, name, initialise, layer=DoRALinear)
-
-
-# --- peft's format: a LoRA file with use_dora -----------------------------------------------------
-
-PEFT_TYPE = lora.PEFT_TYPE
-PEFT_NAMES = lora.PEFT_NAMES
-PEFT_IMPLEMENTED = (*lora.PEFT_IMPLEMENTED, "use_dora")
-PEFT_AT_DEFAULT = {k: v for k, v in lora.PEFT_AT_DEFAULT.items() if k != "use_dora"}
-PEFT_INERT = lora.PEFT_INERT
-MAGNITUDE = "lora_magnitude_vector"
-
-
-def claims(data: dict) -> bool:
-    return data.get("peft_type") == PEFT_TYPE and bool(data.get("use_dora"))
-
-
-def config_from_peft(data: dict, model: nn.Module) -> DoRAConfig:
-    return lora.config_from_peft(data, model, DoRAConfig, "DoRA", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT)
-
-
-def config_to_peft(config: DoRAConfig, model: nn.Module) -> dict:
-    return {**lora.config_to_peft(config, model), "use_dora": True}
-
-
-def peft_tensors(layer: DoRALinear) -> dict[str, torch.Tensor]:
-    return {**lora.peft_tensors(layer), MAGNITUDE: layer.magnitude}
-
-
-def saved_tensors(layer: DoRALinear) -> dict[str, torch.Tensor]:
-    """LoRA's (a pissa_niter layer's converted to rank 2r; the magnitude applies to the same
-    direction W + s B A either way) and the magnitude."""
-    return {**lora.saved_tensors(layer), MAGNITUDE: layer.magnitude}
-
-
-def differs(layer: DoRALinear, name: str, config: DoRAConfig) -> Optional[str]:
-    return lora.differs(layer, name, config)
+    config = DoRAConfig
+    layer = DoRALinear
+    identity_at_init = True  # LoRA's, and m starts at the row norms

@@ -10,20 +10,18 @@ in ``l`` cannot be merged.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from peftcore import t5
 from peftcore.config import fail, normalise_common, normalise_targets
+from peftcore.contract import AdapterLayer, LayerMethod
 from peftcore.matching import TargetModules, ends_with, shown
-from peftcore.peft_fields import check_fields
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
-__all__ = ["IA3Config", "IA3Scaler"]
+__all__ = ["IA3", "IA3Config", "IA3Scaler"]
 
 
 @dataclass(frozen=True)
@@ -65,33 +63,15 @@ class IA3Config:
                 )
 
 
-class IA3Scaler(nn.Module):
+class IA3Scaler(AdapterLayer):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a learned scaling vector ``self.scale``."""
 
     def __init__(self, base: nn.Module, feedforward: bool) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.feedforward = feedforward
-        self.merged = False
-        self.disabled = False
-        for param in base.parameters():
-            param.requires_grad_(False)
         device, dtype = adapter_device_dtype(base)
         size = base.in_features if feedforward else base.out_features
         self.scale = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
-        return self.base.weight
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"scale": self.scale}
@@ -145,82 +125,23 @@ class IA3Scaler(nn.Module):
             self.base.bias.copy_((self.base.bias.float() * factor).to(self.base.bias.dtype))
 
 
-# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+class IA3(LayerMethod):
+    """(IA)^3 as a method: wraps each target in an IA3Scaler, feed-forward or not."""
 
-KIND = "layer"
-Config = IA3Config
-Layer = IA3Scaler
-IDENTITY_AT_INIT = True  # the vectors start at ones
+    config = IA3Config
+    layer = IA3Scaler
+    identity_at_init = True  # the vectors start at ones
 
+    def wrap(self, base: nn.Module, config: IA3Config, name: str, initialise: bool = True) -> IA3Scaler:
+        """Feed-forward targets are those whose name ends with a feedforward_modules entry (peft's rule)."""
+        return IA3Scaler(base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules))
 
-def wrap(base: nn.Module, config: IA3Config, name: str, initialise: bool = True) -> IA3Scaler:
-    """Feed-forward targets are those whose name ends with a feedforward_modules entry (peft's rule)."""
-    return IA3Scaler(base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules))
-
-
-def check(config: IA3Config, targets: list[str]) -> None:
-    """Every feedforward_modules entry must select one of the targets: otherwise it does nothing."""
-    entries = config.feedforward_modules
-    for entry in (entries,) if isinstance(entries, str) else entries:
-        if not any(ends_with(name, entry if isinstance(entries, str) else (entry,)) for name in targets):
-            raise ValueError(
-                f"feedforward_modules must be targets too; {entry!r} selects none of the {len(targets)} modules "
-                f"that target_modules={shown(config.target_modules)!r} selects"
-            )
-
-
-# --- peft's format -------------------------------------------------------------------------------
-#
-# Every field of peft's IA3Config (unchanged from release 0.17 to 0.21) is in one of these tables;
-# PeftConfig's own fields are in peft_fields.METADATA (see peft_fields.check_fields).
-
-PEFT_TYPE = "IA3"
-
-PEFT_IMPLEMENTED = (
-    "target_modules", "exclude_modules", "feedforward_modules", "modules_to_save",
-    "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
-)
-PEFT_AT_DEFAULT: dict[str, tuple[object, str]] = {}
-PEFT_INERT = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
-
-
-def claims(data: dict) -> bool:
-    return data.get("peft_type") == PEFT_TYPE
-
-
-def config_from_peft(data: dict, model: nn.Module) -> IA3Config:
-    """The IA3Config that computes what peft computes with ``data`` on ``model``."""
-    check_fields(data, "IA3", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT)
-    targets = data.get("target_modules") or t5.IA3_TARGETS
-    feedforward = data.get("feedforward_modules")
-    feedforward = t5.IA3_FEEDFORWARD if feedforward is None else feedforward  # peft's default for T5
-    if data.get("fan_in_fan_out"):
-        warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
-    return IA3Config(
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),
-        modules_to_save=tuple(data.get("modules_to_save") or ()),
-        exclude_modules=data.get("exclude_modules"),
-    )
-
-
-def config_to_peft(config: IA3Config, model: nn.Module) -> dict:
-    """peft's IA3Config fields for ``config`` (the shared fields are written by checkpoint.py)."""
-    return {
-        "peft_type": PEFT_TYPE,
-        "feedforward_modules": shown(config.feedforward_modules),
-        "init_ia3_weights": True,
-        "fan_in_fan_out": False,
-    }
-
-
-def peft_tensors(layer: IA3Scaler) -> dict[str, torch.Tensor]:
-    """peft's ``ia3_l``: (1, in_features) for a feed-forward target, else (out_features, 1)."""
-    return {"ia3_l": layer.scale.view((1, -1) if layer.feedforward else (-1, 1))}
-
-
-saved_tensors = peft_tensors
-
-
-def differs(layer: IA3Scaler, name: str, config: IA3Config) -> Optional[str]:
-    return None  # feed-forward or not shows in the shape of ia3_l, which load_adapter compares
+    def check(self, config: IA3Config, targets: list[str]) -> None:
+        """Every feedforward_modules entry must select one of the targets: otherwise it does nothing."""
+        entries = config.feedforward_modules
+        for entry in (entries,) if isinstance(entries, str) else entries:
+            if not any(ends_with(name, entry if isinstance(entries, str) else (entry,)) for name in targets):
+                raise ValueError(
+                    f"feedforward_modules must be targets too; {entry!r} selects none of the {len(targets)} modules "
+                    f"that target_modules={shown(config.target_modules)!r} selects"
+                )

@@ -20,7 +20,6 @@ it is saved.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 import math
@@ -30,7 +29,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peftcore import t5
 from peftcore.config import (
     fail,
     check_pattern,
@@ -40,12 +38,12 @@ from peftcore.config import (
     positive_int,
     positive_number,
 )
+from peftcore.contract import AdapterLayer, LayerMethod
 from peftcore.dropout import apply_drop, dropped_positions
-from peftcore.matching import TargetModules, pattern_key, select_targets, shown
-from peftcore.peft_fields import check_fields, peft_version
+from peftcore.matching import TargetModules, pattern_key
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
-__all__ = ["LoRAConfig", "LoRALinear"]
+__all__ = ["LoRA", "LoRAConfig", "LoRALinear"]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 
@@ -191,10 +189,8 @@ class FusedLoRA(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a rank-``r`` update."""
-
-    LORAPLUS_FAST = ("lora_B.weight",)  # the B factor, which LoRA+ trains at ratio * lr
 
     def __init__(
         self,
@@ -208,8 +204,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         """``initialise=False`` leaves A and B as nn.Linear makes them and the base untouched;
         ``initialise()`` runs the init later (``load_adapter`` does, after checking the file)."""
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.r = r
         self.alpha = alpha
         self.scale = lora_scale(r, alpha, use_rslora)
@@ -217,30 +212,12 @@ class LoRALinear(nn.Module):
         # The starting factors A0, B0 of a randomised (pissa_niter) init; None otherwise.
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
-        self.merged = False
-        self.disabled = False
-        for param in base.parameters():
-            param.requires_grad_(False)
-
         device, dtype = adapter_device_dtype(base)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if initialise:
             self.initialise()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
-        return self.base.weight
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
@@ -302,10 +279,6 @@ class LoRALinear(nn.Module):
             write_weight(self.base, read_weight(self.base) - self.delta_weight())
             self.merged = False
 
-    def fold_into_base(self) -> None:
-        """Merge for good (unload): for LoRA the same as merge."""
-        self.merge()
-
     @torch.no_grad()
     def initialise(self) -> None:
         """Set A and B by ``self.init`` (see the module docstring); PiSSA and OLoRA also rewrite the base."""
@@ -354,202 +327,30 @@ def changes_base(init: Optional[str]) -> bool:
     return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
-# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+class LoRA(LayerMethod):
+    """LoRA as a method: wraps each target in a LoRALinear with its rank and alpha."""
 
-KIND = "layer"
-Config = LoRAConfig
-Layer = LoRALinear
-IDENTITY_AT_INIT = True  # B = 0 (or, for PiSSA/OLoRA, the residual plus the principal part)
+    config = LoRAConfig
+    layer = LoRALinear
+    identity_at_init = True  # B = 0 (or, for PiSSA/OLoRA, the residual plus the principal part)
+    loraplus_fast = ("lora_B.weight",)  # the B factor, which LoRA+ trains at ratio * lr
 
+    def wrap(self, base: nn.Module, config: LoRAConfig, name: str, initialise: bool = True) -> LoRALinear:
+        r, alpha = config.rank_and_alpha(name)
+        return self.layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise)
 
-def wrap(base: nn.Module, config: LoRAConfig, name: str, initialise: bool = True, layer: type = LoRALinear) -> LoRALinear:
-    r, alpha = config.rank_and_alpha(name)
-    return layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise)
+    def check(self, config: LoRAConfig, targets: list[str]) -> None:
+        """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            unused = [key for key in getattr(config, field_name) if not any(pattern_key({key: 0}, n) for n in targets)]
+            if unused:
+                warnings.warn(f"{field_name} keys {unused} match none of the {len(targets)} adapted modules", stacklevel=4)
 
-
-def check(config: LoRAConfig, targets: list[str]) -> None:
-    """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        unused = [key for key in getattr(config, field_name) if not any(pattern_key({key: 0}, n) for n in targets)]
-        if unused:
-            warnings.warn(f"{field_name} keys {unused} match none of the {len(targets)} adapted modules", stacklevel=4)
-
-
-# --- peft's format -------------------------------------------------------------------------------
-#
-# Every field of peft's LoraConfig in releases 0.17 to 0.21 is listed in exactly one of the three
-# tables below (PeftConfig's own fields are in peft_fields.METADATA); see peft_fields.check_fields.
-
-PEFT_TYPE = "LORA"
-# peft's names of LoRAConfig's fields where they differ (the CLI points peft users to ours).
-PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
-
-PEFT_IMPLEMENTED = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "modules_to_save",
-    "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-    "bias",            # "none"; "lora_only" / "all" only where those biases do not exist (T5 has none)
-    "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
-)
-PEFT_AT_DEFAULT = {
-    "use_dora": (False, "DoRA"),
-    "lora_bias": (False, "a trainable bias on lora_B"),
-    "use_qalora": (False, "QALoRA, for GPTQ bases"),
-    "megatron_config": (None, "Megatron parallel layers"),
-    "trainable_token_indices": (None, "training chosen token embeddings"),
-    "layer_replication": (None, "layer replication"),
-    "target_parameters": (None, "adapting nn.Parameters directly"),
-    "alora_invocation_tokens": (None, "activated LoRA"),
-    "arrow_config": (None, "Arrow routing over several LoRAs"),
-    "ensure_weight_tying": (False, "adapters tied across tied layers"),
-    "use_bdlora": (None, "block-diagonal LoRA"),
-    "velora_config": (None, "VeLoRA's compressed activations"),
-    "monteclora_config": (None, "MonteCLoRA"),
-    "kasa_config": (None, "KaSA, which truncates the base weight"),
-}
-PEFT_INERT = {
-    "qalora_group_size": "used only with use_qalora",
-    "megatron_core": "used only with megatron_config",
-    "loftq_config": "used only by init_lora_weights='loftq', which is refused",
-    "eva_config": "used only while EVA computes its init; a saved EVA adapter is a plain LoRA",
-    "corda_config": "used only by init_lora_weights='corda', which is refused",
-    "lora_ga_config": "used only by init_lora_weights='lora_ga', which is refused",
-}
-# init_lora_weights values whose saved adapter is a plain LoRA over the untouched base (the init
-# only decides where training starts; the file's A and B replace it).
-PLAIN_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming", "orthogonal": "kaiming"}
-REFUSED_INITS = {
-    "loftq": "LoftQ replaced the base weight by its quantized approximation",
-    "corda": "CorDA's init changed the base weight using calibration data",
-    "lora_ga": "LoRA-GA changed the base weight using gradients of training data (peft does not rebuild it on load)",
-    "mica": "MiCA is a LoRA variant (a frozen B) peftcore does not implement",
-}
-
-
-def claims(data: dict) -> bool:
-    return data.get("peft_type") == PEFT_TYPE and not data.get("use_dora")
-
-
-def config_from_peft(data: dict, model: nn.Module, cls: type = LoRAConfig, method: str = "LoRA",
-                     implemented: tuple = PEFT_IMPLEMENTED, at_default: Optional[dict] = None) -> LoRAConfig:
-    """The ``cls`` config that computes what peft computes with ``data`` on ``model`` (DoRA
-    reads its files with this too, ``use_dora`` then being one of its fields)."""
-    check_fields(data, method, implemented, PEFT_AT_DEFAULT if at_default is None else at_default, PEFT_INERT)
-    targets = data.get("target_modules") or t5.LORA_TARGETS
-    layers = data.get("layers_to_transform")
-    config = cls(
-        r=data.get("r", 8),
-        alpha=data.get("lora_alpha", 8),
-        dropout=data.get("lora_dropout", 0.0),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        init=_init_from_peft(data.get("init_lora_weights", True)),
-        use_rslora=bool(data.get("use_rslora", False)),
-        modules_to_save=tuple(data.get("modules_to_save") or ()),
-        exclude_modules=data.get("exclude_modules"),
-        rank_pattern=data.get("rank_pattern") or {},
-        alpha_pattern=data.get("alpha_pattern") or {},
-        layers_to_transform=layers if layers not in ([], None) else None,
-        layers_pattern=data.get("layers_pattern") or None,
-    )
-    if config.layers_to_transform is not None and peft_version(data) < (0, 20):
-        # peft <= 0.19 read a layer's index from the last numbered segment of its name: name the
-        # modules it selected, since a layers_to_transform here means the first one (peft >= 0.20).
-        names = tuple(select_targets(model, config, layer_rule="last"))
-        config = dataclasses.replace(config, target_modules=names, layers_to_transform=None, layers_pattern=None)
-    _check_bias(data.get("bias", "none"), model, config)
-    if data.get("fan_in_fan_out"):
-        warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
-    if config.init.startswith("pissa_niter"):
-        warnings.warn(
-            f"init_lora_weights={config.init!r} is re-run on load, as peft does; its SVD is randomised, so the "
-            "residual base differs from the one the adapter was trained on, and the model is close to, not equal "
-            "to, the trained one. For an exact file, save it from peft with path_initial_model_for_weight_conversion "
-            "(peftcore's save_adapter converts such adapters itself)",
-            stacklevel=3,
-        )
-    return config
-
-
-def _init_from_peft(value: object) -> str:
-    if isinstance(value, (bool, str)) and value in PLAIN_INITS:
-        return PLAIN_INITS[value]
-    if isinstance(value, str) and (value.startswith("pissa") or value.lower() == "olora"):
-        return value.lower() if value.lower() == "olora" else value  # LoRAConfig checks pissa_niter_<N>
-    name = next((k for k in REFUSED_INITS if isinstance(value, str) and value.lower().startswith(k)), None)
-    why = REFUSED_INITS[name] + ", which peftcore does not rebuild" if name else "an init peftcore does not know"
-    raise ValueError(
-        f"this LoRA adapter has init_lora_weights={value!r}: {why}. Convert it in peft to a plain LoRA relative "
-        "to the original base (save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that"
-    )
-
-
-def _check_bias(bias: object, model: nn.Module, config: LoRAConfig) -> None:
-    """peft trains the biases that ``bias`` names; peftcore has no such biases to train, so the
-    value is honoured only where there are none."""
-    if bias in (None, "none"):
-        return
-    if bias == "all":
-        found = [n for n, _ in model.named_parameters() if "bias" in n]
-    elif bias == "lora_only":
-        modules = dict(model.named_modules())
-        found = [f"{n}.bias" for n in select_targets(model, config) if getattr(modules[n], "bias", None) is not None]
-    else:
-        raise ValueError(f"this LoRA adapter has bias={bias!r}; peft allows 'none', 'all' or 'lora_only'")
-    if found:
-        raise ValueError(
-            f"this LoRA adapter has bias={bias!r}, which trains {len(found)} bias tensors of this model "
-            f"(e.g. {found[0]!r}); peftcore does not train biases, so it cannot load the adapter exactly"
-        )
-
-
-def config_to_peft(config: LoRAConfig, model: nn.Module) -> dict:
-    """peft's LoraConfig fields for ``config`` (the shared fields are written by checkpoint.py).
-
-    PiSSA and OLoRA are written by name: peft re-runs them on the original base on load and gets
-    the same residual. ``pissa_niter_<N>`` is randomised, so its adapter is written converted,
-    relative to the original base, with rank 2r (see ``saved_tensors``), as peft's
-    ``path_initial_model_for_weight_conversion`` does; alpha is scaled to keep every layer's scale.
-    """
-    converted = config.init.startswith("pissa_niter")
-    rank_factor = 2 if converted else 1
-    alpha_factor = (math.sqrt(2) if config.use_rslora else 2) if converted else 1
-    init = True if converted else {"kaiming": True}.get(config.init, config.init)
-    return {
-        "peft_type": PEFT_TYPE,
-        "r": config.r * rank_factor,
-        "lora_alpha": config.alpha * alpha_factor,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": init,
-        "rank_pattern": {k: v * rank_factor for k, v in config.rank_pattern.items()},
-        "alpha_pattern": {k: v * alpha_factor for k, v in config.alpha_pattern.items()},
-        "layers_to_transform": shown(config.layers_to_transform),
-        "layers_pattern": shown(config.layers_pattern),
-        "bias": "none",
-        "fan_in_fan_out": False,
-    }
-
-
-def peft_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
-    """The layer's live tensors under peft's names."""
-    return {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
-
-
-def saved_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
-    """What the file holds: the live tensors, or for a pissa_niter layer the rank-2r adapter
-    relative to the original base: s [B, -B0] [A; A0] = s (B A - B0 A0) = W + s B A - W_original."""
-    if layer.initial_A is None:
-        return peft_tensors(layer)
-    return {
-        "lora_A.weight": torch.cat([layer.lora_A.weight, layer.initial_A], dim=0),
-        "lora_B.weight": torch.cat([layer.lora_B.weight, -layer.initial_B], dim=1),
-    }
-
-
-def differs(layer: LoRALinear, name: str, config: LoRAConfig) -> Optional[str]:
-    """What the layer computes differently from what ``config`` gives ``name``, or None."""
-    r, alpha = config.rank_and_alpha(name)
-    if layer.r != r or not math.isclose(layer.scale, config.scale_of(r, alpha), rel_tol=1e-9):
-        return f"{name!r} has rank {layer.r} and scale {layer.scale:g} here; the file gives rank {r}, scale {config.scale_of(r, alpha):g}"
-    if changes_base(layer.init) != changes_base(config.init) or (changes_base(config.init) and layer.init != config.init):
-        return f"{name!r} was initialised with {layer.init!r} here; the file's adapter expects {config.init!r}"
-    return None
+    def differs(self, layer: LoRALinear, name: str, config: LoRAConfig) -> Optional[str]:
+        """What the layer computes differently from what ``config`` gives ``name``, or None."""
+        r, alpha = config.rank_and_alpha(name)
+        if layer.r != r or not math.isclose(layer.scale, config.scale_of(r, alpha), rel_tol=1e-9):
+            return f"{name!r} has rank {layer.r} and scale {layer.scale:g} here; the file gives rank {r}, scale {config.scale_of(r, alpha):g}"
+        if changes_base(layer.init) != changes_base(config.init) or (changes_base(config.init) and layer.init != config.init):
+            return f"{name!r} was initialised with {layer.init!r} here; the file's adapter expects {config.init!r}"
+        return None

@@ -3,7 +3,7 @@
     lr(B) = ratio * lr(A)         (the paper's eta_B / eta_A; its experiments use ratios near 16)
 
 Which parameters get ``ratio * lr`` follows peft's ``create_loraplus_optimizer``: each layer's B
-factors (a Layer names them in ``LORAPLUS_FAST``: LoRA's and DoRA's ``lora_B.weight``), and every
+factors (a method names them in ``loraplus_fast``: LoRA's and DoRA's ``lora_B.weight``), and every
 trainable one-dimensional parameter (DoRA's magnitudes, the norms of modules_to_save). Weight
 decay follows the project's rule independently: matrices decay, vectors do not.
 """
@@ -14,6 +14,7 @@ from typing import Optional
 
 from torch import nn
 
+from peftcore import methods
 from peftcore.surgery import adapter_layers
 
 
@@ -21,7 +22,7 @@ def fast_parameters(model: nn.Module) -> set[int]:
     """ids of the trainable parameters LoRA+ gives ``ratio * lr``."""
     fast = {id(p) for p in model.parameters() if p.requires_grad and p.dim() == 1}
     for _, layer in adapter_layers(model):
-        for name in getattr(layer, "LORAPLUS_FAST", ()):
+        for name in methods.for_layer(layer).loraplus_fast:
             fast.add(id(layer.get_parameter(name)))
     return fast
 

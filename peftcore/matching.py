@@ -12,7 +12,7 @@ the same thing here. Each rule is one function; nothing else in peftcore matches
                                       re.match(rf"(.*\\.)?({key})$", name); the first key that matches wins
     layers_to_transform               the layer index is the number after one of layers_pattern
                                       ("block.3." -> 3) or, without a pattern, the first
-                                      "<name>.<number>." segment (peft >= 0.20; "last" for <= 0.19)
+                                      "<name>.<number>." segment (peft >= 0.20; peft_format keeps <= 0.19's)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -59,22 +59,19 @@ def pattern_key(patterns: Mapping[str, object], name: str) -> Optional[str]:
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
 
 
-def layer_index(name: str, layers_pattern: Optional[Sequence[str]], rule: str = "first") -> Optional[int]:
-    """The layer number of ``name`` that layers_to_transform is compared with.
-
-    ``rule="first"`` is peft >= 0.20 (the first numbered segment); ``"last"`` is peft <= 0.19,
-    whose greedy regex read the last one: on T5 that is the sub-layer index inside a block
-    (``encoder.block.3.layer.0.SelfAttention.q`` -> 0), not the block.
-    """
-    lead = r".*?\." if rule == "first" else r".*\."
+def layer_index(name: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+    """The layer number of ``name`` that layers_to_transform is compared with (peft >= 0.20):
+    the number after one of ``layers_pattern``, or else the first numbered segment
+    (``encoder.block.3.layer.0.SelfAttention.q`` -> 3). peft_format keeps older peft's rule."""
     if not layers_pattern:
-        match = re.match(lead + r"[^.]*\.(\d+)\.", name)
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     else:
-        start = rf"(?:^|{lead})" if rule == "first" else lead
-        match = next(
-            (m for p in layers_pattern if (m := re.match(rf"{start}{p}\.(\d+)\.", name))), None
-        )
+        match = next((m for p in layers_pattern if (m := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
     return int(match.group(1)) if match else None
+
+
+# A layer_index rule: (dotted name, layers_pattern) -> the layer number, or None.
+LayerIndex = Callable[[str, Optional[Sequence[str]]], Optional[int]]
 
 
 # --- over a model ---------------------------------------------------------------------------
@@ -102,7 +99,7 @@ def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
     return tuple(name for name, m in model.named_modules() if name and is_linear(m) and m is not head)
 
 
-def why_not_selected(name: str, config: Any, targets: TargetModules, layer_rule: str = "first") -> Optional[str]:
+def why_not_selected(name: str, config: Any, targets: TargetModules, layer_rule: LayerIndex = layer_index) -> Optional[str]:
     """None when ``config`` adapts the module ``name``; otherwise the field that leaves it out.
     The checks run in peft's order: excluded, inside a module to save, targeted, in a chosen layer."""
     if config.exclude_modules and matches(name, config.exclude_modules):
@@ -115,7 +112,7 @@ def why_not_selected(name: str, config: Any, targets: TargetModules, layer_rule:
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None and name not in targets:  # a full name in the list bypasses the layer filter (peft)
         pattern = config.layers_pattern
-        index = layer_index(name, pattern, layer_rule)
+        index = layer_rule(name, pattern)
         if index is None:
             return f"layers_pattern={shown(pattern)} finds no layer index in its name"
         if index not in layers:
@@ -127,7 +124,7 @@ def shown(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def select_targets(model: nn.Module, config: Any, layer_rule: str = "first") -> list[str]:
+def select_targets(model: nn.Module, config: Any, layer_rule: LayerIndex = layer_index) -> list[str]:
     """Dotted names of the layers ``config`` adapts; raises if a target entry selects nothing."""
     names = [name for name, _ in model.named_modules() if name]
     targets = resolve_targets(model, config.target_modules)

@@ -13,11 +13,8 @@ model (as ``model.peftcore_prompt``) and two forward pre-hooks. The encoder's ho
 mask its decoder cross-attends with. So ``model(...)`` and ``model.generate(...)`` (greedy or beam
 search: generate runs the encoder once, then the model step by step) work unchanged.
 
-peft's format (``PROMPT_TUNING``) stores ``prompt_embeddings`` of ``n * num_transformer_submodules``
-rows; for encoder-decoder models peft allocates 2n and only ever uses the first n (its
-prompt-tuning forward and generate prepend ``prompts[:, :n]`` to the encoder input alone), so the
-decoder half trains nothing. peftcore keeps the n rows that matter, which is why its parameter
-count is half of peft's, and writes the decoder half as zeros when it saves.
+``P`` has the n rows the encoder uses; peft allocates 2n for encoder-decoder models (see
+peftcore/peft_format/prompt.py), so peftcore's parameter count is half of peft's.
 """
 
 from __future__ import annotations
@@ -31,9 +28,9 @@ import torch
 from torch import nn
 
 from peftcore.config import fail, positive_int
-from peftcore.peft_fields import check_fields
+from peftcore.contract import InputMethod
 
-__all__ = ["PromptTuningConfig", "SoftPrompt"]
+__all__ = ["PromptTuning", "PromptTuningConfig", "SoftPrompt"]
 
 PROMPT_INITS = ("random", "vocab", "text")
 ATTRIBUTE = "peftcore_prompt"  # where install() puts the SoftPrompt on the model
@@ -81,7 +78,6 @@ class SoftPrompt(nn.Module):
         )
         self.word_embeddings = [word_embeddings]  # a list: the model owns it, not this module
         self.disabled = False
-        self.merged = False
         self.handles: list = []
 
     @property
@@ -102,9 +98,6 @@ class SoftPrompt(nn.Module):
         else:
             ids = torch.tensor(_text_ids(self.config, n), device=self.embedding.device)
         self.embedding.copy_(embeddings(ids).detach())
-
-    def merge(self) -> None:
-        raise ValueError("a soft prompt is an input, not a weight: it cannot be merged; unload(model, merge=False) removes it")
 
     # --- the hooks --------------------------------------------------------------------------
 
@@ -167,127 +160,35 @@ def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return dict(bound.arguments)
 
 
-# --- the method contract (see peftcore/methods.py) ------------------------------------------------
+class PromptTuning(InputMethod):
+    """Prompt tuning as a method: one SoftPrompt for the model, put before the encoder's input by hooks."""
 
-KIND = "input"
-Config = PromptTuningConfig
-Layer = SoftPrompt
-IDENTITY_AT_INIT = False  # a prompt changes the input from the start
-# peft allocates 2 x num_virtual_tokens rows for encoder-decoder models (the module docstring says why)
-PEFT_TRAINABLE_FACTOR = 2
+    config = PromptTuningConfig
+    layer = SoftPrompt
+    identity_at_init = False  # a prompt changes the input from the start
+    not_a_weight = "a soft prompt is an input, not a weight"
 
+    def install(self, model: nn.Module, config: PromptTuningConfig, initialise: bool = True) -> SoftPrompt:
+        """Add the soft prompt to an encoder-decoder ``model``; only the prompt trains."""
+        encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+        if encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"prompt tuning here prepends to an encoder's input; {type(model).__name__} has no encoder")
+        prompt = SoftPrompt(config, model.get_input_embeddings())
+        if initialise:
+            prompt.initialise()
+        setattr(model, ATTRIBUTE, prompt)
+        prompt.handles = [
+            encoder.register_forward_pre_hook(prompt.before_encoder, with_kwargs=True),
+            model.register_forward_pre_hook(prompt.before_model, with_kwargs=True),
+        ]
+        return prompt
 
-def install(model: nn.Module, config: PromptTuningConfig, initialise: bool = True) -> SoftPrompt:
-    """Add the soft prompt to an encoder-decoder ``model``; only the prompt trains."""
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
-    if encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError(f"prompt tuning here prepends to an encoder's input; {type(model).__name__} has no encoder")
-    prompt = SoftPrompt(config, model.get_input_embeddings())
-    if initialise:
-        prompt.initialise()
-    setattr(model, ATTRIBUTE, prompt)
-    prompt.handles = [
-        encoder.register_forward_pre_hook(prompt.before_encoder, with_kwargs=True),
-        model.register_forward_pre_hook(prompt.before_model, with_kwargs=True),
-    ]
-    return prompt
+    def remove(self, model: nn.Module, prompt: SoftPrompt) -> None:
+        for handle in prompt.handles:
+            handle.remove()
+        delattr(model, ATTRIBUTE)
 
-
-def remove(model: nn.Module, prompt: SoftPrompt) -> None:
-    for handle in prompt.handles:
-        handle.remove()
-    delattr(model, ATTRIBUTE)
-
-
-# --- peft's format ---------------------------------------------------------------------------------
-#
-# Every field of peft's PromptTuningConfig and PromptLearningConfig (unchanged from 0.17 to 0.21),
-# besides PeftConfig's own (peft_fields.METADATA), is in one of these tables.
-
-PEFT_TYPE = "PROMPT_TUNING"
-PEFT_NAMES = {"prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer"}
-PEFT_IMPLEMENTED = (
-    "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-    "token_dim",                   # must be the model's d_model
-    "num_transformer_submodules",  # 1 or 2 copies of the rows; the encoder uses the first n
-)
-PEFT_AT_DEFAULT = {"modules_to_save": (None, "modules trained in full next to a prompt")}
-PEFT_INERT = {
-    "num_attention_heads": "describes the model; prompt tuning does not use it",
-    "num_layers": "describes the model; prompt tuning does not use it",
-    "tokenizer_kwargs": "used only by the text init, which the file's prompt replaces",
-}
-PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
-TENSOR = "prompt_embeddings"
-
-
-def claims(data: dict) -> bool:
-    return data.get("peft_type") == PEFT_TYPE
-
-
-def config_from_peft(data: dict, model: nn.Module) -> PromptTuningConfig:
-    check_fields(data, "prompt-tuning", PEFT_IMPLEMENTED, PEFT_AT_DEFAULT, PEFT_INERT)
-    if data.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
-        raise ValueError(
-            f"this prompt-tuning adapter has task_type={data['task_type']!r}; peftcore's prompt goes before a "
-            "seq2seq encoder's input (task_type 'SEQ_2_SEQ_LM')"
-        )
-    d_model = model.get_input_embeddings().weight.shape[1]
-    if data.get("token_dim") not in (None, d_model):
-        raise ValueError(f"this prompt-tuning adapter has token_dim={data['token_dim']}; the model's d_model is {d_model}")
-    if data.get("num_transformer_submodules") not in (None, 1, 2):
-        raise ValueError(f"num_transformer_submodules={data['num_transformer_submodules']!r}: peft writes 1 or 2")
-    init = data.get("prompt_tuning_init", "RANDOM")
-    if init not in PEFT_INITS:
-        raise ValueError(f"prompt_tuning_init={init!r}; peft's inits are {list(PEFT_INITS)}")
-    return PromptTuningConfig(
-        num_virtual_tokens=data["num_virtual_tokens"],
-        init=PEFT_INITS[init],
-        init_text=data.get("prompt_tuning_init_text") if init == "TEXT" else None,
-        tokenizer=data.get("tokenizer_name_or_path") if init == "TEXT" else None,
-    )
-
-
-def config_to_peft(config: PromptTuningConfig, model: nn.Module) -> dict:
-    encoder = model.get_encoder()
-    return {
-        "peft_type": PEFT_TYPE,
-        "num_virtual_tokens": config.num_virtual_tokens,
-        "token_dim": model.get_input_embeddings().weight.shape[1],
-        "num_transformer_submodules": 2,  # what peft uses for encoder-decoder models
-        "num_attention_heads": getattr(model.config, "num_heads", None),
-        "num_layers": len(getattr(encoder, "block", [])) or None,
-        "prompt_tuning_init": {v: k for k, v in PEFT_INITS.items()}[config.init],
-        "prompt_tuning_init_text": config.init_text,
-        "tokenizer_name_or_path": config.tokenizer,
-        "tokenizer_kwargs": None,
-        "modules_to_save": None,
-    }
-
-
-def peft_tensors(prompt: SoftPrompt) -> dict[str, torch.Tensor]:
-    """The live prompt under peft's name (a file's extra decoder rows are dropped on reading)."""
-    return {TENSOR: prompt.embedding}
-
-
-def read_file_tensors(saved: dict[str, torch.Tensor], data: dict) -> dict[str, torch.Tensor]:
-    """peft's ``prompt_embeddings`` holds n rows per transformer submodule; the encoder's are the first n."""
-    if TENSOR not in saved:
-        return saved
-    rows, copies = saved[TENSOR].shape[0], data.get("num_transformer_submodules") or 1
-    n = data["num_virtual_tokens"]
-    if rows != n * copies:
-        raise ValueError(f"{TENSOR} has {rows} rows; num_virtual_tokens={n} x num_transformer_submodules={copies} "
-                         f"makes {n * copies}")
-    return {**saved, TENSOR: saved[TENSOR][:n]}
-
-
-def saved_tensors(prompt: SoftPrompt) -> dict[str, torch.Tensor]:
-    """peft's 2n rows: the prompt, then zeros for the decoder half peft never uses."""
-    return {TENSOR: torch.cat([prompt.embedding, torch.zeros_like(prompt.embedding)])}
-
-
-def differs(prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> Optional[str]:
-    if prompt.num_virtual_tokens != config.num_virtual_tokens:
-        return f"the model's prompt has {prompt.num_virtual_tokens} tokens, the file's {config.num_virtual_tokens}"
-    return None
+    def differs(self, prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> Optional[str]:
+        if prompt.num_virtual_tokens != config.num_virtual_tokens:
+            return f"the model's prompt has {prompt.num_virtual_tokens} tokens, the file's {config.num_virtual_tokens}"
+        return None

@@ -2,7 +2,7 @@
 
 Every check runs before the first module is swapped, so a bad config leaves the model as it was.
 Which modules a config selects is decided in matching.py; what each method does, in its own
-module, found through peftcore.methods.
+class, found through peftcore.methods.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from peftcore import methods
 from peftcore.config import NF4Config
+from peftcore.contract import AdapterLayer, InputMethod
 from peftcore.matching import matches, select_copies, select_targets
 from peftcore.nf4 import QUANTIZABLE_DTYPES, NF4Linear
 from peftcore.t5 import KEEP_IN_FULL_PRECISION
@@ -31,6 +32,13 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, types):
             yield name, module
+
+
+def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """The layer methods' wrappers in ``model`` (adapter_layers without an input method's module)."""
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, AdapterLayer):
+            yield name, layer
 
 
 def trained_copies(model: nn.Module) -> Iterator[tuple[str, TrainedCopy]]:
@@ -54,7 +62,7 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
             f"the model already has an adapter ({type(existing[1]).__name__} at {existing[0]!r}); "
             "call unload(model) first to inject another one"
         )
-    if method.KIND == "input":
+    if isinstance(method, InputMethod):
         for param in model.parameters():
             param.requires_grad_(False)
         method.install(model, config, initialise)
@@ -132,18 +140,27 @@ def _skip_list(model: nn.Module, config: NF4Config) -> Union[Sequence[str], str]
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its base weight; forward then costs what the base model costs."""
+    """Fold every adapter into its base weight; forward then costs what the base model costs.
+    An input method's module is not a weight: merging it is refused, saying why."""
+    _refuse_merging_inputs(model)
     _untie_merged_bases(model)
-    for _, layer in adapter_layers(model):
+    for _, layer in wrapped_layers(model):
         layer.merge()
+
+
+def _refuse_merging_inputs(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        method = methods.for_layer(layer)
+        if isinstance(method, InputMethod):
+            method.refuse_merge()
 
 
 def _untie_merged_bases(model: nn.Module) -> None:
     """A base whose weight is shared (T5's lm_head is tied to the input embeddings) gets its own
     copy before a merge: merging into the shared tensor would change the embeddings too."""
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
-    for name, layer in adapter_layers(model):
-        weight = getattr(getattr(layer, "base", None), "weight", None)
+    for name, layer in wrapped_layers(model):
+        weight = getattr(layer.base, "weight", None)
         if isinstance(weight, nn.Parameter) and owners[id(weight)] > 1 and not layer.merged:
             layer.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             warnings.warn(
@@ -156,7 +173,7 @@ def _untie_merged_bases(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Undo ``merge`` (exact up to float rounding on full-precision bases)."""
-    for _, layer in adapter_layers(model):
+    for _, layer in wrapped_layers(model):
         layer.unmerge()
 
 
@@ -166,12 +183,11 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     trained copy with ``merge`` (as peft's merge_and_unload does) and its original without. Without
     ``merge`` an NF4 base stays NF4. Returns the plain model."""
     if merge:
+        _refuse_merging_inputs(model)
         _untie_merged_bases(model)
     for name, layer in list(adapter_layers(model)):
         method = methods.for_layer(layer)
-        if method.KIND == "input":
-            if merge:
-                layer.merge()  # says why it cannot
+        if isinstance(method, InputMethod):
             method.remove(model, layer)
             continue
         if merge:
@@ -190,7 +206,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (e.g. to score the untuned model)."""
     layers = [layer for _, layer in adapter_layers(model)] + [saved for _, saved in trained_copies(model)]
-    merged = [name for name, layer in adapter_layers(model) if layer.merged]
+    merged = [name for name, layer in wrapped_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"adapters are merged (e.g. {merged[0]!r}); call unmerge(model) before disabling them")
     for layer in layers:

@@ -19,14 +19,14 @@ DEMO = str(ROOT / "experiments/configs/demo.yaml")
 SMALL = ["--data.limit_train=8", "--data.limit_val=4", "--data.limit_test=2", "--data.batch_size=4",
          "--data.max_source_length=64", "--model.max_new_tokens=4", "--trainer.max_epochs=1",
          "--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false"]
-METHODS = {method.__name__.rsplit(".", 1)[-1]: method for method in methods.METHODS}
+METHODS = {method.name: method for method in methods.METHODS}
 
 
 def method_argument(method) -> str:
-    config = method.Config()
+    config = method.config()
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-    return "--model.peft=" + json.dumps({"class_path": f"{method.__name__}.{type(config).__name__}", "init_args": fields})
+    return "--model.peft=" + json.dumps({"class_path": f"{type(config).__module__}.{type(config).__name__}", "init_args": fields})
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -34,7 +34,7 @@ def test_fit_checkpoint_adapter_and_evaluate(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     method = METHODS[name]
     cli = lightning_cli(["fit", "--config", DEMO, *SMALL, method_argument(method)])
-    assert type(cli.model.model.peftcore_config) is method.Config
+    assert type(cli.model.model.peftcore_config) is method.config
     run = tmp_path / "runs/demo/version_0"
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]  # safe globals suffice
     trainable = {f"model.{n}" for n, p in cli.model.model.named_parameters() if p.requires_grad}
@@ -42,10 +42,10 @@ def test_fit_checkpoint_adapter_and_evaluate(name, tmp_path, monkeypatch):
 
     fresh = build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0)
     peftcore.load_adapter(fresh, run / "best_adapter")
-    assert type(fresh.peftcore_config) is method.Config
+    assert type(fresh.peftcore_config) is method.config
 
     main(["evaluate", "--train_config", DEMO, "--run_name", name, "--ckpt_path", "last", "--bertscore_model", "null",
           "--overrides", json.dumps([*SMALL, method_argument(method)]), "--output_dir", str(tmp_path / "eval")])
     record = json.loads((tmp_path / "eval" / name / "eval_record.json").read_text())
-    assert record["settings"]["method"] == type(method.Config()).__name__
+    assert record["settings"]["method"] == type(method.config()).__name__
     assert record["metrics"]["trainable_params"] == peftcore.count_parameters(cli.model.model).trainable

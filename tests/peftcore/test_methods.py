@@ -10,6 +10,7 @@ name, and no file outside the method's module naming its classes.
 import ast
 import copy
 import dataclasses
+import sys
 import typing
 import warnings
 from pathlib import Path
@@ -20,12 +21,12 @@ import torch
 from conftest import build_t5, move_off_init, t5_batch
 
 import peftcore
-from peftcore import methods
+from peftcore import methods, peft_format
 from peftcore.checkpoint import to_peft_config
 from peftcore.surgery import adapter_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-METHODS = {method.__name__.rsplit(".", 1)[-1]: method for method in methods.METHODS}
+METHODS = {method.name: method for method in methods.METHODS}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,7 +37,7 @@ def injected(method, seed: int = 0, model=None):
 
 def inject(method, model=None):
     model = build_t5("t5-tiny") if model is None else model
-    return peftcore.inject(model, method.Config())
+    return peftcore.inject(model, method.config())
 
 
 def logits(model, batch):
@@ -62,7 +63,7 @@ def test_inject_trains_only_the_adapter_and_starts_where_the_method_says(name):
     )
     batch = batch_with_padding()
     same = torch.allclose(logits(model, batch), logits(base, batch), atol=1e-5)
-    assert same is method.IDENTITY_AT_INIT
+    assert same is method.identity_at_init
     with peftcore.disable_adapters(model):
         torch.testing.assert_close(logits(model, batch), logits(base, batch))
 
@@ -72,7 +73,7 @@ def test_merge_and_unmerge_round_trip_or_refuse_plainly(name):
     method = METHODS[name]
     model, batch = injected(method), batch_with_padding()
     adapted = logits(model, batch)
-    if method.KIND == "input":
+    if isinstance(method, methods.InputMethod):
         with pytest.raises(ValueError, match="cannot be merged"):
             peftcore.merge(model)
         return
@@ -124,10 +125,9 @@ def test_peft_reads_ours_and_we_read_peft_with_equal_logits_and_gradients(name, 
     ours_grads = grads_in_file_names(ours, lambda: (peftcore.save_adapter(ours, tmp_path / "g"),
                                                     peftcore.checkpoint._read_tensors(tmp_path / "g"))[1])
     theirs_grads = grads_in_file_names(theirs, lambda: peft.get_peft_model_state_dict(theirs))
-    if hasattr(method, "read_file_tensors"):
-        data = to_peft_config(ours.peftcore_config, ours)
-        ours_grads = method.read_file_tensors(ours_grads, data)
-        theirs_grads = method.read_file_tensors(theirs_grads, data)
+    data, translator = to_peft_config(ours.peftcore_config, ours), peft_format.for_config(ours.peftcore_config)
+    ours_grads = translator.read_file_tensors(ours_grads, data)
+    theirs_grads = translator.read_file_tensors(theirs_grads, data)
     assert ours_grads.keys() == theirs_grads.keys()
     assert any(g.abs().sum() > 0 for g in ours_grads.values())  # gradients that prove something
     for key in ours_grads:
@@ -137,17 +137,17 @@ def test_peft_reads_ours_and_we_read_peft_with_equal_logits_and_gradients(name, 
     again = peftcore.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(logits(again, batch), logits(theirs, batch), atol=1e-5, rtol=1e-5)
     round_trip = peftcore.load_adapter(copy.deepcopy(base), tmp_path / "ours")
-    assert type(round_trip.peftcore_config) is method.Config
+    assert type(round_trip.peftcore_config) is method.config
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_parameter_count_on_the_t5_base_shape_equals_peft(name):
     method = METHODS[name]
     ours = build_t5("t5-base", device="meta")
-    data = {**to_peft_config(method.Config(), ours), "inference_mode": False}
+    data = {**to_peft_config(method.config(), ours), "inference_mode": False}
     theirs = peft.get_peft_model(copy.deepcopy(ours), peft.PeftConfig.from_peft_type(**data))
-    peftcore.inject(ours, method.Config())
-    factor = getattr(method, "PEFT_TRAINABLE_FACTOR", 1)
+    peftcore.inject(ours, method.config())
+    factor = peft_format.for_config(method.config()).trainable_factor
     assert peftcore.count_parameters(ours).trainable * factor == theirs.get_nb_trainable_parameters()[0]
 
 
@@ -167,7 +167,7 @@ def bad_value(annotation):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_bad_configs_are_refused_by_name(name):
-    cls = METHODS[name].Config
+    cls = METHODS[name].config
     hints = typing.get_type_hints(cls)
     checked = 0
     for field in dataclasses.fields(cls):
@@ -181,12 +181,17 @@ def test_bad_configs_are_refused_by_name(name):
 
 
 def test_no_file_outside_a_methods_module_names_its_classes():
-    """Surgery, checkpoints, stats, the CLI and the experiments iterate peftcore.methods; the test
-    reads the code (names in expressions and imports, not prose)."""
-    names = {name for method in methods.METHODS for name in method.__all__}
-    own = {Path(method.__file__).resolve() for method in methods.METHODS}
+    """Surgery, checkpoints, stats, the CLI and the experiments iterate peftcore.methods; only a
+    method's module, its translator in peftcore.peft_format and the registries (the package's
+    exports, METHODS, FORMATS) name its classes. The test reads the code (names in expressions and
+    imports, not prose)."""
+    modules = [sys.modules[type(method).__module__] for method in methods.METHODS]
+    names = {name for module in modules for name in module.__all__}
+    translators = [sys.modules[type(translator).__module__] for translator in peft_format.FORMATS.values()]
+    registries = [peftcore, methods, peft_format]
+    own = {Path(module.__file__).resolve() for module in [*modules, *translators, *registries]}
     offenders = []
-    for path in [*(ROOT / "peftcore").glob("*.py"), *(ROOT / "experiments").glob("*.py")]:
+    for path in [*(ROOT / "peftcore").rglob("*.py"), *(ROOT / "experiments").glob("*.py")]:
         if path.resolve() in own:
             continue
         for node in ast.walk(ast.parse(path.read_text())):

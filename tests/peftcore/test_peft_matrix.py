@@ -280,17 +280,19 @@ def test_a_key_that_does_not_fit_names_the_field_that_explains_it(tmp_path):
 def test_every_peft_field_is_in_exactly_one_table_and_in_the_readme():
     from pathlib import Path
 
-    from peftcore import ia3, lora, methods
+    from peftcore.peft_format import FORMATS
+    from peftcore.peft_format.ia3 import IA3Format
+    from peftcore.peft_format.lora import LoRAFormat
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## Adapter files"):]
-    for method in methods.METHODS:
-        tables = [set(method.PEFT_IMPLEMENTED), set(method.PEFT_AT_DEFAULT), set(method.PEFT_INERT)]
-        assert sum(len(t) for t in tables) == len(set().union(*tables)), method.__name__
+    for translator in FORMATS.values():
+        tables = [set(translator.implemented), set(translator.at_default), set(translator.inert)]
+        assert sum(len(t) for t in tables) == len(set().union(*tables)), type(translator).__name__
         missing = [f for f in set().union(*tables) if f"`{f}`" not in section]
         assert not missing, f"README's adapter section does not list {missing}"
     own = set(peft.LoraConfig.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__) - {"runtime_config"}
-    accounted = set(lora.PEFT_IMPLEMENTED) | set(lora.PEFT_AT_DEFAULT) | set(lora.PEFT_INERT)
+    accounted = set(LoRAFormat.implemented) | set(LoRAFormat.at_default) | set(LoRAFormat.inert)
     assert own <= accounted, f"fields of the installed peft's LoraConfig nobody accounts for: {own - accounted}"
     own = set(peft.IA3Config.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__)
-    assert own <= set(ia3.PEFT_IMPLEMENTED) | set(ia3.PEFT_INERT)
+    assert own <= set(IA3Format.implemented) | set(IA3Format.inert)

@@ -1,7 +1,7 @@
 """peft's ``adapter_config.json``, field by field: what every method's translation shares.
 
-A method's translation (``lora.py``, ``ia3.py``) accounts for every field of peft's config class
-of releases 0.17 to 0.21 in one of three ways, and ``check_fields`` enforces it:
+A method's translator (``Format``: ``lora.py``, ``ia3.py`` here) accounts for every field of peft's
+config class of releases 0.17 to 0.21 in one of three ways, and ``check_fields`` enforces it:
 
     implemented   the translation reads the field and honours its value (or refuses the value)
     at default    accepted only at peft's default or an empty value; any other value is refused

@@ -1,0 +1,119 @@
+"""The method contract: the base classes a PEFT method subclasses (the registry is methods.py).
+
+A method is a **layer** method (it wraps each target linear layer: LoRA, DoRA, IA3) or an
+**input** method (one module for the whole model: the soft prompt). A method class declares its
+config and layer as class attributes and overrides only what differs from the defaults here;
+surgery, checkpoint, stats and the CLI work through these classes and never name a method.
+
+Every layer (``Method.layer``) has ``disabled``, ``initialise()`` and ``adapter_params()``; a layer
+method's layer is an ``AdapterLayer`` and also has ``base``, ``merged``, ``merge()``, ``unmerge()``
+and ``fold_into_base()``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one linear layer ``base`` (frozen) with a trainable adapter.
+
+    It stands where the linear layer stood, so it answers what model code reads from that module:
+    ``in_features``, ``out_features`` and ``weight`` (T5's feed-forward casts to ``wo.weight.dtype``).
+    A subclass adds its tensors, ``forward``, ``adapter_params``, ``initialise``, ``merge`` and
+    ``unmerge``, reading and writing the base weight only through peftcore.weights.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.merged = False
+        self.disabled = False
+        for param in base.parameters():
+            param.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
+        return self.base.weight
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors, by their names in this module."""
+        raise NotImplementedError
+
+    def initialise(self) -> None:
+        """Run the init (after ``load_adapter`` has checked a file: PiSSA rewrites the base)."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    def fold_into_base(self) -> None:
+        """Merge for good (unload; no unmerge follows): the same as merge unless a method says otherwise."""
+        self.merge()
+
+
+class Method:
+    """What every method declares. Subclass LayerMethod or InputMethod, not this."""
+
+    config: ClassVar[type]  # a frozen dataclass that validates itself
+    layer: ClassVar[type]  # the module that computes (an AdapterLayer for a layer method)
+    identity_at_init: ClassVar[bool] = True  # a freshly injected model computes what the base computes
+    # Names (in ``layer``) of the parameters LoRA+ trains at ratio x lr, besides every 1-D one.
+    loraplus_fast: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def differs(self, layer: nn.Module, name: str, config: object) -> Optional[str]:
+        """Why ``layer`` (at module ``name``) computes otherwise than ``config`` says, or None.
+        Asked when an adapter is loaded into a model that already holds one."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+class LayerMethod(Method):
+    """A method that wraps each target linear layer in ``layer`` (an AdapterLayer)."""
+
+    def check(self, config: object, targets: list[str]) -> None:
+        """Refuse (or warn about) ``config`` on these target names, before any module is swapped."""
+
+    def wrap(self, base: nn.Module, config: object, name: str, initialise: bool = True) -> AdapterLayer:
+        """The layer standing in for ``base`` (module ``name``); ``initialise=False`` skips the init."""
+        raise NotImplementedError
+
+
+class InputMethod(Method):
+    """A method that adds one module for the whole model (a soft prompt, a prefix)."""
+
+    identity_at_init = False
+    # Why it cannot be merged into the weights (merge and unload(merge=True) refuse with it).
+    not_a_weight: ClassVar[str] = "an input transform is not a weight"
+
+    def install(self, model: nn.Module, config: object, initialise: bool = True) -> nn.Module:
+        """Add the module to ``model`` and return it; only its parameters train."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, module: nn.Module) -> None:
+        """Take out what ``install`` added."""
+        raise NotImplementedError
+
+    def refuse_merge(self) -> None:
+        raise ValueError(f"{self.not_a_weight}: it cannot be merged; unload(model, merge=False) removes it")

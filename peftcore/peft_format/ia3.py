@@ -1,0 +1,49 @@
+"""(IA)^3 in peft's files: IA3Config's fields (unchanged from release 0.17 to 0.21) and ``ia3_l``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from peftcore import t5
+from peftcore.ia3 import IA3Config, IA3Scaler
+from peftcore.matching import shown
+from peftcore.peft_format.base import Format
+
+
+class IA3Format(Format):
+    peft_type = "IA3"
+    label = "IA3"
+    implemented = (
+        "target_modules", "exclude_modules", "feedforward_modules", "modules_to_save",
+        "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
+    )
+    inert = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
+
+    def config_from_peft(self, data: dict, model: nn.Module) -> IA3Config:
+        self.check_fields(data)
+        targets = data.get("target_modules") or t5.IA3_TARGETS
+        feedforward = data.get("feedforward_modules")
+        feedforward = t5.IA3_FEEDFORWARD if feedforward is None else feedforward  # peft's default for T5
+        if data.get("fan_in_fan_out"):
+            warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
+        return IA3Config(
+            target_modules=targets if isinstance(targets, str) else tuple(targets),
+            feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),
+            modules_to_save=tuple(data.get("modules_to_save") or ()),
+            exclude_modules=data.get("exclude_modules"),
+        )
+
+    def config_to_peft(self, config: IA3Config, model: nn.Module) -> dict:
+        return {
+            "peft_type": self.peft_type,
+            "feedforward_modules": shown(config.feedforward_modules),
+            "init_ia3_weights": True,
+            "fan_in_fan_out": False,
+        }
+
+    def peft_tensors(self, layer: IA3Scaler) -> dict[str, torch.Tensor]:
+        """peft's ``ia3_l``: (1, in_features) for a feed-forward target, else (out_features, 1)."""
+        return {"ia3_l": layer.scale.view((1, -1) if layer.feedforward else (-1, 1))}
