@@ -12,13 +12,14 @@ and ``fold_into_base()``.
 
 from __future__ import annotations
 
+from abc import ABC, ABCMeta, abstractmethod
 from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, metaclass=ABCMeta):
     """Wraps one linear layer ``base`` (frozen) with a trainable adapter.
 
     It stands where the linear layer stood, so it answers what model code reads from that module:
@@ -48,26 +49,30 @@ class AdapterLayer(nn.Module):
         """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
         return self.base.weight
 
+    @abstractmethod
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors, by their names in this module."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def initialise(self) -> None:
         """Run the init (after ``load_adapter`` has checked a file: PiSSA rewrites the base)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def merge(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def unmerge(self) -> None:
-        raise NotImplementedError
+        ...
 
     def fold_into_base(self) -> None:
         """Merge for good (unload; no unmerge follows): the same as merge unless a method says otherwise."""
         self.merge()
 
 
-class Method:
+class Method(ABC):
     """What every method declares. Subclass LayerMethod or InputMethod, not this."""
 
     config: ClassVar[type]  # a frozen dataclass that validates itself
@@ -95,9 +100,10 @@ class LayerMethod(Method):
     def check(self, config: object, targets: list[str]) -> None:
         """Refuse (or warn about) ``config`` on these target names, before any module is swapped."""
 
+    @abstractmethod
     def wrap(self, base: nn.Module, config: object, name: str, initialise: bool = True) -> AdapterLayer:
         """The layer standing in for ``base`` (module ``name``); ``initialise=False`` skips the init."""
-        raise NotImplementedError
+        ...
 
 
 class InputMethod(Method):
@@ -107,13 +113,15 @@ class InputMethod(Method):
     # Why it cannot be merged into the weights (merge and unload(merge=True) refuse with it).
     not_a_weight: ClassVar[str] = "an input transform is not a weight"
 
+    @abstractmethod
     def install(self, model: nn.Module, config: object, initialise: bool = True) -> nn.Module:
         """Add the module to ``model`` and return it; only its parameters train."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove(self, model: nn.Module, module: nn.Module) -> None:
         """Take out what ``install`` added."""
-        raise NotImplementedError
+        ...
 
     def refuse_merge(self) -> None:
         raise ValueError(f"{self.not_a_weight}: it cannot be merged; unload(model, merge=False) removes it")

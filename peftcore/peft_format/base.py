@@ -7,6 +7,7 @@ A translator accounts for every field of peft's config class for the method (``i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from peftcore.peft_format.fields import check_fields
 
 
-class Format:
+class Format(ABC):
     """peft's format for one method; the defaults fit a method whose tensors peft names as we do."""
 
     peft_type: ClassVar[str]  # adapter_config.json's peft_type
@@ -35,14 +36,16 @@ class Format:
     def check_fields(self, data: dict) -> None:
         check_fields(data, self.label, self.implemented, self.at_default, self.inert)
 
+    @abstractmethod
     def config_from_peft(self, data: dict, model: nn.Module) -> object:
         """The config that computes what peft computes with ``data`` on ``model``, every field
         accounted for, or a ValueError naming the one that cannot be honoured."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def config_to_peft(self, config: object, model: nn.Module) -> dict:
         """The method's own fields of adapter_config.json (the shared ones are written in __init__.py)."""
-        raise NotImplementedError
+        ...
 
     def peft_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """The layer's live tensors under peft's names (to load into)."""
