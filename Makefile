@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study-demo test bench install clean
+.PHONY: demo study-demo lint test bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: $(STAMP)
 study-demo: $(STAMP)
 	$(PY) -m experiments study --config experiments/study_demo.yaml
 
-test: $(STAMP)
+# ruff's lint and format checks (configured in pyproject.toml), then the default suite.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
 # CPU benchmarks against peft and bitsandbytes (about 20 minutes on 2 cores; run nothing else

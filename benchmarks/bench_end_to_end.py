@@ -73,10 +73,12 @@ class _Clock:
         self.ended = time.perf_counter()
 
     def result(self, examples: int) -> dict:
-        return dict(samples_per_s=round(examples / (self.ended - self.started), 3),
-                    seconds=round(self.ended - self.started, 2),
-                    padding_fraction=round(statistics.mean(self.padding), 4),
-                    mean_loss=round(statistics.mean(self.losses), 4))
+        return dict(
+            samples_per_s=round(examples / (self.ended - self.started), 3),
+            seconds=round(self.ended - self.started, 2),
+            padding_fraction=round(statistics.mean(self.padding), 4),
+            mean_loss=round(statistics.mean(self.losses), 4),
+        )
 
 
 def run_ours(args, device: torch.device, workdir: Path) -> dict:
@@ -93,7 +95,9 @@ def run_ours(args, device: torch.device, workdir: Path) -> dict:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             clock.padding.append(float(batch["padding_fraction"]))
             if clock.timing():
-                clock.losses.append(outputs["loss"].detach())  # read after training: no synchronisation per step
+                clock.losses.append(
+                    outputs["loss"].detach()
+                )  # read after training: no synchronisation per step
 
         def on_train_end(self, trainer, module):
             clock.end()
@@ -102,13 +106,24 @@ def run_ours(args, device: torch.device, workdir: Path) -> dict:
     cwd = os.getcwd()
     os.chdir(workdir)  # the config's checkpoints and logs land in the scratch directory
     try:
-        cli = lightning_cli([
-            "--config", str(CONFIG), "--model.pretrained=null", f"--model.shape={args.shape}",
-            "--model.random_init=true", f"--model.compile={str(args.compile).lower()}",
-            f"--trainer.max_epochs={args.epochs}", "--trainer.limit_val_batches=0",
-            "--trainer.num_sanity_val_steps=0", f"--trainer.accelerator={device.type}", f"--trainer.precision={precision}",
-            f"--data.batch_size={BATCH}", f"--data.limit_train={args.examples}",
-        ], run=False)
+        cli = lightning_cli(
+            [
+                "--config",
+                str(CONFIG),
+                "--model.pretrained=null",
+                f"--model.shape={args.shape}",
+                "--model.random_init=true",
+                f"--model.compile={str(args.compile).lower()}",
+                f"--trainer.max_epochs={args.epochs}",
+                "--trainer.limit_val_batches=0",
+                "--trainer.num_sanity_val_steps=0",
+                f"--trainer.accelerator={device.type}",
+                f"--trainer.precision={precision}",
+                f"--data.batch_size={BATCH}",
+                f"--data.limit_train={args.examples}",
+            ],
+            run=False,
+        )
         cli.trainer.callbacks.append(Timer())
         cli.trainer.fit(cli.model, cli.datamodule)
     finally:
@@ -125,20 +140,25 @@ def run_reference(args, device: torch.device, workdir: Path) -> dict:
     from peftcore.t5 import t5_config
 
     clock = _Clock(timed_from(args), device)
-    data = DialogSummaryDataModule(batch_size=BATCH, max_source_length=512, max_target_length=128,
-                                   limit_train=args.examples)
+    data = DialogSummaryDataModule(
+        batch_size=BATCH, max_source_length=512, max_target_length=128, limit_train=args.examples
+    )
     data.setup("fit")
     train = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.examples["train"]]
     torch.manual_seed(42)
     model = transformers.T5ForConditionalGeneration(t5_config(args.shape))
-    lora = peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, task_type="SEQ_2_SEQ_LM", target_modules=LORA_TARGETS)
+    lora = peft.LoraConfig(
+        r=32, lora_alpha=64, lora_dropout=0.05, task_type="SEQ_2_SEQ_LM", target_modules=LORA_TARGETS
+    )
     model = peft.get_peft_model(model, lora)
     collator = transformers.DataCollatorForSeq2Seq(data.tokenizer, model=model)
 
     def collate(features):
         batch = collator(features)
         real = sum(len(f["input_ids"]) + len(f["labels"]) for f in features)
-        clock.padding.append(1 - real / (len(features) * (batch["input_ids"].shape[1] + batch["labels"].shape[1])))
+        clock.padding.append(
+            1 - real / (len(features) * (batch["input_ids"].shape[1] + batch["labels"].shape[1]))
+        )
         return batch
 
     class Timer(transformers.TrainerCallback):
@@ -153,13 +173,27 @@ def run_reference(args, device: torch.device, workdir: Path) -> dict:
             clock.end()
 
     training = transformers.Seq2SeqTrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=BATCH, num_train_epochs=args.epochs,
-        learning_rate=1e-3, warmup_steps=0.06, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
-        bf16=device.type == "cuda", use_cpu=device.type != "cuda", save_strategy="no", report_to=[],
-        logging_steps=1, dataloader_num_workers=0, seed=42, disable_tqdm=True, torch_compile=args.compile,
+        output_dir=str(workdir / "hf"),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=args.epochs,
+        learning_rate=1e-3,
+        warmup_steps=0.06,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        dataloader_num_workers=0,
+        seed=42,
+        disable_tqdm=True,
+        torch_compile=args.compile,
     )
-    trainer = transformers.Seq2SeqTrainer(model=model, args=training, train_dataset=train, data_collator=collate,
-                                          callbacks=[Timer()])
+    trainer = transformers.Seq2SeqTrainer(
+        model=model, args=training, train_dataset=train, data_collator=collate, callbacks=[Timer()]
+    )
     trainer.train()
     return clock.result(args.examples)
 
@@ -181,7 +215,9 @@ def warm_up(shape: str, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parser(__doc__)
     parser.add_argument("--shape", default="t5-base")
-    parser.add_argument("--examples", type=int, default=512, help="training examples per epoch (the first of the split)")
+    parser.add_argument(
+        "--examples", type=int, default=512, help="training examples per epoch (the first of the split)"
+    )
     parser.add_argument("--epochs", type=int, default=1, help="the last one is timed")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="compile both sides (use --epochs 2)")
@@ -201,16 +237,27 @@ def main(argv: list[str] | None = None) -> dict:
     ours = [r["samples_per_s"] for r in runs["ours"]]
     theirs = [r["samples_per_s"] for r in runs["reference"]]
     pairs = [a / b for a, b in zip(ours, theirs)]
-    result = dict(benchmark="end to end: experiments fit vs Seq2SeqTrainer + peft (samples/s)", machine=machine(device),
-                  settings=vars(args), runs=runs,
-                  speedup=dict(median=round(statistics.median(ours) / statistics.median(theirs), 3),
-                               low=round(min(pairs), 3), high=round(max(pairs), 3)))
+    result = dict(
+        benchmark="end to end: experiments fit vs Seq2SeqTrainer + peft (samples/s)",
+        machine=machine(device),
+        settings=vars(args),
+        runs=runs,
+        speedup=dict(
+            median=round(statistics.median(ours) / statistics.median(theirs), 3),
+            low=round(min(pairs), 3),
+            high=round(max(pairs), 3),
+        ),
+    )
     path = write_result("bench_end_to_end" + ("_compiled" if args.compile else ""), device, result)
-    print_table(("", "samples/s (median)", "padding fraction"),
-                [("experiments fit", statistics.median(ours), runs["ours"][0]["padding_fraction"]),
-                 ("Seq2SeqTrainer + peft", statistics.median(theirs), runs["reference"][0]["padding_fraction"])],
-                f"{args.shape}, {args.examples} examples x {args.epochs} epochs, batch {BATCH}, {device}: "
-                f"speed-up {result['speedup']}")
+    print_table(
+        ("", "samples/s (median)", "padding fraction"),
+        [
+            ("experiments fit", statistics.median(ours), runs["ours"][0]["padding_fraction"]),
+            ("Seq2SeqTrainer + peft", statistics.median(theirs), runs["reference"][0]["padding_fraction"]),
+        ],
+        f"{args.shape}, {args.examples} examples x {args.epochs} epochs, batch {BATCH}, {device}: "
+        f"speed-up {result['speedup']}",
+    )
     print(f"wrote {path}")
     return result
 

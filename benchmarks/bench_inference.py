@@ -52,7 +52,12 @@ def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module
         theirs_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).merge_and_unload().eval()
     ours_merged = copy.deepcopy(ours)
     peftcore.merge(ours_merged)
-    return {"ours unmerged": ours, "ours merged": ours_merged, REFERENCE: theirs, "peft merged": theirs_merged}
+    return {
+        "ours unmerged": ours,
+        "ours merged": ours_merged,
+        REFERENCE: theirs,
+        "peft merged": theirs_merged,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,36 +70,58 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     args, device = common.parse(parser, argv)
     g = torch.Generator().manual_seed(3)
-    inputs = {"input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g).to(device),
-              "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long, device=device)}
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
-    result = dict(benchmark="inference: generate, unmerged vs merged, ours vs peft", machine=machine(device),
-                  settings=vars(args), results=[])
+    inputs = {
+        "input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g).to(device),
+        "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long, device=device),
+    }
+    settings = dict(
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, num_beams=1
+    )
+    result = dict(
+        benchmark="inference: generate, unmerged vs merged, ours vs peft",
+        machine=machine(device),
+        settings=vars(args),
+        results=[],
+    )
     for method in args.methods:
         models = forms(args.shape, METHODS[method], device)
         outputs = {}
 
-        def generate(name: str):
+        def generate(name: str, models=models, outputs=outputs):
             def run():
                 with torch.no_grad():
                     outputs[name] = models[name].generate(**inputs, **settings)
+
             return run
 
         times = time_interleaved({name: generate(name) for name in models}, args.repeats, device, warmup=1)
         tokens = args.batch * args.new_tokens
         row = dict(shape=args.shape, method=method, tokens_per_call=tokens)
         for name, samples in times.items():
-            row[name] = dict(ms=summary(samples), tokens_per_s=round(tokens / (sorted(samples)[len(samples) // 2] / 1e3), 1),
-                             ratio_to_peft_unmerged=ratio(samples, times[REFERENCE]),
-                             same_tokens_as_peft_unmerged=bool(torch.equal(outputs[name], outputs[REFERENCE])))
+            row[name] = dict(
+                ms=summary(samples),
+                tokens_per_s=round(tokens / (sorted(samples)[len(samples) // 2] / 1e3), 1),
+                ratio_to_peft_unmerged=ratio(samples, times[REFERENCE]),
+                same_tokens_as_peft_unmerged=bool(torch.equal(outputs[name], outputs[REFERENCE])),
+            )
         result["results"].append(row)
         write_result("bench_inference", device, result)
-    print_table(("method", "form", "tokens/s", "time ratio to peft unmerged [range]", "same tokens"),
-                [(r["method"], name, r[name]["tokens_per_s"],
-                  f"{r[name]['ratio_to_peft_unmerged']['median']} [{r[name]['ratio_to_peft_unmerged']['low']}, "
-                  f"{r[name]['ratio_to_peft_unmerged']['high']}]", r[name]["same_tokens_as_peft_unmerged"])
-                 for r in result["results"] for name in ("ours unmerged", "ours merged", REFERENCE, "peft merged")],
-                f"generate on {args.shape}, {device}: {args.batch} x {args.src} tokens in, {args.new_tokens} out")
+    print_table(
+        ("method", "form", "tokens/s", "time ratio to peft unmerged [range]", "same tokens"),
+        [
+            (
+                r["method"],
+                name,
+                r[name]["tokens_per_s"],
+                f"{r[name]['ratio_to_peft_unmerged']['median']} [{r[name]['ratio_to_peft_unmerged']['low']}, "
+                f"{r[name]['ratio_to_peft_unmerged']['high']}]",
+                r[name]["same_tokens_as_peft_unmerged"],
+            )
+            for r in result["results"]
+            for name in ("ours unmerged", "ours merged", REFERENCE, "peft merged")
+        ],
+        f"generate on {args.shape}, {device}: {args.batch} x {args.src} tokens in, {args.new_tokens} out",
+    )
     return result
 
 

@@ -48,12 +48,14 @@ CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _methods() -> dict:
+    import peftcore
     from benchmarks.bench_train_step import METHODS
 
-    import peftcore
-
-    return {**METHODS, "dora r=16 q,v": dict(config=peftcore.DoRAConfig(r=16, alpha=32, target_modules=("q", "v"))),
-            "prompt tuning (20 tokens)": dict(config=peftcore.PromptTuningConfig(num_virtual_tokens=20))}
+    return {
+        **METHODS,
+        "dora r=16 q,v": dict(config=peftcore.DoRAConfig(r=16, alpha=32, target_modules=("q", "v"))),
+        "prompt tuning (20 tokens)": dict(config=peftcore.PromptTuningConfig(num_virtual_tokens=20)),
+    }
 
 
 def _kib(field: str) -> int:
@@ -69,8 +71,8 @@ def measure_one(shape: str, method: str, library: str, device: torch.device, bat
     import peft
 
     import peftcore
-    from benchmarks.common import swap_to_bitsandbytes_nf4
     from benchmarks.bench_train_step import build_base, make_batch, make_step
+    from benchmarks.common import swap_to_bitsandbytes_nf4
     from peftcore.checkpoint import to_peft_config
 
     spec = _methods()[method]
@@ -80,7 +82,9 @@ def measure_one(shape: str, method: str, library: str, device: torch.device, bat
     if library == "ours":
         model = base
         if nf4:
-            peftcore.quantize(model, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=compute))
+            peftcore.quantize(
+                model, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=compute)
+            )
         peftcore.inject(model, config)
     else:
         probe = peftcore.inject(copy.deepcopy(base).to("meta"), config)
@@ -89,7 +93,9 @@ def measure_one(shape: str, method: str, library: str, device: torch.device, bat
         model = peft.get_peft_model(model, peft.PeftConfig.from_peft_type(**data))
     model.train()
     batch = make_batch(*batch_shape, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    )
     step = make_step(model, batch, autocast)
     step()  # the first step allocates the optimizer's state and initialises libraries lazily: not measured
     if device.type == "cuda":
@@ -104,16 +110,26 @@ def measure_one(shape: str, method: str, library: str, device: torch.device, bat
         before = _kib("VmRSS")
         step()
         peak = _kib("VmHWM") - before
-    return dict(footprint_bytes=footprint(model), step_peak_bytes=peak,
-                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return dict(
+        footprint_bytes=footprint(model),
+        step_peak_bytes=peak,
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parser(__doc__)
     parser.add_argument("--shape", default="t5-small")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the training-step benchmark, DoRA, prompt tuning")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="default: every method of the training-step benchmark, DoRA, prompt tuning",
+    )
     parser.add_argument("--batch", type=int, nargs=3, default=[8, 512, 128], metavar=("N", "SRC", "TGT"))
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "LIBRARY"), help=argparse.SUPPRESS)  # a child's job
+    parser.add_argument(
+        "--one", nargs=2, metavar=("METHOD", "LIBRARY"), help=argparse.SUPPRESS
+    )  # a child's job
     args, device = common.parse(parser, argv)
     if args.one:
         print(json.dumps(measure_one(args.shape, args.one[0], args.one[1], device, args.batch)))
@@ -122,13 +138,29 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(methods) - set(_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(_methods())}")
-    result = dict(benchmark="memory: footprint and training-step peak, ours vs peft", machine=machine(device),
-                  settings={k: v for k, v in vars(args).items() if k != "one"}, results=[])
+    result = dict(
+        benchmark="memory: footprint and training-step peak, ours vs peft",
+        machine=machine(device),
+        settings={k: v for k, v in vars(args).items() if k != "one"},
+        results=[],
+    )
     for method in methods:
         row = dict(shape=args.shape, method=method, batch=args.batch)
         for library in LIBRARIES:
-            command = [sys.executable, "-m", "benchmarks.bench_memory", "--one", method, library, "--shape", args.shape,
-                       "--device", args.device, "--batch", *map(str, args.batch)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_memory",
+                "--one",
+                method,
+                library,
+                "--shape",
+                args.shape,
+                "--device",
+                args.device,
+                "--batch",
+                *map(str, args.batch),
+            ]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=CHILD_ENV)
@@ -139,14 +171,25 @@ def main(argv: list[str] | None = None) -> dict:
         row["step_peak_ratio"] = round(row["ours"]["step_peak_bytes"] / row["peft"]["step_peak_bytes"], 4)
         result["results"].append(row)
         write_result("bench_memory", device, result)
-        print(f"{method}: footprint {row['ours']['footprint_bytes'] / 2**20:.1f} / {row['peft']['footprint_bytes'] / 2**20:.1f} MiB, "
-              f"step peak {row['ours']['step_peak_bytes'] / 2**20:.0f} / {row['peft']['step_peak_bytes'] / 2**20:.0f} MiB",
-              flush=True)
+        print(
+            f"{method}: footprint {row['ours']['footprint_bytes'] / 2**20:.1f} / {row['peft']['footprint_bytes'] / 2**20:.1f} MiB, "
+            f"step peak {row['ours']['step_peak_bytes'] / 2**20:.0f} / {row['peft']['step_peak_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
     mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-    print_table(("method", "footprint MiB ours / peft", "step peak MiB ours / peft", "peak ratio"),
-                [(r["method"], f"{mib(r['ours']['footprint_bytes'])} / {mib(r['peft']['footprint_bytes'])}",
-                  f"{mib(r['ours']['step_peak_bytes'])} / {mib(r['peft']['step_peak_bytes'])}", r["step_peak_ratio"])
-                 for r in result["results"]], f"memory on {args.shape}, {device}, batch {args.batch}")
+    print_table(
+        ("method", "footprint MiB ours / peft", "step peak MiB ours / peft", "peak ratio"),
+        [
+            (
+                r["method"],
+                f"{mib(r['ours']['footprint_bytes'])} / {mib(r['peft']['footprint_bytes'])}",
+                f"{mib(r['ours']['step_peak_bytes'])} / {mib(r['peft']['step_peak_bytes'])}",
+                r["step_peak_ratio"],
+            )
+            for r in result["results"]
+        ],
+        f"memory on {args.shape}, {device}, batch {args.batch}",
+    )
     return result
 
 

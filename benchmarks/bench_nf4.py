@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,7 +41,9 @@ from benchmarks.common import (
 from peftcore.nf4 import dequantize_nf4, quantize_nf4, triton_available
 
 SHAPES = {"attention 768x768": (768, 768), "feed-forward 3072x768": (3072, 768)}
-LARGE = {"large 16384x16384": (16384, 16384)}  # CUDA only: 268 M weights, 671 MB moved per bf16 dequantization
+LARGE = {
+    "large 16384x16384": (16384, 16384)
+}  # CUDA only: 268 M weights, 671 MB moved per bf16 dequantization
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
@@ -55,7 +57,9 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.devi
     return samples
 
 
-def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeats: int, quantize: bool) -> list[dict]:
+def bench_shape(
+    label: str, shape: tuple[int, int], device: torch.device, repeats: int, quantize: bool
+) -> list[dict]:
     import bitsandbytes.functional as BF
 
     weight = 0.02 * torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -69,26 +73,52 @@ def bench_shape(label: str, shape: tuple[int, int], device: torch.device, repeat
 
     cases = []
     if quantize:
-        cases.append(("quantize fp32 -> nf4 (+double quant)", lambda: quantize_nf4(weight, 64, double_quant=True),
-                      lambda: BF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
-                      same_state))
-    cases.append(("dequantize nf4 -> bf16, torch ops", lambda: dequantize_nf4(ours, torch.bfloat16, backend="torch"),
-                  lambda: BF.dequantize_4bit(packed, theirs),
-                  torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="torch"), reference)))
+        cases.append(
+            (
+                "quantize fp32 -> nf4 (+double quant)",
+                lambda: quantize_nf4(weight, 64, double_quant=True),
+                lambda: BF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
+                same_state,
+            )
+        )
+    cases.append(
+        (
+            "dequantize nf4 -> bf16, torch ops",
+            lambda: dequantize_nf4(ours, torch.bfloat16, backend="torch"),
+            lambda: BF.dequantize_4bit(packed, theirs),
+            torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="torch"), reference),
+        )
+    )
     if device.type == "cuda":
         if triton_available():
-            cases.append(("dequantize nf4 -> bf16, Triton kernel",
-                          lambda: dequantize_nf4(ours, torch.bfloat16, backend="triton"),
-                          lambda: BF.dequantize_4bit(packed, theirs),
-                          torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="triton"), reference)))
+            cases.append(
+                (
+                    "dequantize nf4 -> bf16, Triton kernel",
+                    lambda: dequantize_nf4(ours, torch.bfloat16, backend="triton"),
+                    lambda: BF.dequantize_4bit(packed, theirs),
+                    torch.equal(dequantize_nf4(ours, torch.bfloat16, backend="triton"), reference),
+                )
+            )
         compiled = torch.compile(lambda state: dequantize_nf4(state, torch.bfloat16, backend="torch"))
-        cases.append(("dequantize nf4 -> bf16, torch.compile", lambda: compiled(ours),
-                      lambda: BF.dequantize_4bit(packed, theirs), torch.equal(compiled(ours), reference)))
+        cases.append(
+            (
+                "dequantize nf4 -> bf16, torch.compile",
+                lambda: compiled(ours),
+                lambda: BF.dequantize_4bit(packed, theirs),
+                torch.equal(compiled(ours), reference),
+            )
+        )
     rows = []
     for op, fn_ours, fn_theirs, identical in cases:
         times = timed({"ours": fn_ours, "bitsandbytes": fn_theirs}, repeats, device)
-        row = dict(op=op, weight=label, identical=bool(identical), ours_ms=summary(times["ours"]),
-                   bitsandbytes_ms=summary(times["bitsandbytes"]), ratio=ratio(times["ours"], times["bitsandbytes"]))
+        row = dict(
+            op=op,
+            weight=label,
+            identical=bool(identical),
+            ours_ms=summary(times["ours"]),
+            bitsandbytes_ms=summary(times["bitsandbytes"]),
+            ratio=ratio(times["ours"], times["bitsandbytes"]),
+        )
         if op.startswith("dequantize"):
             row["bytes_moved"] = moved
             row["ours_gb_s"] = round(moved / (row["ours_ms"]["median"] * 1e-3) / 1e9, 1)
@@ -110,13 +140,32 @@ def sweep_triton(device: torch.device, repeats: int) -> list[dict]:
         moved = n // 2 + n * 2 + s.absmax.numel()
         for per_program in (512, 1024, 2048, 4096):
             for warps in (2, 4, 8):
-                def run() -> torch.Tensor:
-                    return nf4_triton.dequantize(s.packed, s.absmax, s.absmax2, s.offset, _table("nf4", device),
-                                                 _table("dynamic8", device), s.shape, 64, torch.bfloat16,
-                                                 bytes_per_program=per_program, num_warps=warps)
+
+                def run(s=s, per_program=per_program, warps=warps) -> torch.Tensor:
+                    return nf4_triton.dequantize(
+                        s.packed,
+                        s.absmax,
+                        s.absmax2,
+                        s.offset,
+                        _table("nf4", device),
+                        _table("dynamic8", device),
+                        s.shape,
+                        64,
+                        torch.bfloat16,
+                        bytes_per_program=per_program,
+                        num_warps=warps,
+                    )
+
                 ms = statistics.median(time_gpu_kernel(run, repeats=repeats, warmup=3))
-                rows.append(dict(weight=label, bytes_per_program=per_program, num_warps=warps, ms=round(ms, 5),
-                                 gb_s=round(moved / (ms * 1e-3) / 1e9, 1)))
+                rows.append(
+                    dict(
+                        weight=label,
+                        bytes_per_program=per_program,
+                        num_warps=warps,
+                        ms=round(ms, 5),
+                        gb_s=round(moved / (ms * 1e-3) / 1e9, 1),
+                    )
+                )
     return rows
 
 
@@ -131,8 +180,12 @@ def probe_reciprocals(device: torch.device) -> list[dict]:
 
     rows = []
     for blocksize in (64, 128, 256):
-        weight = 0.02 * torch.randn(4096 * 4096, device=device, generator=torch.Generator(device).manual_seed(blocksize))
-        packed, theirs = BF.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        weight = 0.02 * torch.randn(
+            4096 * 4096, device=device, generator=torch.Generator(device).manual_seed(blocksize)
+        )
+        packed, theirs = BF.quantize_4bit(
+            weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True
+        )
         blocks = weight.view(-1, blocksize)
         absmax = blocks.abs().amax(dim=1)
         centred = (absmax - absmax.mean()).view(-1, 256)
@@ -143,25 +196,43 @@ def probe_reciprocals(device: torch.device) -> list[dict]:
             ours = (q[0::2] << 4) | q[1::2]
             scaled8 = (centred * nf4_triton.reciprocal(absmax2, name).unsqueeze(1)).clamp(-1, 1).view(-1)
             q8 = torch.bucketize(scaled8, _table("dynamic8_midpoints", device)).to(torch.uint8)
-            rows.append(dict(blocksize=blocksize, reciprocal=name,
-                             nf4_bytes_differing=int((ours != packed.view(-1)).sum()),
-                             absmax_codes_differing=int((q8 != theirs.absmax).sum()), bytes=ours.numel()))
+            rows.append(
+                dict(
+                    blocksize=blocksize,
+                    reciprocal=name,
+                    nf4_bytes_differing=int((ours != packed.view(-1)).sum()),
+                    absmax_codes_differing=int((q8 != theirs.absmax).sum()),
+                    bytes=ours.numel(),
+                )
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parser(__doc__)
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median is reported)")
-    parser.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernel's launch settings")
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed runs per measurement (median is reported)"
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="CUDA: also time the Triton kernel's launch settings"
+    )
     args, device = common.parse(parser, argv)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
     shapes = {**SHAPES, **(LARGE if device.type == "cuda" else {})}
-    rows = [row for label, shape in shapes.items()
-            for row in bench_shape(label, shape, device, args.repeats, quantize=label in SHAPES)]
-    result = dict(benchmark="nf4 quantize/dequantize, blocksize 64, double quantization", machine=machine(device),
-                  ceilings=measured_ceilings(device), repeats=args.repeats, results=rows)
+    rows = [
+        row
+        for label, shape in shapes.items()
+        for row in bench_shape(label, shape, device, args.repeats, quantize=label in SHAPES)
+    ]
+    result = dict(
+        benchmark="nf4 quantize/dequantize, blocksize 64, double quantization",
+        machine=machine(device),
+        ceilings=measured_ceilings(device),
+        repeats=args.repeats,
+        results=rows,
+    )
     if args.sweep and device.type == "cuda":
         result["reciprocal_probe"] = probe_reciprocals(device)
         for row in result["reciprocal_probe"]:
@@ -175,14 +246,30 @@ def main(argv: list[str] | None = None) -> dict:
     copy_bw = result["ceilings"].get("copy_bandwidth_gb_s")
     table = []
     for r in rows:
-        bw = f"{r['ours_gb_s']} GB/s" + (f" ({100 * r['ours_gb_s'] / copy_bw:.0f}% of copy)" if copy_bw else "") \
-            if "ours_gb_s" in r else ""
-        table.append((r["op"], r["weight"], r["ours_ms"]["median"], r["bitsandbytes_ms"]["median"],
-                      f"{r['ratio']['median']:.2f} [{r['ratio']['low']:.2f}, {r['ratio']['high']:.2f}]",
-                      bw, "yes" if r["identical"] else "NO"))
-    print_table(("operation", "weight", "peftcore ms", "bnb ms", "ratio [range]", "our bandwidth", "identical"),
-                table, f"NF4 on {result['machine']['device']}, median of {args.repeats} "
-                       f"(copy bandwidth {copy_bw} GB/s)" if copy_bw else f"NF4 on {result['machine']['device']}")
+        bw = (
+            f"{r['ours_gb_s']} GB/s"
+            + (f" ({100 * r['ours_gb_s'] / copy_bw:.0f}% of copy)" if copy_bw else "")
+            if "ours_gb_s" in r
+            else ""
+        )
+        table.append(
+            (
+                r["op"],
+                r["weight"],
+                r["ours_ms"]["median"],
+                r["bitsandbytes_ms"]["median"],
+                f"{r['ratio']['median']:.2f} [{r['ratio']['low']:.2f}, {r['ratio']['high']:.2f}]",
+                bw,
+                "yes" if r["identical"] else "NO",
+            )
+        )
+    print_table(
+        ("operation", "weight", "peftcore ms", "bnb ms", "ratio [range]", "our bandwidth", "identical"),
+        table,
+        f"NF4 on {result['machine']['device']}, median of {args.repeats} (copy bandwidth {copy_bw} GB/s)"
+        if copy_bw
+        else f"NF4 on {result['machine']['device']}",
+    )
     path = write_result("bench_nf4", device, result)
     print(f"wrote {path}")
     return result

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,14 +47,17 @@ def optimizers(budget: int) -> dict[str, Callable]:
 
     return {
         "peftcore PagedAdamW, no budget": lambda p: peftcore.PagedAdamW(p, lr=1e-4),
-        f"peftcore PagedAdamW, {budget / 2**20:g} MiB budget": lambda p: peftcore.PagedAdamW(p, lr=1e-4,
-                                                                                            gpu_budget_bytes=budget),
+        f"peftcore PagedAdamW, {budget / 2**20:g} MiB budget": lambda p: peftcore.PagedAdamW(
+            p, lr=1e-4, gpu_budget_bytes=budget
+        ),
         "bitsandbytes PagedAdamW (32-bit)": lambda p: bnb.optim.PagedAdamW(p, lr=1e-4),
         "torch AdamW": lambda p: torch.optim.AdamW(p, lr=1e-4),
     }
 
 
-def step_times(shapes: list[torch.Size], makers: dict[str, Callable], repeats: int, device: torch.device) -> dict:
+def step_times(
+    shapes: list[torch.Size], makers: dict[str, Callable], repeats: int, device: torch.device
+) -> dict:
     g = torch.Generator(device).manual_seed(0)
     grads = [torch.randn(s, device=device, generator=g) for s in shapes]
     steps = {}
@@ -70,8 +73,10 @@ def peak_step_memory(make: Callable, device: torch.device) -> int:
     model = qlora_t5_base(device)
     optimizer = make([p for p in model.parameters() if p.requires_grad])
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(2, 32000, (8, 512), generator=g).to(device),
-             "labels": torch.randint(2, 32000, (8, 128), generator=g).to(device)}
+    batch = {
+        "input_ids": torch.randint(2, 32000, (8, 512), generator=g).to(device),
+        "labels": torch.randint(2, 32000, (8, 128), generator=g).to(device),
+    }
     for step in range(3):
         if step == 2:
             torch.cuda.synchronize(device)
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-mib", type=float, default=1.0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_paged needs a CUDA GPU: paging moves optimizer state between GPU and host memory")
+        raise SystemExit(
+            "bench_paged needs a CUDA GPU: paging moves optimizer state between GPU and host memory"
+        )
     device = torch.device("cuda", torch.cuda.current_device())
     budget = int(args.budget_mib * 2**20)
     model = qlora_t5_base(device)
@@ -104,17 +111,40 @@ def main(argv: list[str] | None = None) -> dict:
     times = step_times(shapes, makers, args.repeats, device)
     bnb_name = "bitsandbytes PagedAdamW (32-bit)"
     peaks = {name: peak_step_memory(make, device) for name, make in makers.items()}
-    rows = [dict(optimizer=name, step_ms=summary(times[name]), ratio_to_bitsandbytes=ratio(times[name], times[bnb_name]),
-                 peak_step_mib=round(peaks[name] / 2**20, 2)) for name in makers]
-    result = dict(benchmark="paged AdamW on QLoRA t5-base (LoRA r=16 q,v)", machine=machine(device),
-                  tensors=len(shapes), parameters=sum(s.numel() for s in shapes), state_mib=round(state_bytes / 2**20, 2),
-                  budget_mib=args.budget_mib, repeats=args.repeats, results=rows)
+    rows = [
+        dict(
+            optimizer=name,
+            step_ms=summary(times[name]),
+            ratio_to_bitsandbytes=ratio(times[name], times[bnb_name]),
+            peak_step_mib=round(peaks[name] / 2**20, 2),
+        )
+        for name in makers
+    ]
+    result = dict(
+        benchmark="paged AdamW on QLoRA t5-base (LoRA r=16 q,v)",
+        machine=machine(device),
+        tensors=len(shapes),
+        parameters=sum(s.numel() for s in shapes),
+        state_mib=round(state_bytes / 2**20, 2),
+        budget_mib=args.budget_mib,
+        repeats=args.repeats,
+        results=rows,
+    )
     path = write_result("bench_paged", device, result)
-    print_table(("optimizer", "step ms", "ratio to bnb [range]", "peak MiB of a QLoRA step"),
-                [(r["optimizer"], r["step_ms"]["median"],
-                  f"{r['ratio_to_bitsandbytes']['median']} [{r['ratio_to_bitsandbytes']['low']}, "
-                  f"{r['ratio_to_bitsandbytes']['high']}]", r["peak_step_mib"]) for r in rows],
-                f"{len(shapes)} tensors, {result['state_mib']} MiB of AdamW state, on {result['machine']['device']}")
+    print_table(
+        ("optimizer", "step ms", "ratio to bnb [range]", "peak MiB of a QLoRA step"),
+        [
+            (
+                r["optimizer"],
+                r["step_ms"]["median"],
+                f"{r['ratio_to_bitsandbytes']['median']} [{r['ratio_to_bitsandbytes']['low']}, "
+                f"{r['ratio_to_bitsandbytes']['high']}]",
+                r["peak_step_mib"],
+            )
+            for r in rows
+        ],
+        f"{len(shapes)} tensors, {result['state_mib']} MiB of AdamW state, on {result['machine']['device']}",
+    )
     print(f"wrote {path}")
     return result
 

@@ -52,8 +52,9 @@ CASES: dict[str, dict] = {
     "LoRA PiSSA": dict(config=peftcore.LoRAConfig(r=16, alpha=32, init="pissa")),
     "LoRA OLoRA": dict(config=peftcore.LoRAConfig(r=16, alpha=32, init="olora")),
     "rsLoRA": dict(config=peftcore.LoRAConfig(r=16, alpha=32, use_rslora=True)),
-    "LoRA r=32 all linear + lm_head": dict(config=peftcore.LoRAConfig(r=32, alpha=64,
-                                                                     target_modules=(*ALL_LINEAR, "lm_head"))),
+    "LoRA r=32 all linear + lm_head": dict(
+        config=peftcore.LoRAConfig(r=32, alpha=64, target_modules=(*ALL_LINEAR, "lm_head"))
+    ),
     "IA3": dict(config=peftcore.IA3Config()),
     "prompt tuning": dict(config=peftcore.PromptTuningConfig(num_virtual_tokens=20)),
     "DoRA": dict(config=peftcore.DoRAConfig(r=16, alpha=32)),
@@ -73,10 +74,12 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
 
 def batch_on(device: torch.device, batch: int, src: int, tgt: int, seed: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
-    data = {"input_ids": torch.randint(2, 32000, (batch, src), generator=g),
-            "attention_mask": torch.ones(batch, src, dtype=torch.long),
-            "labels": torch.randint(2, 32000, (batch, tgt), generator=g)}
-    data["attention_mask"][-1, -src // 4:] = 0  # padding on one row: the prompt must extend the mask right
+    data = {
+        "input_ids": torch.randint(2, 32000, (batch, src), generator=g),
+        "attention_mask": torch.ones(batch, src, dtype=torch.long),
+        "labels": torch.randint(2, 32000, (batch, tgt), generator=g),
+    }
+    data["attention_mask"][-1, -src // 4 :] = 0  # padding on one row: the prompt must extend the mask right
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -106,7 +109,9 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
     def ours_base() -> nn.Module:
         model = copy.deepcopy(base)
         if nf4:
-            peftcore.quantize(model, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.float32))
+            peftcore.quantize(
+                model, peftcore.NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.float32)
+            )
         return model
 
     def peft_base() -> nn.Module:
@@ -133,17 +138,25 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
         results = [model(**batch) for model in (ours, theirs)]
         for result in results:
             result.loss.backward()
-        grads = [gradients_as_saved(ours, lambda: (peftcore.save_adapter(ours, f"{tmp}/g"), _read_tensors(Path(tmp) / "g"))[1]),
-                 gradients_as_saved(theirs, lambda: peft.get_peft_model_state_dict(theirs))]
+        grads = [
+            gradients_as_saved(
+                ours, lambda: (peftcore.save_adapter(ours, f"{tmp}/g"), _read_tensors(Path(tmp) / "g"))[1]
+            ),
+            gradients_as_saved(theirs, lambda: peft.get_peft_model_state_dict(theirs)),
+        ]
         grads = [translator.read_file_tensors(g, data) for g in grads]
         # peft also saves the frozen weight of a tied layer it adapts (lm_head): not an adapter tensor
         frozen_extra = sorted(k for k in grads[1].keys() - grads[0].keys() if k.endswith("base_layer.weight"))
         for key in frozen_extra:
             del grads[1][key]
         if grads[0].keys() != grads[1].keys():
-            raise AssertionError(f"{name}: the two libraries' adapter tensors differ: "
-                                 f"{sorted(grads[0].keys() ^ grads[1].keys())[:6]}")
-        relative = max(float((grads[0][k] - grads[1][k]).norm() / grads[1][k].norm().clamp_min(1e-30)) for k in grads[0])
+            raise AssertionError(
+                f"{name}: the two libraries' adapter tensors differ: "
+                f"{sorted(grads[0].keys() ^ grads[1].keys())[:6]}"
+            )
+        relative = max(
+            float((grads[0][k] - grads[1][k]).norm() / grads[1][k].norm().clamp_min(1e-30)) for k in grads[0]
+        )
 
         theirs.save_pretrained(f"{tmp}/peft")  # now holding its gradients: other values than ours had
         with torch.no_grad():
@@ -152,17 +165,22 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
             back_logits = loaded(**batch).logits
     trainable_peft = theirs.get_nb_trainable_parameters()[0]
     return dict(
-        case=name, shape=shape, method=type(config).__name__, config=repr(config),
+        case=name,
+        shape=shape,
+        method=type(config).__name__,
+        config=repr(config),
         loss=[round(float(r.loss.detach()), 6) for r in results],
         loss_abs_diff=abs(float(results[0].loss.detach() - results[1].loss.detach())),
         logits_max_abs_diff=compare(results[0].logits, results[1].logits),
         adapter_effect_on_logits=compare(results[0].logits, base_logits),
         peft_reads_ours_logits_max_abs_diff=compare(read_logits, results[0].logits),
         grad_max_abs_diff=max(compare(grads[0][k], grads[1][k]) for k in grads[0]),
-        grad_max_rel_diff=relative, grad_tensors=len(grads[0]),
+        grad_max_rel_diff=relative,
+        grad_tensors=len(grads[0]),
         grad_norm=float(torch.cat([g.reshape(-1) for g in grads[0].values()]).norm()),
         peft_to_ours_logits_max_abs_diff=compare(back_logits, theirs_logits),
-        trainable_ours=peftcore.count_parameters(ours).trainable, trainable_peft=trainable_peft,
+        trainable_ours=peftcore.count_parameters(ours).trainable,
+        trainable_peft=trainable_peft,
         peft_saves_frozen=frozen_extra,
     )
 
@@ -173,21 +191,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--batch", type=int, nargs=3, default=(4, 128, 32), metavar=("N", "SRC", "TGT"))
     args, device = common.parse(parser, argv)
-    result = dict(benchmark="parity, ours vs peft (fp32, same weights and batch)", machine=machine(device),
-                  settings=vars(args), results=[])
+    result = dict(
+        benchmark="parity, ours vs peft (fp32, same weights and batch)",
+        machine=machine(device),
+        settings=vars(args),
+        results=[],
+    )
     for name in args.cases:
         row = run_case(name, args.shape, device, tuple(args.batch))
         result["results"].append(row)
         write_result("bench_parity", device, result)
-        print(f"{name}: logits {row['logits_max_abs_diff']:.1e}, loss {row['loss_abs_diff']:.1e}, "
-              f"grads {row['grad_max_abs_diff']:.1e} (rel {row['grad_max_rel_diff']:.1e}), "
-              f"peft->ours {row['peft_to_ours_logits_max_abs_diff']:.1e}, "
-              f"trainable {row['trainable_ours']:,} / {row['trainable_peft']:,}", flush=True)
-    print_table(("case", "adapter effect", "max |Δ logits|", "peft reads ours", "|Δ loss|", "max |Δ grad|", "grad rel", "peft→ours", "trainable ours / peft"),
-                [(r["case"], f"{r['adapter_effect_on_logits']:.1e}", f"{r['logits_max_abs_diff']:.1e}", f"{r['peft_reads_ours_logits_max_abs_diff']:.1e}", f"{r['loss_abs_diff']:.1e}",
-                  f"{r['grad_max_abs_diff']:.1e}", f"{r['grad_max_rel_diff']:.1e}",
-                  f"{r['peft_to_ours_logits_max_abs_diff']:.1e}", f"{r['trainable_ours']:,} / {r['trainable_peft']:,}")
-                 for r in result["results"]], f"parity on {args.shape}, {device}")
+        print(
+            f"{name}: logits {row['logits_max_abs_diff']:.1e}, loss {row['loss_abs_diff']:.1e}, "
+            f"grads {row['grad_max_abs_diff']:.1e} (rel {row['grad_max_rel_diff']:.1e}), "
+            f"peft->ours {row['peft_to_ours_logits_max_abs_diff']:.1e}, "
+            f"trainable {row['trainable_ours']:,} / {row['trainable_peft']:,}",
+            flush=True,
+        )
+    print_table(
+        (
+            "case",
+            "adapter effect",
+            "max |Δ logits|",
+            "peft reads ours",
+            "|Δ loss|",
+            "max |Δ grad|",
+            "grad rel",
+            "peft→ours",
+            "trainable ours / peft",
+        ),
+        [
+            (
+                r["case"],
+                f"{r['adapter_effect_on_logits']:.1e}",
+                f"{r['logits_max_abs_diff']:.1e}",
+                f"{r['peft_reads_ours_logits_max_abs_diff']:.1e}",
+                f"{r['loss_abs_diff']:.1e}",
+                f"{r['grad_max_abs_diff']:.1e}",
+                f"{r['grad_max_rel_diff']:.1e}",
+                f"{r['peft_to_ours_logits_max_abs_diff']:.1e}",
+                f"{r['trainable_ours']:,} / {r['trainable_peft']:,}",
+            )
+            for r in result["results"]
+        ],
+        f"parity on {args.shape}, {device}",
+    )
     return result
 
 

@@ -17,8 +17,8 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -69,12 +69,18 @@ def machine(device: torch.device) -> dict:
         threads=torch.get_num_threads(),
         load_average=[round(x, 2) for x in os.getloadavg()],
         python=platform.python_version(),
-        versions={p: _version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "triton", "lightning")},
+        versions={
+            p: _version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "triton", "lightning")
+        },
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = dict(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                           multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
+        info["gpu"] = dict(
+            name=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
     return info
 
 
@@ -83,8 +89,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                     warmup: int = 2) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 2
+) -> dict[str, list[float]]:
     """Milliseconds per call of each function, the functions taking turns within each repeat."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -117,8 +124,12 @@ def time_gpu_kernel(fn: Callable[[], object], repeats: int = 100, warmup: int = 
 
 
 def summary(samples: list[float]) -> dict:
-    return dict(median=round(statistics.median(samples), 4), min=round(min(samples), 4), max=round(max(samples), 4),
-                samples=[round(s, 4) for s in samples])
+    return dict(
+        median=round(statistics.median(samples), 4),
+        min=round(min(samples), 4),
+        max=round(max(samples), 4),
+        samples=[round(s, 4) for s in samples],
+    )
 
 
 def ratio(ours: list[float], theirs: list[float]) -> dict:
@@ -127,8 +138,12 @@ def ratio(ours: list[float], theirs: list[float]) -> dict:
     pairs = [a / b for a, b in zip(ours, theirs)]
     low, high = min(pairs), max(pairs)
     verdict = "faster" if high < 1 else "slower" if low > 1 else "tie"
-    return dict(median=round(statistics.median(ours) / statistics.median(theirs), 3),
-                low=round(low, 3), high=round(high, 3), verdict=verdict)
+    return dict(
+        median=round(statistics.median(ours) / statistics.median(theirs), 3),
+        low=round(low, 3),
+        high=round(high, 3),
+        verdict=verdict,
+    )
 
 
 def write_result(name: str, device: torch.device, result: dict) -> Path:
@@ -160,10 +175,12 @@ def measured_ceilings(device: torch.device) -> dict:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     mm_ms = statistics.median(time_gpu_kernel(lambda: a @ b, repeats=20, warmup=3))
-    del src, dst, a, b
+    src = dst = a = b = None  # free the 1.5 GiB before the caller measures anything
     torch.cuda.empty_cache()
-    return dict(copy_bandwidth_gb_s=round(2 * 2**30 / (copy_ms * 1e-3) / 1e9, 1),
-                bf16_matmul_tflop_s=round(2 * n**3 / (mm_ms * 1e-3) / 1e12, 1))
+    return dict(
+        copy_bandwidth_gb_s=round(2 * 2**30 / (copy_ms * 1e-3) / 1e9, 1),
+        bf16_matmul_tflop_s=round(2 * n**3 / (mm_ms * 1e-3) / 1e12, 1),
+    )
 
 
 def swap_to_bitsandbytes_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
@@ -179,11 +196,22 @@ def swap_to_bitsandbytes_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn
     quantized = [name for name, m in probe.named_modules() if is_quantized(m)]
     for name in quantized:
         module = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  device="cpu")
-        layer.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", blocksize=64)
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="cpu",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            module.weight.data.cpu(),
+            requires_grad=False,
+            compress_statistics=True,
+            quant_type="nf4",
+            blocksize=64,
+        )
         # On CPUs with AVX512-BF16, bitsandbytes runs an eval-mode forward whose input needs no
         # gradient through a bf16 kernel, whatever compute_dtype says (measured: logits 0.02 off
         # fp32); the comparison is with the compute dtype asked for.

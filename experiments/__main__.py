@@ -7,7 +7,7 @@ project's own. ``python -m experiments <command> --help`` documents a command's 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _lightning(argv: list[str]) -> None:
@@ -48,14 +48,26 @@ def _pretrain(argv: list[str]) -> None:
 
 # name -> (function of the whole argument list, one line of help)
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
-    "fit": (_lightning, "train (or resume with --ckpt_path last) from a config: --config, --model.*, --data.*, --trainer.*"),
+    "fit": (
+        _lightning,
+        "train (or resume with --ckpt_path last) from a config: --config, --model.*, --data.*, --trainer.*",
+    ),
     "validate": (_lightning, "score a checkpoint on the validation split"),
     "test": (_lightning, "score a checkpoint on the test split (loss and ROUGE)"),
     "predict": (_lightning, "write a checkpoint's summaries of the test split to predictions.jsonl"),
-    "evaluate": (_evaluate, "one run on the test split: ROUGE, BERTScore, G-Eval, parameters, runtime, memory"),
+    "evaluate": (
+        _evaluate,
+        "one run on the test split: ROUGE, BERTScore, G-Eval, parameters, runtime, memory",
+    ),
     "report": (_report, "tables (metrics, change against a base run) and plots from evaluated runs"),
-    "sweep": (_sweep, "a hyperparameter search with Optuna over any fit option: --config experiments/sweeps/lora.yaml"),
-    "study": (_study, "the whole comparison: the base, each method's sweep or run, the test split, the report"),
+    "sweep": (
+        _sweep,
+        "a hyperparameter search with Optuna over any fit option: --config experiments/sweeps/lora.yaml",
+    ),
+    "study": (
+        _study,
+        "the whole comparison: the base, each method's sweep or run, the test split, the report",
+    ),
     "pretrain": (_pretrain, "pretrain a small T5 with span corruption on the bundled dialogues (offline)"),
 }
 
@@ -63,8 +75,10 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return "usage: python -m experiments <command> [options]\n\ncommands:\n" + "\n".join(lines) + (
-        "\n\n`python -m experiments <command> --help` lists a command's options."
+    return (
+        "usage: python -m experiments <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + ("\n\n`python -m experiments <command> --help` lists a command's options.")
     )
 
 

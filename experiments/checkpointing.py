@@ -29,8 +29,9 @@ import shutil
 import signal
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import fsspec.utils
 import lightning as L
@@ -57,12 +58,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (EOFError, RuntimeError, OSError, ValueError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+    except (
+        EOFError,
+        RuntimeError,
+        OSError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+    ) as err:
         reason = _why_unreadable(path, err)
-        raise DamagedCheckpoint(f"{path} is damaged or not a checkpoint of this project ({reason}). "
-                                f"{_alternatives(path)}") from None
+        raise DamagedCheckpoint(
+            f"{path} is damaged or not a checkpoint of this project ({reason}). {_alternatives(path)}"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise DamagedCheckpoint(f"{path} is not a Lightning checkpoint (no state_dict in it). {_alternatives(path)}")
+        raise DamagedCheckpoint(
+            f"{path} is not a Lightning checkpoint (no state_dict in it). {_alternatives(path)}"
+        )
     return checkpoint
 
 
@@ -88,17 +100,25 @@ class LocalCheckpointIO(TorchCheckpointIO):
     place (peftcore.files.write_atomically); reads with :func:`read_checkpoint`. Remote paths
     (s3://, gs://, ...) go to Lightning's own writer."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         try:
             write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
         except OSError as err:  # torch's message names no file; the previous one is still in place
             kept = f"; the previous {Path(path).name} is kept" if Path(path).exists() else ""
-            raise OSError(err.errno, f"could not write the checkpoint {path}: {err.strerror or err}{kept}") from err
+            raise OSError(
+                err.errno, f"could not write the checkpoint {path}: {err.strerror or err}{kept}"
+            ) from err
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
-                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
         if not _is_local(path) or weights_only is False:
             return super().load_checkpoint(path, map_location, weights_only)
         return read_checkpoint(path, map_location)
@@ -123,7 +143,7 @@ class RunCheckpoint(ModelCheckpoint):
         # Lightning's own save_last is off: this callback writes last.ckpt itself (see the module docstring).
         super().__init__(*args, save_last=False, **kwargs)
         self.save_every_n_steps = save_every_n_steps
-        self._last_written_step: Optional[int] = None
+        self._last_written_step: int | None = None
         self._stop_requested = False
         self._previous_handler: Any = None
 
@@ -137,12 +157,19 @@ class RunCheckpoint(ModelCheckpoint):
         if stage != "fit" or trainer.fast_dev_run or not trainer.is_global_zero:
             return
         directory = Path(self.dirpath)
-        names = {LAST, PREVIOUS, *(p.name for p in directory.glob("*.ckpt")), f"{self.filename or 'best'}.ckpt"}
+        names = {
+            LAST,
+            PREVIOUS,
+            *(p.name for p in directory.glob("*.ckpt")),
+            f"{self.filename or 'best'}.ckpt",
+        }
         for stray in (stray for name in sorted(names) for stray in remove_stale_temporaries(directory, name)):
             rank_zero_info(f"removed {stray}, a temporary file left by an interrupted save")
         if not explicit:
             return
-        resuming = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == directory.resolve()
+        resuming = (
+            trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == directory.resolve()
+        )
         existing = sorted(p.name for p in directory.glob("*.ckpt")) if directory.is_dir() else []
         if existing and not resuming:
             raise ValueError(
@@ -193,10 +220,13 @@ class RunCheckpoint(ModelCheckpoint):
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
         signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
-        rank_zero_info("\nCtrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once, unsaved)")
+        rank_zero_info(
+            "\nCtrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once, unsaved)"
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not _at_step_boundary(trainer, done=batch_idx + 1):
             return
@@ -204,10 +234,14 @@ class RunCheckpoint(ModelCheckpoint):
         if due or self._stop_requested:
             self._write_last(trainer)
         if self._stop_requested:
-            rank_zero_info(f"saved {self.last_model_path} at step {trainer.global_step}; resume with --ckpt_path last")
+            rank_zero_info(
+                f"saved {self.last_model_path} at step {trainer.global_step}; resume with --ckpt_path last"
+            )
             raise KeyboardInterrupt
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handler()
         if isinstance(exception, KeyboardInterrupt) or trainer.fast_dev_run or trainer.sanity_checking:
             return  # a graceful stop saved already; a second Ctrl-C may have come mid-step
@@ -220,7 +254,9 @@ class RunCheckpoint(ModelCheckpoint):
             )
             return
         self._write_last(trainer)
-        rank_zero_info(f"{type(exception).__name__}: saved {self.last_model_path} at step {trainer.global_step}")
+        rank_zero_info(
+            f"{type(exception).__name__}: saved {self.last_model_path} at step {trainer.global_step}"
+        )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handler()

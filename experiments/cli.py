@@ -26,21 +26,21 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import NoReturn
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from peftcore import methods
-from peftcore.peft_format import peft_names
-
 from experiments.checkpointing import LAST, read_checkpoint
 from experiments.data import DialogSummaryDataModule
 from experiments.module import Seq2SeqFineTuner
+from peftcore import methods
+from peftcore.peft_format import peft_names
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 CHECKPOINT = "experiments.checkpointing.RunCheckpoint"
@@ -52,7 +52,9 @@ NAMED_CHECKPOINTS = ("last", "best")
 set_parsing_settings(subclasses_enabled=list(methods.config_classes()))
 
 
-def lightning_cli(args: Optional[list[str]] = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
+def lightning_cli(
+    args: list[str] | None = None, run: bool = True, exit_on_error: bool = True
+) -> LightningCLI:
     """The CLI over ``args`` (a command line without the program name; None: ``sys.argv``).
     ``exit_on_error=False`` raises argparse.ArgumentError instead of printing and exiting."""
     if args is not None and list(args) == sys.argv[1:]:
@@ -73,7 +75,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True, exit_on_er
 
 
 @contextmanager
-def _argv_is_not_the_input(args: Optional[list[str]]) -> Iterator[None]:
+def _argv_is_not_the_input(args: list[str] | None) -> Iterator[None]:
     """LightningCLI warns when it is given ``args`` while ``sys.argv`` holds arguments too (it
     cannot tell which the user meant); when ``args`` other than the command line are given (say by
     ``evaluate``), they are the input."""
@@ -91,7 +93,7 @@ class ProjectParser(LightningArgumentParser):
     """A parse error is the message alone (jsonargparse prints the whole usage, a hundred lines,
     before it); errors about ``model.peft`` say what to write instead."""
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         message = explain_method_error(message)
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)
@@ -103,7 +105,9 @@ class ProjectParser(LightningArgumentParser):
 class ProjectCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("optimizer", "lr_scheduler"):
-            parser.add_argument(f"--{name}", type=_refuse_lightning_optimizer(name), help="refused: see --model.optimizer")
+            parser.add_argument(
+                f"--{name}", type=_refuse_lightning_optimizer(name), help="refused: see --model.optimizer"
+            )
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's version of this hook loads the checkpoint's hyperparameters over the parsed
@@ -118,10 +122,14 @@ class ProjectCLI(LightningCLI):
             checkpoint = read_checkpoint(_resolve_checkpoint(config))
         except (ValueError, FileNotFoundError) as err:
             self.parser.error(str(err))
-        adopted = same_model(config.model, checkpoint.get("hyper_parameters") or {}, config.ckpt_path, self.parser.error)
+        adopted = same_model(
+            config.model, checkpoint.get("hyper_parameters") or {}, config.ckpt_path, self.parser.error
+        )
         if adopted:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": adopted}}, self.config)
-            rank_zero_info(f"model.{', model.'.join(adopted)} from {config.ckpt_path} (the command names no model)")
+            rank_zero_info(
+                f"model.{', model.'.join(adopted)} from {config.ckpt_path} (the command names no model)"
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -147,8 +155,10 @@ class ProjectCLI(LightningCLI):
         if self.trainer.fast_dev_run:
             return
         saved = [str(Path(c.dirpath) / LAST) for c in self.trainer.checkpoint_callbacks if c.dirpath]
-        rank_zero_info(f"fit: done, run directory {self.trainer.log_dir}" + (f"; resume or extend it with "
-                       f"--ckpt_path {saved[0]}" if saved else ""))
+        rank_zero_info(
+            f"fit: done, run directory {self.trainer.log_dir}"
+            + (f"; resume or extend it with --ckpt_path {saved[0]}" if saved else "")
+        )
 
     def before_validate(self) -> None:
         self._read_data("validate")
@@ -199,10 +209,14 @@ def explain_method_error(message: str) -> str:
     config's fields and, for a peft name, the peftcore field to use."""
     if '"model.peft"' not in message:
         return message
-    unknown = re.search(r"Problem with given class_path '([\w.]+)':\s*module '[\w.]+' has no attribute", message)
+    unknown = re.search(
+        r"Problem with given class_path '([\w.]+)':\s*module '[\w.]+' has no attribute", message
+    )
     if unknown:
         known = ", ".join(f"peftcore.{cls.__name__}" for cls in methods.config_classes())
-        return f'Parser key "model.peft": {unknown.group(1)!r} is not a method config; the methods are {known}'
+        return (
+            f'Parser key "model.peft": {unknown.group(1)!r} is not a method config; the methods are {known}'
+        )
     bad = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
     if bad is None:
         return message
@@ -244,8 +258,10 @@ def _resolve_checkpoint(config: Namespace) -> str:
     if config.ckpt_path in NAMED_CHECKPOINTS:
         root = runs_of(config)
         if root is None:
-            raise ValueError(f"--ckpt_path {config.ckpt_path} needs the TensorBoard logger to find the runs; "
-                             "give the checkpoint's path")
+            raise ValueError(
+                f"--ckpt_path {config.ckpt_path} needs the TensorBoard logger to find the runs; "
+                "give the checkpoint's path"
+            )
         config.ckpt_path = str(newest_checkpoint(root, config.ckpt_path))
     return config.ckpt_path
 
@@ -274,8 +290,10 @@ def same_model(given: Namespace, saved: dict, ckpt_path: str, error: Callable[[s
     differ = [key for key in recorded if _comparable(given.get(key)) != _comparable(recorded[key])]
     if differ:
         lines = "; ".join(_difference(key, recorded[key], given.get(key)) for key in differ)
-        error(f"--ckpt_path {ckpt_path} was trained with another model: {lines}. A checkpoint's base model and "
-              "method cannot change: give the run's own config (config.yaml in its directory) or drop those options")
+        error(
+            f"--ckpt_path {ckpt_path} was trained with another model: {lines}. A checkpoint's base model and "
+            "method cannot change: give the run's own config (config.yaml in its directory) or drop those options"
+        )
     return {}
 
 
@@ -284,8 +302,10 @@ def _difference(key: str, saved: object, given: object) -> str:
     saved, given = _comparable(saved), _comparable(given)
     if isinstance(saved, tuple) and isinstance(given, tuple) and saved[0] == given[0]:
         fields = [k for k in saved[1] if saved[1][k] != given[1].get(k)]
-        return (f"model.{key}: {_named(saved)} {', '.join(f'{k}={saved[1][k]!r}' for k in fields)} in the "
-                f"checkpoint, {', '.join(f'{k}={given[1][k]!r}' for k in fields)} here")
+        return (
+            f"model.{key}: {_named(saved)} {', '.join(f'{k}={saved[1][k]!r}' for k in fields)} in the "
+            f"checkpoint, {', '.join(f'{k}={given[1][k]!r}' for k in fields)} here"
+        )
     return f"model.{key}: {_named(saved)} in the checkpoint, {_named(given)} here"
 
 
@@ -301,7 +321,10 @@ def _comparable(value: object) -> object:
         value = value.as_dict()
     if isinstance(value, dict) and value.get("class_path"):
         try:
-            return (value["class_path"], dataclasses.asdict(config_class(value["class_path"])(**(value.get("init_args") or {}))))
+            return (
+                value["class_path"],
+                dataclasses.asdict(config_class(value["class_path"])(**(value.get("init_args") or {}))),
+            )
         except (TypeError, ValueError, AttributeError, ImportError):
             return value
     if isinstance(value, dict):
@@ -311,7 +334,7 @@ def _comparable(value: object) -> object:
     return str(value) if not isinstance(value, (type(None), bool, int, float, str)) else value
 
 
-def runs_of(config: Namespace) -> Optional[Path]:
+def runs_of(config: Namespace) -> Path | None:
     """``<save_dir>/<name>``, where the TensorBoard logger of ``config`` puts its runs (None
     without one)."""
     logger = config.get("trainer", Namespace()).get("logger")
@@ -341,12 +364,19 @@ def _default_callbacks(parser: LightningArgumentParser, config: Namespace) -> No
     if trainer is None:
         return
     callbacks = list(trainer.get("callbacks") or [])
-    switched_off = {flag: base for flag, base in (("enable_checkpointing", Checkpoint), ("enable_progress_bar", ProgressBar))
-                    if trainer.get(flag) is False}
-    kept = [c for c in callbacks if not any(_is_subclass(_class_path(c), base) for base in switched_off.values())]
+    switched_off = {
+        flag: base
+        for flag, base in (("enable_checkpointing", Checkpoint), ("enable_progress_bar", ProgressBar))
+        if trainer.get(flag) is False
+    }
+    kept = [
+        c for c in callbacks if not any(_is_subclass(_class_path(c), base) for base in switched_off.values())
+    ]
     if len(kept) < len(callbacks):
         dropped = ", ".join(_class_path(c) for c in callbacks if c not in kept)
-        rank_zero_info(f"{' and '.join(f'trainer.{flag}=false' for flag in switched_off)}: not using {dropped}")
+        rank_zero_info(
+            f"{' and '.join(f'trainer.{flag}=false' for flag in switched_off)}: not using {dropped}"
+        )
     trainer.callbacks = kept
     if "enable_checkpointing" in switched_off:
         rank_zero_info("checkpointing is off: this run writes no checkpoint, so it cannot be resumed")
@@ -362,11 +392,11 @@ def _default_callbacks(parser: LightningArgumentParser, config: Namespace) -> No
         trainer.callbacks = [*kept, Namespace(class_path=CHECKPOINT, init_args=Namespace())]
 
 
-def _class_path(callback: object) -> Optional[str]:
+def _class_path(callback: object) -> str | None:
     return callback.get("class_path") if isinstance(callback, Namespace) else None
 
 
-def _is_subclass(class_path: Optional[str], base: type) -> bool:
+def _is_subclass(class_path: str | None, base: type) -> bool:
     try:
         return isinstance(class_path, str) and issubclass(config_class(class_path), base)
     except (ImportError, AttributeError, TypeError, ValueError):
@@ -387,4 +417,3 @@ class KeepingSaveConfigCallback(SaveConfigCallback):
         if trainer.fast_dev_run:
             return
         super().setup(trainer, pl_module, stage)
-

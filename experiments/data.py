@@ -65,8 +65,10 @@ def tokenizer_path(name_or_path: str | Path) -> str:
     path = ASSETS / asset
     if not _holds_tokenizer(path):
         shipped = sorted(p.name for p in ASSETS.iterdir() if _holds_tokenizer(p))
-        raise DataError(f"no bundled tokenizer {asset!r} (from {str(name_or_path)!r}); the bundled tokenizers are "
-                        f"{shipped}, named 'bundled:<name>' ('bundled' alone is {BUNDLED_TOKENIZER.name})")
+        raise DataError(
+            f"no bundled tokenizer {asset!r} (from {str(name_or_path)!r}); the bundled tokenizers are "
+            f"{shipped}, named 'bundled:<name>' ('bundled' alone is {BUNDLED_TOKENIZER.name})"
+        )
     return str(path)
 
 
@@ -109,7 +111,9 @@ def read_located_rows(path: Path) -> list[Row]:
     """`read_rows` with each row's place: the physical line (JSON, CSV) or the row index (Parquet)."""
     suffix = path.suffix.lower()
     if suffix not in FILE_FORMATS:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_FORMATS)}")
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_FORMATS)}"
+        )
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
     if suffix == ".parquet":
@@ -120,7 +124,9 @@ def read_located_rows(path: Path) -> list[Row]:
         rows = [Row(fields, f"{path}, line {line}") for line, fields in read(text, path)]
     for row in rows:
         if not isinstance(row.fields, dict):
-            raise DataError(f"{row.where}: a {type(row.fields).__name__}, expected an object with named fields")
+            raise DataError(
+                f"{row.where}: a {type(row.fields).__name__}, expected an object with named fields"
+            )
     return rows
 
 
@@ -183,16 +189,20 @@ def _read_csv(text: str, path: Path) -> list[tuple[int, dict[str, str]]]:
             return rows
         if len(set(header)) < len(header):
             repeated = sorted({h for h in header if header.count(h) > 1})
-            raise DataError(f"{path}, line {reader.line_num}: the header names {repeated} more than once; "
-                            "name each column once")
+            raise DataError(
+                f"{path}, line {reader.line_num}: the header names {repeated} more than once; "
+                "name each column once"
+            )
         end = reader.line_num
         for cells in reader:
             start, end = end + 1, reader.line_num
             if not cells:
                 continue
             if len(cells) != len(header):
-                raise DataError(f"{path}, line {start}: {len(cells)} cells, but the header has {len(header)} "
-                                f"({', '.join(header)}); quote cells that hold commas")
+                raise DataError(
+                    f"{path}, line {start}: {len(cells)} cells, but the header has {len(header)} "
+                    f"({', '.join(header)}); quote cells that hold commas"
+                )
             rows.append((start, dict(zip(header, cells))))
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
@@ -224,7 +234,7 @@ def load_hub_dataset(name: str) -> Any:
 
     try:
         return datasets.load_dataset(name)
-    except Exception as err:  # noqa: BLE001 - any failure gets the same advice, the cause stays chained
+    except Exception as err:
         raise DataError(
             f"could not load the Hugging Face data set {name!r} ({type(err).__name__}: {err}). "
             f"{name!r} is neither 'tweetsumm' nor an existing local path, so it was taken as a hub name; "
@@ -278,8 +288,10 @@ def format_dialogue(
             return dialogue
         return "\n".join(line for line in map(clean_text, dialogue.splitlines()) if line)
     if not isinstance(dialogue, (list, tuple)):
-        raise DataError(f"the dialogue is {describe(dialogue)}; expected a string, a list of strings, or a list of "
-                        f"turns with keys {speaker_key!r} and {text_key!r}")
+        raise DataError(
+            f"the dialogue is {describe(dialogue)}; expected a string, a list of strings, or a list of "
+            f"turns with keys {speaker_key!r} and {text_key!r}"
+        )
     lines = []
     for number, turn in enumerate(dialogue, start=1):
         speaker, text = _speaker_and_text(turn, number, speaker_key, text_key)
@@ -294,17 +306,23 @@ def _speaker_and_text(turn: Any, number: int, speaker_key: str, text_key: str) -
     if isinstance(turn, str):
         return None, turn
     if not isinstance(turn, dict):
-        raise DataError(f"turn {number} is {describe(turn)}; expected a string or a dict with keys "
-                        f"{speaker_key!r} and {text_key!r}")
+        raise DataError(
+            f"turn {number} is {describe(turn)}; expected a string or a dict with keys "
+            f"{speaker_key!r} and {text_key!r}"
+        )
     for key in (speaker_key, text_key):
         if key not in turn:
-            raise DataError(f"turn {number} has no key {key!r}; the keys it has are {sorted(turn)} "
-                            "(set speaker_key / text_key to the dialogue's own)")
+            raise DataError(
+                f"turn {number} has no key {key!r}; the keys it has are {sorted(turn)} "
+                "(set speaker_key / text_key to the dialogue's own)"
+            )
     speaker, text = turn[speaker_key], turn[text_key]
     if not isinstance(text, str):
         raise DataError(f"turn {number}'s {text_key!r} is {describe(text)}; expected a string")
     if isinstance(speaker, bool) or not isinstance(speaker, (str, int)):
-        raise DataError(f"turn {number}'s {speaker_key!r} is {describe(speaker)}; expected a name (or a number)")
+        raise DataError(
+            f"turn {number}'s {speaker_key!r} is {describe(speaker)}; expected a name (or a number)"
+        )
     return str(speaker), text
 
 
@@ -316,8 +334,9 @@ def references_in(value: Any, field: str) -> list[str]:
     """
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, (list, tuple)) or not refs:
-        raise DataError(f"field {field!r} is {describe(value)}; expected a summary (a string) or a non-empty list "
-                        "of them")
+        raise DataError(
+            f"field {field!r} is {describe(value)}; expected a summary (a string) or a non-empty list of them"
+        )
     for k, ref in enumerate(refs):
         item = f"field {field!r}" if isinstance(value, str) else f"item {k} of field {field!r}"
         if not isinstance(ref, str):
@@ -453,7 +472,9 @@ class LengthGroupedBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         indices = list(self.sampler)
-        bucket = self.bucket_batches * self.batch_size  # a multiple of batch_size: only the last batch is short
+        bucket = (
+            self.bucket_batches * self.batch_size
+        )  # a multiple of batch_size: only the last batch is short
         batches = []
         for start in range(0, len(indices), bucket):
             chunk = sorted(indices[start : start + bucket], key=self.lengths.__getitem__)
@@ -515,7 +536,11 @@ def check_name(name: str, value: Any, none_means: str | None = None) -> None:
 
 def _field_names(value: Any, option: str) -> tuple[str, ...]:
     fields = (value,) if isinstance(value, str) else value
-    if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) and f for f in fields):
+    if (
+        not isinstance(fields, (list, tuple))
+        or not fields
+        or not all(isinstance(f, str) and f for f in fields)
+    ):
         raise ValueError(f"{option} must be a field name or a non-empty list of them, got {value!r}")
     return tuple(fields)
 
@@ -535,23 +560,31 @@ def summary_fields_per_role(summary_field: Any, splits: dict[str, str]) -> dict[
     for key, value in summary_field.items():
         role = _ROLE_KEYS.get(key) or next((r for r, name in splits.items() if name == key), None)
         if role is None:
-            raise ValueError(f"summary_field has the key {key!r}, which names no split; the keys are train, valid "
-                             f"(or validation, val, dev), test, or the split names set ({sorted(splits.values())})")
+            raise ValueError(
+                f"summary_field has the key {key!r}, which names no split; the keys are train, valid "
+                f"(or validation, val, dev), test, or the split names set ({sorted(splits.values())})"
+            )
         if role in keys:
-            raise ValueError(f"summary_field names the {splits[role]!r} split twice, as {keys[role]!r} and {key!r}")
+            raise ValueError(
+                f"summary_field names the {splits[role]!r} split twice, as {keys[role]!r} and {key!r}"
+            )
         keys[role], per_role[role] = key, _field_names(value, f"summary_field[{key!r}]")
     missing = [splits[role] for role in _ROLES if role not in per_role]
     if missing:
-        raise ValueError(f"summary_field has no entry for the split(s) {missing}; a per-split summary_field names "
-                         "the field(s) of every split, e.g. {train: summary, valid: summary, "
-                         "test: [summary1, summary2, summary3]}")
+        raise ValueError(
+            f"summary_field has no entry for the split(s) {missing}; a per-split summary_field names "
+            "the field(s) of every split, e.g. {train: summary, valid: summary, "
+            "test: [summary1, summary2, summary3]}"
+        )
     return per_role
 
 
 def _hub_rows(split: Any, name: str, dataset: str) -> list[Row]:
     """A hub split's rows, placed by row index (``dataset[split][i]``)."""
-    return [Row(fields, f"row index {i} of split {name!r} of hub data set {dataset!r}")
-            for i, fields in enumerate(split.to_list())]
+    return [
+        Row(fields, f"row index {i} of split {name!r} of hub data set {dataset!r}")
+        for i, fields in enumerate(split.to_list())
+    ]
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -564,26 +597,42 @@ def _check_options(options: dict[str, Any]) -> None:
     check_count("num_workers", options["num_workers"], minimum=0)
     if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
         raise ValueError(f"seed must be an integer, got {options['seed']!r}")
-    for name in ("dataset", "train_split", "val_split", "test_split", "dialogue_field", "speaker_key", "text_key",
-                 "tokenizer"):
+    for name in (
+        "dataset",
+        "train_split",
+        "val_split",
+        "test_split",
+        "dialogue_field",
+        "speaker_key",
+        "text_key",
+        "tokenizer",
+    ):
         check_name(name, options[name])
     check_name("id_field", options["id_field"], none_means="made-up ids")
     for name in ("strip_mentions_and_links", "group_by_length"):
         if not isinstance(options[name], bool):
             raise ValueError(f"{name} must be true or false, got {options[name]!r}")
     if not isinstance(options["prefix"], str):
-        raise ValueError(f"prefix must be a string (\"\" for none), got {options['prefix']!r}")
+        raise ValueError(f'prefix must be a string ("" for none), got {options["prefix"]!r}')
     if options["target_summaries"] not in ("first", "all"):
         raise ValueError(f"target_summaries must be 'first' or 'all', got {options['target_summaries']!r}")
     renames = options["rename_speakers"]
-    if renames is not None and not (isinstance(renames, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in renames.items())):
-        raise ValueError(f"rename_speakers must map speaker names to names ({{}} keeps them), got {renames!r}")
+    if renames is not None and not (
+        isinstance(renames, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in renames.items())
+    ):
+        raise ValueError(
+            f"rename_speakers must map speaker names to names ({{}} keeps them), got {renames!r}"
+        )
     files = options["data_files"]
-    if files is not None and not (isinstance(files, dict) and all(
-            isinstance(k, str) and k and isinstance(v, (str, Path)) and str(v) for k, v in files.items())):
-        raise ValueError(f"data_files must map split names to file paths, e.g. {{train: a.jsonl, valid: b.jsonl}}, "
-                         f"got {files!r}")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(isinstance(k, str) and k and isinstance(v, (str, Path)) and str(v) for k, v in files.items())
+    ):
+        raise ValueError(
+            f"data_files must map split names to file paths, e.g. {{train: a.jsonl, valid: b.jsonl}}, "
+            f"got {files!r}"
+        )
     tokenizer_path(options["tokenizer"])  # an unknown bundled name fails now; nothing is loaded
 
 
@@ -703,27 +752,38 @@ class DialogSummaryDataModule(L.LightningDataModule):
     def _is_hub(self) -> bool:
         """Whether ``dataset`` is a hub name: not tweetsumm, no existing path, and no name of a file or a path."""
         looks_local = self.dataset.lower().endswith(FILE_FORMATS) or self.dataset.startswith(("/", ".", "~"))
-        return not (self.data_files or self.dataset == "tweetsumm" or looks_local
-                    or Path(self.dataset).expanduser().exists())
+        return not (
+            self.data_files
+            or self.dataset == "tweetsumm"
+            or looks_local
+            or Path(self.dataset).expanduser().exists()
+        )
 
     def _open_source(self) -> tuple[str, dict[str, Callable[[], list[Row]]]]:
         """A description of the source and, per split name, a function that reads its rows."""
         if self.data_files:
-            return "data_files", {s: partial(read_located_rows, Path(p).expanduser())
-                                  for s, p in self.data_files.items()}
+            return "data_files", {
+                s: partial(read_located_rows, Path(p).expanduser()) for s, p in self.data_files.items()
+            }
         if self._is_hub():
             data = load_hub_dataset(self.dataset)
-            return f"hub data set {self.dataset!r}", {s: partial(_hub_rows, data[s], s, self.dataset) for s in data}
+            return f"hub data set {self.dataset!r}", {
+                s: partial(_hub_rows, data[s], s, self.dataset) for s in data
+            }
         path = BUNDLED_TWEETSUMM if self.dataset == "tweetsumm" else Path(self.dataset).expanduser()
         if not path.exists():
-            raise DataError(f"dataset {self.dataset!r}: no such file or directory (under {Path.cwd()}); give an "
-                            "existing file or directory, 'tweetsumm', or a hub name")
+            raise DataError(
+                f"dataset {self.dataset!r}: no such file or directory (under {Path.cwd()}); give an "
+                "existing file or directory, 'tweetsumm', or a hub name"
+            )
         if path.is_file():
             return str(path), {s: partial(read_located_rows, path) for s in self.splits.values()}
         files = split_files(path)
         if not files:
-            raise DataError(f"{path} holds no <split>{{{','.join(FILE_FORMATS)}}} files, e.g. train.jsonl, "
-                            "valid.jsonl and test.jsonl")
+            raise DataError(
+                f"{path} holds no <split>{{{','.join(FILE_FORMATS)}}} files, e.g. train.jsonl, "
+                "valid.jsonl and test.jsonl"
+            )
         return str(path), {s: partial(read_located_rows, f) for s, f in files.items()}
 
     def prepare_data(self) -> None:
@@ -761,35 +821,54 @@ class DialogSummaryDataModule(L.LightningDataModule):
         every = role == "train" and self.target_summaries == "all"
         pairs = [(i, ref) for i, refs in enumerate(references) for ref in (refs if every else refs[:1])]
         tok = self.tokenizer
-        input_ids = tok([self.prefix + s for s in sources], max_length=self.max_source_length, truncation=True)
-        labels = tok(text_target=[ref for _, ref in pairs], max_length=self.max_target_length, truncation=True)
+        input_ids = tok(
+            [self.prefix + s for s in sources], max_length=self.max_source_length, truncation=True
+        )
+        labels = tok(
+            text_target=[ref for _, ref in pairs], max_length=self.max_target_length, truncation=True
+        )
         input_ids, labels = input_ids["input_ids"], labels["input_ids"]
-        return [Example(ids[i], sources[i], references[i], input_ids[i], lab) for (i, _), lab in zip(pairs, labels)]
+        return [
+            Example(ids[i], sources[i], references[i], input_ids[i], lab)
+            for (i, _), lab in zip(pairs, labels)
+        ]
 
     def _check_fields(self, row: Row, role: str, where: str) -> None:
         """Every field the split needs is in the row, or a DataError names the first missing one."""
         for field in (self.dialogue_field, *self.summary_fields[role]):
             if field not in row.fields:
-                hint = ("; dialogue_field names the dialogue's field" if field == self.dialogue_field else
-                        "; summary_field names the summaries' field(s), one entry per split if they differ: "
-                        "{train: summary, valid: summary, test: [summary1, summary2]}")
-                raise DataError(f"{row.where}: field {field!r} not found (in {where}); the fields that exist are "
-                                f"{sorted(row.fields)}{hint}")
+                hint = (
+                    "; dialogue_field names the dialogue's field"
+                    if field == self.dialogue_field
+                    else "; summary_field names the summaries' field(s), one entry per split if they differ: "
+                    "{train: summary, valid: summary, test: [summary1, summary2]}"
+                )
+                raise DataError(
+                    f"{row.where}: field {field!r} not found (in {where}); the fields that exist are "
+                    f"{sorted(row.fields)}{hint}"
+                )
 
     def _source(self, fields: dict[str, Any], place: str) -> str:
         """The row's dialogue, formatted; an empty one (or one that cleaning empties) is refused."""
         dialogue = fields[self.dialogue_field]
         try:
-            source = format_dialogue(dialogue, self.speaker_key, self.text_key, self.rename_speakers,
-                                     self.strip_mentions_and_links)
+            source = format_dialogue(
+                dialogue, self.speaker_key, self.text_key, self.rename_speakers, self.strip_mentions_and_links
+            )
         except DataError as err:
             raise DataError(f"{place}, field {self.dialogue_field!r}: {err}") from None
         if not source.strip():
-            had_text = self.strip_mentions_and_links and format_dialogue(
-                dialogue, self.speaker_key, self.text_key, strip_mentions_and_links=False).strip()
+            had_text = (
+                self.strip_mentions_and_links
+                and format_dialogue(
+                    dialogue, self.speaker_key, self.text_key, strip_mentions_and_links=False
+                ).strip()
+            )
             cleaned = " once @mentions and links are removed" if had_text else ""
-            raise DataError(f"{place}: the dialogue in field {self.dialogue_field!r} is empty{cleaned} "
-                            f"(it is {describe(dialogue)}); fill it in or remove the row")
+            raise DataError(
+                f"{place}: the dialogue in field {self.dialogue_field!r} is empty{cleaned} "
+                f"(it is {describe(dialogue)}); fill it in or remove the row"
+            )
         return source
 
     def _references(self, fields: dict[str, Any], role: str, place: str) -> list[str]:
@@ -802,8 +881,13 @@ class DialogSummaryDataModule(L.LightningDataModule):
     # -- loaders
 
     def _loader(self, examples: list[Example], **kwargs: Any) -> DataLoader:
-        return DataLoader(examples, collate_fn=Collator(self.tokenizer.pad_token_id), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return DataLoader(
+            examples,
+            collate_fn=Collator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
@@ -816,7 +900,9 @@ class DialogSummaryDataModule(L.LightningDataModule):
         if not self.group_by_length:
             return self._loader(examples, batch_size=self.batch_size, sampler=order)
         lengths = [len(e.input_ids) for e in examples]
-        batches = LengthGroupedBatchSampler(order, self.batch_size, drop_last=False, lengths=lengths, seed=self.seed)
+        batches = LengthGroupedBatchSampler(
+            order, self.batch_size, drop_last=False, lengths=lengths, seed=self.seed
+        )
         return self._loader(examples, batch_sampler=batches)
 
     def _eval_loader(self, role: str, sort: bool) -> DataLoader:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import lightning as L
 import torch
@@ -23,36 +23,42 @@ from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import peftcore
-from peftcore.files import write_atomically
-from experiments.bertscore import bert_scores
-from experiments.bertscore import ModelUnavailable
+from experiments.bertscore import ModelUnavailable, bert_scores
 from experiments.bertscore import check_available as check_bertscore_model
 from experiments.geval import GEvalConfig, GEvalUnavailable, check_judge, geval_available, geval_scores
 from experiments.metrics import rouge_scores
 from experiments.report import write_report
-
+from peftcore.files import write_atomically
 
 RECORD_NAME = "eval_record.json"
 # What an evaluation computes, in order. A record's "completed" maps each stage done to the
 # settings it was done with; "pending" lists the stages still to do.
 STAGES = ("predictions", "rouge", "bertscore", "geval")
 # G-Eval settings that change its scores (a rerun with others scores again).
-GEVAL_SCORING = ("model", "base_url", "n_samples", "temperature", "use_logprobs", "top_logprobs", "max_tokens")
+GEVAL_SCORING = (
+    "model",
+    "base_url",
+    "n_samples",
+    "temperature",
+    "use_logprobs",
+    "top_logprobs",
+    "max_tokens",
+)
 
 
 def evaluate(
-    train_config: Optional[str] = None,
+    train_config: str | None = None,
     run_name: str = "run",
-    ckpt_path: Optional[str] = None,
-    adapter: Optional[str] = None,
+    ckpt_path: str | None = None,
+    adapter: str | None = None,
     base_model: bool = False,
     output_dir: str = "runs/eval",
-    num_beams: Optional[int] = None,
-    max_new_tokens: Optional[int] = None,
-    bertscore_model: Optional[str] = "roberta-large",
-    bertscore_layers: Optional[int] = None,
-    geval: GEvalConfig = GEvalConfig(),
-    overrides: Optional[list[str]] = None,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    bertscore_model: str | None = "roberta-large",
+    bertscore_layers: int | None = None,
+    geval: GEvalConfig = GEvalConfig(),  # noqa: B008 (read, never changed: one shared default is safe)
+    overrides: list[str] | None = None,
     resume: bool = False,
 ) -> dict:
     """Evaluate one run on its config's test split and write ``<output_dir>/<run_name>/eval_record.json``.
@@ -88,7 +94,9 @@ def evaluate(
             ``best`` checkpoints are never resumed (they name a newer file as runs go on).
     """
     if not train_config:
-        raise ValueError("--train_config is required: the run's training YAML (e.g. experiments/configs/lora.yaml)")
+        raise ValueError(
+            "--train_config is required: the run's training YAML (e.g. experiments/configs/lora.yaml)"
+        )
     if sum([ckpt_path is not None, adapter is not None, base_model]) != 1:
         raise ValueError("give exactly one of ckpt_path, adapter or base_model: true")
     check_bertscore_model(bertscore_model)  # before minutes of generation, not after
@@ -97,23 +105,38 @@ def evaluate(
     from experiments.cli import NAMED_CHECKPOINTS
 
     out = Path(output_dir) / run_name
-    wanted = _wanted_stages(train_config, ckpt_path, adapter, base_model, num_beams, max_new_tokens, overrides,
-                            bertscore_model, bertscore_layers, geval if geval_on else None)
+    wanted = _wanted_stages(
+        train_config,
+        ckpt_path,
+        adapter,
+        base_model,
+        num_beams,
+        max_new_tokens,
+        overrides,
+        bertscore_model,
+        bertscore_layers,
+        geval if geval_on else None,
+    )
     record = _earlier_record(out, wanted) if resume and ckpt_path not in NAMED_CHECKPOINTS else None
     if record is not None and not _missing(record, wanted):
         print(f"evaluate: {run_name}: evaluated already ({out / RECORD_NAME})")
         return record
     if record is None:
-        record = _predict(train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens,
-                          overrides)
+        record = _predict(
+            train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens, overrides
+        )
         record["completed"] = {"predictions": wanted["predictions"]}
     else:
-        print(f"evaluate: {run_name}: resuming {out / RECORD_NAME}: {', '.join(_missing(record, wanted))} still to do")
+        print(
+            f"evaluate: {run_name}: resuming {out / RECORD_NAME}: {', '.join(_missing(record, wanted))} still to do"
+        )
     metrics, settings = record["metrics"], record["settings"]
-    if "geval" not in record["completed"]:  # a finished G-Eval keeps its own settings (judge, method, failures)
+    if (
+        "geval" not in record["completed"]
+    ):  # a finished G-Eval keeps its own settings (judge, method, failures)
         settings["geval"] = geval_note
 
-    def done(stage: Optional[str] = None) -> None:
+    def done(stage: str | None = None) -> None:
         if stage is not None:
             record["completed"][stage] = wanted[stage]
         record["pending"] = _missing(record, wanted)
@@ -122,13 +145,17 @@ def evaluate(
     done()
     rows = [json.loads(line) for line in Path(record["predictions"]).read_text().splitlines()]
     predictions = [row["prediction"] for row in rows]
-    references = [row["reference"] if isinstance(row["reference"], list) else [row["reference"]] for row in rows]
+    references = [
+        row["reference"] if isinstance(row["reference"], list) else [row["reference"]] for row in rows
+    ]
     todo = _missing(record, wanted)
     if "rouge" in todo:
         metrics.update(rouge_scores(predictions, references))
         done("rouge")
     if "bertscore" in todo:
-        metrics.update(bert_scores(predictions, references, model_type=bertscore_model, num_layers=bertscore_layers))
+        metrics.update(
+            bert_scores(predictions, references, model_type=bertscore_model, num_layers=bertscore_layers)
+        )
         settings["bertscore_model"] = bertscore_model
         done("bertscore")
     if "geval" in todo:
@@ -149,16 +176,31 @@ def evaluate(
     return record
 
 
-def _wanted_stages(train_config: str, ckpt_path: Optional[str], adapter: Optional[str], base_model: bool,
-                   num_beams: Optional[int], max_new_tokens: Optional[int], overrides: Optional[list[str]],
-                   bertscore_model: Optional[str], bertscore_layers: Optional[int],
-                   geval: Optional[GEvalConfig]) -> dict[str, dict]:
+def _wanted_stages(
+    train_config: str,
+    ckpt_path: str | None,
+    adapter: str | None,
+    base_model: bool,
+    num_beams: int | None,
+    max_new_tokens: int | None,
+    overrides: list[str] | None,
+    bertscore_model: str | None,
+    bertscore_layers: int | None,
+    geval: GEvalConfig | None,
+) -> dict[str, dict]:
     """The stages this evaluation asks for, each with the settings its result depends on."""
     text = Path(train_config).read_text() if Path(train_config).is_file() else ""
     wanted: dict[str, dict] = {
-        "predictions": {"train_config": train_config, "train_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                        "ckpt_path": ckpt_path, "adapter": adapter, "base_model": base_model, "num_beams": num_beams,
-                        "max_new_tokens": max_new_tokens, "overrides": list(overrides or [])},
+        "predictions": {
+            "train_config": train_config,
+            "train_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "ckpt_path": ckpt_path,
+            "adapter": adapter,
+            "base_model": base_model,
+            "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens,
+            "overrides": list(overrides or []),
+        },
         "rouge": {},
     }
     if bertscore_model:
@@ -173,7 +215,7 @@ def _missing(record: dict, wanted: dict[str, dict]) -> list[str]:
     return [stage for stage in STAGES if stage in wanted and completed.get(stage) != wanted[stage]]
 
 
-def _earlier_record(out: Path, wanted: dict[str, dict]) -> Optional[dict]:
+def _earlier_record(out: Path, wanted: dict[str, dict]) -> dict | None:
     """The record an earlier evaluation left in ``out``, when its predictions are of the same
     settings and still there; else None (the evaluation starts afresh)."""
     path = out / RECORD_NAME
@@ -189,9 +231,17 @@ def _refuse(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter: Optional[str], base_model: bool,
-             out: Path, num_beams: Optional[int], max_new_tokens: Optional[int],
-             overrides: Optional[list[str]]) -> dict:
+def _predict(
+    train_config: str,
+    run_name: str,
+    ckpt_path: str | None,
+    adapter: str | None,
+    base_model: bool,
+    out: Path,
+    num_beams: int | None,
+    max_new_tokens: int | None,
+    overrides: list[str] | None,
+) -> dict:
     """Build the run, write its summaries of the test split; a record with the efficiency figures."""
     from experiments.checkpointing import read_checkpoint
     from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of, same_model
@@ -202,15 +252,19 @@ def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter
     cli = lightning_cli(args, run=False)
     module, data = cli.model, cli.datamodule
     module.hparams.predictions_path = str(out / "predictions.jsonl")
-    epoch: Optional[int] = 0  # the untuned base trained for 0 epochs; an exported adapter does not say
-    runtime: Optional[float] = 0.0
+    epoch: int | None = 0  # the untuned base trained for 0 epochs; an exported adapter does not say
+    runtime: float | None = 0.0
     if ckpt_path in NAMED_CHECKPOINTS:
         root = runs_of(cli.config)
         if root is None:
-            raise ValueError(f"--ckpt_path {ckpt_path} needs the config's TensorBoard logger to find the runs")
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} needs the config's TensorBoard logger to find the runs"
+            )
         ckpt_path = str(newest_checkpoint(root, ckpt_path))
     if ckpt_path is not None:
-        checkpoint = read_checkpoint(ckpt_path)  # weights_only=True; a damaged file is named with the run's others
+        checkpoint = read_checkpoint(
+            ckpt_path
+        )  # weights_only=True; a damaged file is named with the run's others
         same_model(cli.config.model, checkpoint.get("hyper_parameters") or {}, ckpt_path, _refuse)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -224,22 +278,40 @@ def _predict(train_config: str, run_name: str, ckpt_path: Optional[str], adapter
         for param in module.model.parameters():
             param.requires_grad_(False)
 
-    trainer = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator=cli.trainer.accelerator, devices=1, logger=False, enable_progress_bar=False
+    )
     trainer.predict(module, datamodule=data)
     examples = len(Path(module.hparams.predictions_path).read_text().splitlines())
     metrics: dict = {**module.efficiency(), "epoch": epoch, "train_runtime": runtime}
     if torch.cuda.is_available():
         metrics["peak_accelerator_memory"] = torch.cuda.max_memory_allocated() / 2**30
-    settings: dict = {"config": train_config, "ckpt_path": ckpt_path, "adapter": adapter, "base_model": base_model,
-                      "examples": examples, "test_set": _test_set(cli.config.as_dict().get("data") or {}),
-                      "num_beams": module.hparams.num_beams, "max_new_tokens": module.hparams.max_new_tokens,
-                      "method": type(getattr(module.model, "peftcore_config", None)).__name__.replace("NoneType", "full or none")}
-    return {"run": run_name, "metrics": metrics, "settings": settings, "predictions": module.hparams.predictions_path}
+    settings: dict = {
+        "config": train_config,
+        "ckpt_path": ckpt_path,
+        "adapter": adapter,
+        "base_model": base_model,
+        "examples": examples,
+        "test_set": _test_set(cli.config.as_dict().get("data") or {}),
+        "num_beams": module.hparams.num_beams,
+        "max_new_tokens": module.hparams.max_new_tokens,
+        "method": type(getattr(module.model, "peftcore_config", None)).__name__.replace(
+            "NoneType", "full or none"
+        ),
+    }
+    return {
+        "run": run_name,
+        "metrics": metrics,
+        "settings": settings,
+        "predictions": module.hparams.predictions_path,
+    }
 
 
 def _test_set(data: dict) -> dict:
     """What the test examples are: the records of runs scored on different ones do not compare."""
-    return {key: data.get(key) for key in ("dataset", "data_files", "test_split", "summary_field", "limit_test")}
+    return {
+        key: data.get(key) for key in ("dataset", "data_files", "test_split", "summary_field", "limit_test")
+    }
 
 
 def _load_adapter(model: torch.nn.Module, adapter: str, train_config: str) -> None:
@@ -269,13 +341,19 @@ def _model_and_data_config(train_config: str, out: Path) -> Path:
     was trained from. Written to ``<out>/train_config.yaml``, the record of what was evaluated."""
     config = yaml.safe_load(Path(train_config).read_text()) or {}
     if not isinstance(config, dict):
-        raise ValueError(f"{train_config} is not a fit config (a mapping of model, data and trainer sections)")
+        raise ValueError(
+            f"{train_config} is not a fit config (a mapping of model, data and trainer sections)"
+        )
     kept = {k: v for k, v in config.items() if k not in COMMAND_KEYS}
     return write_atomically(out / "train_config.yaml", yaml.safe_dump(kept, sort_keys=False))
 
 
-def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", base_run: Optional[str] = None,
-           allow_mixed: bool = False) -> None:
+def report(
+    records: list[str] | None = None,
+    out_dir: str = "runs/report",
+    base_run: str | None = None,
+    allow_mixed: bool = False,
+) -> None:
     """Tables (Markdown, CSV), % change against ``base_run`` and plots from evaluation records.
 
     Args:
@@ -294,12 +372,19 @@ def report(records: Optional[list[str]] = None, out_dir: str = "runs/report", ba
 def evaluate_cli(argv: list[str]) -> None:
     try:
         CLI(evaluate, args=argv)
-    except (ValueError, FileNotFoundError, ModelUnavailable) as err:  # bad input: the message, not a traceback
+    except (
+        ValueError,
+        FileNotFoundError,
+        ModelUnavailable,
+    ) as err:  # bad input: the message, not a traceback
         raise SystemExit(f"error: {err}") from None
 
 
 def report_cli(argv: list[str]) -> None:
     try:
         CLI(report, args=argv)
-    except (ValueError, FileNotFoundError) as err:  # records that do not compare or are not there: the message
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # records that do not compare or are not there: the message
         raise SystemExit(f"error: {err}") from None

@@ -21,6 +21,7 @@ key is read from the environment variable named by ``api_key_env`` and is never 
 anywhere: not in the cache, the failures file or the returned settings.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -230,7 +231,9 @@ def geval_available(config: GEvalConfig) -> tuple[bool, str]:
     return True, f"G-Eval with {config.model} at {config.base_url or 'the OpenAI API'}"
 
 
-def _client(config: GEvalConfig, max_retries: int | None = None, timeout: float | None = None) -> openai.OpenAI:
+def _client(
+    config: GEvalConfig, max_retries: int | None = None, timeout: float | None = None
+) -> openai.OpenAI:
     api_key = os.environ.get(config.api_key_env) or "no-key"  # local servers ignore it; openai requires one
     return openai.OpenAI(
         api_key=api_key,
@@ -291,7 +294,9 @@ class ResponseCache:
         self._db = sqlite3.connect(
             ":memory:" if self.path is None else self.path, check_same_thread=False, isolation_level=None
         )
-        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)"
+        )
         self._lock = threading.Lock()
 
     @staticmethod
@@ -351,10 +356,9 @@ class _Judge:
         n = self.config.n_samples
         choices: list[dict[str, Any]] = []
         if self.config.use_logprobs:
-            try:
+            # Some servers reject the logprobs options: sample instead (a real 400 recurs there).
+            with contextlib.suppress(openai.BadRequestError):
                 choices = self.request(prompt, 1, True, 0)["choices"]
-            except openai.BadRequestError:
-                pass  # some servers reject the logprobs options: sample instead (a real 400 recurs there)
             if choices:
                 content = choices[0]["message"].get("content") or ""
                 logprobs = (choices[0].get("logprobs") or {}).get("content")
@@ -437,7 +441,13 @@ def geval_scores(
         judge.client.close()
         cache.close()
 
-    result: dict[str, Any] = {"method": {}, "scored": {}, "failures": {}, "failure_texts": [], "per_example": {}}
+    result: dict[str, Any] = {
+        "method": {},
+        "scored": {},
+        "failures": {},
+        "failure_texts": [],
+        "per_example": {},
+    }
     for criterion in criteria:
         mine = [(i, o) for (c, i), o in zip(jobs, outcomes) if c == criterion]
         scores = [o.score for _, o in mine]

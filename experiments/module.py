@@ -18,22 +18,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Union
+from typing import Any, NoReturn, Union
 
 import lightning as L
-from lightning.fabric.utilities.data import _set_sampler_epoch
 import torch
 import transformers
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import peftcore
+from experiments.data import ASSETS, skip_batches, tokenizer_path
+from experiments.metrics import ROUGE_KEYS, Rouge
 from peftcore import methods
 from peftcore.config import NF4Config
 from peftcore.files import write_atomically
 from peftcore.loraplus import param_groups
 from peftcore.t5 import SHAPES, t5_config
-from experiments.data import ASSETS, skip_batches, tokenizer_path
-from experiments.metrics import ROUGE_KEYS, Rouge
 
 OPTIMIZERS = ("adamw", "paged_adamw")
 
@@ -41,13 +41,14 @@ OPTIMIZERS = ("adamw", "paged_adamw")
 # (Lightning's default on resume) unpickles only allow-listed classes. These are plain dataclasses.
 torch.serialization.add_safe_globals([*methods.config_classes(), NF4Config])
 # The method option: any method's config (the CLI then knows their fields).
-MethodConfig = Union[methods.config_classes()]
+MethodConfig = Union[methods.config_classes()]  # noqa: UP007 (a Union of a runtime tuple)
 
 
 def method_fields() -> str:
     """One line per method: its config class and its fields (for ``fit --help``)."""
     return "; ".join(
-        f"{cls.__name__} ({', '.join(f.name for f in dataclasses.fields(cls))})" for cls in methods.config_classes()
+        f"{cls.__name__} ({', '.join(f.name for f in dataclasses.fields(cls))})"
+        for cls in methods.config_classes()
     )
 
 
@@ -62,7 +63,7 @@ def _bundled_model(name: str) -> Path:
     return path
 
 
-def check_model_source(pretrained: Optional[str], shape: Optional[str], random_init: bool) -> None:
+def check_model_source(pretrained: str | None, shape: str | None, random_init: bool) -> None:
     """Exactly one of: real weights from ``pretrained``, or a named shape with ``random_init``."""
     if pretrained and shape:
         raise ValueError(f"give either pretrained ({pretrained!r}) or shape ({shape!r}), not both")
@@ -82,7 +83,7 @@ def check_model_source(pretrained: Optional[str], shape: Optional[str], random_i
 
 
 def build_model(
-    pretrained: Optional[str], shape: Optional[str], random_init: bool, gated: bool, dropout_rate: Optional[float]
+    pretrained: str | None, shape: str | None, random_init: bool, gated: bool, dropout_rate: float | None
 ) -> transformers.T5ForConditionalGeneration:
     """The model ``check_model_source`` allows: real weights, or a named shape's random ones."""
     check_model_source(pretrained, shape, random_init)
@@ -92,7 +93,9 @@ def build_model(
             pretrained = str(_bundled_model(pretrained.removeprefix(BUNDLED)))
         # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
         # precision setting decides the compute dtype.
-        return transformers.T5ForConditionalGeneration.from_pretrained(pretrained, dtype=torch.float32, **overrides)
+        return transformers.T5ForConditionalGeneration.from_pretrained(
+            pretrained, dtype=torch.float32, **overrides
+        )
     config = t5_config(shape, gated=gated)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -107,11 +110,21 @@ def with_tokenizer_path(peft: MethodConfig) -> MethodConfig:
     return peft if tokenizer is None else dataclasses.replace(peft, tokenizer=tokenizer_path(tokenizer))
 
 
-def _check_training(optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float], warmup_ratio: float,
-                    loraplus_lr_ratio: Optional[float], num_beams: int, max_new_tokens: int,
-                    dropout_rate: Optional[float], gpu_budget_bytes: Optional[int]) -> None:
+def _check_training(
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_ratio: float,
+    loraplus_lr_ratio: float | None,
+    num_beams: int,
+    max_new_tokens: int,
+    dropout_rate: float | None,
+    gpu_budget_bytes: int | None,
+) -> None:
     """Refuse, by the option's name, values that torch or generate would take with a confusing
     error (``num_beams: 0`` divides by zero) or without one (a negative weight decay)."""
+
     def refuse(name: str, value: object, allowed: str) -> NoReturn:
         raise ValueError(f"model.{name} must be {allowed}, got {value!r}")
 
@@ -134,7 +147,11 @@ def _check_training(optimizer: str, lr: float, weight_decay: float, betas: tuple
     if dropout_rate is not None and not 0.0 <= dropout_rate < 1.0:
         refuse("dropout_rate", dropout_rate, "in [0, 1), or null to keep the model's own")
     if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
-        refuse("gpu_budget_bytes", gpu_budget_bytes, "a number of bytes >= 0, or null (all optimizer state on the device)")
+        refuse(
+            "gpu_budget_bytes",
+            gpu_budget_bytes,
+            "a number of bytes >= 0, or null (all optimizer state on the device)",
+        )
 
 
 class Seq2SeqFineTuner(L.LightningModule):
@@ -177,32 +194,37 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def __init__(
         self,
-        pretrained: Optional[str] = None,
-        shape: Optional[str] = None,
+        pretrained: str | None = None,
+        shape: str | None = None,
         random_init: bool = False,
         gated: bool = False,
-        dropout_rate: Optional[float] = None,
-        peft: Optional[MethodConfig] = None,
-        quantization: Optional[NF4Config] = None,
+        dropout_rate: float | None = None,
+        peft: MethodConfig | None = None,
+        quantization: NF4Config | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.0,
-        loraplus_lr_ratio: Optional[float] = None,
-        gpu_budget_bytes: Optional[int] = None,
+        loraplus_lr_ratio: float | None = None,
+        gpu_budget_bytes: int | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         num_beams: int = 1,
         max_new_tokens: int = 64,
         generate_in_validation: bool = True,
         export_best_adapter: bool = True,
-        predictions_path: Optional[str] = None,
+        predictions_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.check_settings(**{key: self.hparams[key] for key in inspect.signature(type(self).__init__).parameters
-                               if key in self.hparams})
+        self.check_settings(
+            **{
+                key: self.hparams[key]
+                for key in inspect.signature(type(self).__init__).parameters
+                if key in self.hparams
+            }
+        )
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
         self.model = build_model(pretrained, shape, random_init, gated, dropout_rate).train()
@@ -220,9 +242,9 @@ class Seq2SeqFineTuner(L.LightningModule):
         self.best_val_loss = math.inf
         self._predictions: list[dict] = []
         self._step_started = 0.0
-        self.first_step_seconds: Optional[float] = None  # of this process's fit
+        self.first_step_seconds: float | None = None  # of this process's fit
         self.train_runtime = 0.0  # seconds of fit, summed over resumed runs
-        self._fit_started: Optional[float] = None
+        self._fit_started: float | None = None
 
     @classmethod
     def check_settings(cls, **settings: Any) -> None:
@@ -232,8 +254,18 @@ class Seq2SeqFineTuner(L.LightningModule):
         given.apply_defaults()
         a = given.arguments
         check_model_source(a["pretrained"], a["shape"], a["random_init"])
-        _check_training(a["optimizer"], a["lr"], a["weight_decay"], a["betas"], a["warmup_ratio"], a["loraplus_lr_ratio"],
-                        a["num_beams"], a["max_new_tokens"], a["dropout_rate"], a["gpu_budget_bytes"])
+        _check_training(
+            a["optimizer"],
+            a["lr"],
+            a["weight_decay"],
+            a["betas"],
+            a["warmup_ratio"],
+            a["loraplus_lr_ratio"],
+            a["num_beams"],
+            a["max_new_tokens"],
+            a["dropout_rate"],
+            a["gpu_budget_bytes"],
+        )
 
     # --- reports ------------------------------------------------------------------------------
 
@@ -263,7 +295,9 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def on_fit_start(self) -> None:
         stats = self.efficiency()
-        rank_zero_info(f"{peftcore.count_parameters(self.model)} || memory footprint: {stats['memory_footprint']:.4f} GiB")
+        rank_zero_info(
+            f"{peftcore.count_parameters(self.model)} || memory footprint: {stats['memory_footprint']:.4f} GiB"
+        )
         if self.logger is not None:
             self.logger.log_hyperparams(self.hparams, {f"params/{k}": v for k, v in stats.items()})
 
@@ -272,7 +306,9 @@ class Seq2SeqFineTuner(L.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self._loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    def _model_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _model_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     def on_train_epoch_start(self) -> None:
@@ -296,7 +332,10 @@ class Seq2SeqFineTuner(L.LightningModule):
         elapsed = max(time.perf_counter() - self._step_started, 1e-9)
         if self.first_step_seconds is None:  # it holds the compilation (and lazy initialisation)
             self.first_step_seconds = elapsed
-            rank_zero_info(f"first training step: {elapsed:.1f} s" + (" (compilation included)" if self.hparams.compile else ""))
+            rank_zero_info(
+                f"first training step: {elapsed:.1f} s"
+                + (" (compilation included)" if self.hparams.compile else "")
+            )
             if self.logger is not None:  # straight to the logger: self.log would wait for log_every_n_steps
                 self.logger.log_metrics({"train/first_step_s": elapsed}, step=self.global_step)
         self.log("train/tokens_per_s", tokens / elapsed, batch_size=len(batch["ids"]))
@@ -350,29 +389,44 @@ class Seq2SeqFineTuner(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         rows = [
             {"id": i, "dialogue": src, "reference": refs[0] if len(refs) == 1 else refs, "prediction": pred}
-            for i, src, refs, pred in zip(batch["ids"], batch["sources"], batch["references"], self.generate_summaries(batch))
+            for i, src, refs, pred in zip(
+                batch["ids"], batch["sources"], batch["references"], self.generate_summaries(batch)
+            )
         ]
         self._predictions.extend(rows)
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        path = Path(self.hparams.predictions_path) if self.hparams.predictions_path else _unused(Path(self._log_dir()))
+        path = (
+            Path(self.hparams.predictions_path)
+            if self.hparams.predictions_path
+            else _unused(Path(self._log_dir()))
+        )
         if self.trainer.world_size > 1:
             path = path.with_suffix(f".rank{self.global_rank}.jsonl")
-        write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._predictions))
+        write_atomically(
+            path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._predictions)
+        )
         rank_zero_info(f"wrote {len(self._predictions)} predictions to {path}")
         self._predictions = []
 
     # --- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
-        groups = param_groups(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.loraplus_lr_ratio)
+        groups = param_groups(
+            self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.loraplus_lr_ratio
+        )
         if self.hparams.optimizer == "paged_adamw":
             optimizer = peftcore.PagedAdamW(
-                groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), gpu_budget_bytes=self.hparams.gpu_budget_bytes
+                groups,
+                lr=self.hparams.lr,
+                betas=tuple(self.hparams.betas),
+                gpu_budget_bytes=self.hparams.gpu_budget_bytes,
             )
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **self._adamw_kernel())
+            optimizer = torch.optim.AdamW(
+                groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **self._adamw_kernel()
+            )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(total * self.hparams.warmup_ratio)
 
@@ -418,7 +472,9 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def _log_dir(self) -> str:
         logger = self.trainer.logger
-        return (logger.log_dir if logger is not None and logger.log_dir else None) or self.trainer.default_root_dir
+        return (
+            logger.log_dir if logger is not None and logger.log_dir else None
+        ) or self.trainer.default_root_dir
 
 
 def _unused(run_dir: Path) -> Path:

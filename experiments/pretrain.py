@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import transformers
@@ -48,18 +47,25 @@ def span_lengths(num_items: int, num_segments: int, generator: torch.Generator) 
     return [b - a for a, b in zip(edges, edges[1:])]
 
 
-def noise_mask(length: int, generator: torch.Generator, density: float = 0.15, mean_span: float = 3.0) -> list[bool]:
+def noise_mask(
+    length: int, generator: torch.Generator, density: float = 0.15, mean_span: float = 3.0
+) -> list[bool]:
     """Which of ``length`` tokens are noise, in spans, as T5's random_spans_noise_mask chooses them."""
     num_noise = min(max(round(length * density), 1), length - 1)
     num_spans = max(round(num_noise / mean_span), 1)
-    noise, kept = span_lengths(num_noise, num_spans, generator), span_lengths(length - num_noise, num_spans, generator)
+    noise, kept = (
+        span_lengths(num_noise, num_spans, generator),
+        span_lengths(length - num_noise, num_spans, generator),
+    )
     mask: list[bool] = []
     for keep, drop in zip(kept, noise):
         mask += [False] * keep + [True] * drop
     return mask
 
 
-def corrupt(tokens: list[int], mask: list[bool], sentinels: list[int], eos: int) -> tuple[list[int], list[int]]:
+def corrupt(
+    tokens: list[int], mask: list[bool], sentinels: list[int], eos: int
+) -> tuple[list[int], list[int]]:
     """(input ids, target ids): each noise span becomes the next sentinel in the input, and the
     target is each sentinel with the tokens it stands for, closed by one more sentinel."""
     inputs, targets, span = [], [], -1
@@ -75,12 +81,16 @@ def corrupt(tokens: list[int], mask: list[bool], sentinels: list[int], eos: int)
     return inputs + [eos], targets + [sentinels[span + 1], eos]
 
 
-def dialogue_chunks(tokenizer, chunk_length: int, splits: tuple[str, ...] = ("train", "valid")) -> list[list[int]]:
+def dialogue_chunks(
+    tokenizer, chunk_length: int, splits: tuple[str, ...] = ("train", "valid")
+) -> list[list[int]]:
     """The bundled dialogues (never summaries, never the test split) as one token stream, in chunks."""
     stream: list[int] = []
     for split in splits:
         for row in read_rows(BUNDLED_TWEETSUMM / f"{split}.jsonl"):
-            text = format_dialogue(row["turns"], "speaker", "text", {"Customer": "user", "Agent": "agent"}, True)
+            text = format_dialogue(
+                row["turns"], "speaker", "text", {"Customer": "user", "Agent": "agent"}, True
+            )
             stream += tokenizer(text, add_special_tokens=False)["input_ids"]
     return [stream[i : i + chunk_length] for i in range(0, len(stream) - chunk_length + 1, chunk_length)]
 
@@ -115,7 +125,7 @@ def pretrain(
     heldout_fraction: float = 0.05,
     log_every: int = 100,
     seed: int = 0,
-    threads: Optional[int] = None,
+    threads: int | None = None,
 ) -> dict:
     """Pretrain a T5 of ``shape`` with span corruption on the bundled dialogues; write a
     ``save_pretrained`` directory to ``output_dir`` (replaced whole when complete).
@@ -144,8 +154,10 @@ def pretrain(
     cut = max(1, int(len(chunks) * heldout_fraction))
     train, heldout = chunks[:-cut], chunks[-cut:]
     fixed = torch.Generator().manual_seed(seed + 1)  # the held-out masks are the same before and after
-    heldout_batches = [batch_of(heldout[i : i + batch_size], fixed, sentinels, tokenizer.eos_token_id)
-                       for i in range(0, len(heldout), batch_size)]
+    heldout_batches = [
+        batch_of(heldout[i : i + batch_size], fixed, sentinels, tokenizer.eos_token_id)
+        for i in range(0, len(heldout), batch_size)
+    ]
 
     config = t5_config(shape)
     config.dropout_rate = 0.0
@@ -155,14 +167,22 @@ def pretrain(
         optimizer, lambda s: min((s + 1) / warmup_steps, max(0.0, (steps - s) / max(1, steps - warmup_steps)))
     )
     losses = {"heldout_before": heldout_loss(model, heldout_batches), "train": []}
-    print(f"{len(train)} training chunks of {chunk_length} tokens, {len(heldout)} held out; "
-          f"held-out loss before: {losses['heldout_before']:.3f}")
-    started, running, order = time.perf_counter(), [], torch.randperm(len(train), generator=generator).tolist()
+    print(
+        f"{len(train)} training chunks of {chunk_length} tokens, {len(heldout)} held out; "
+        f"held-out loss before: {losses['heldout_before']:.3f}"
+    )
+    started, running, order = (
+        time.perf_counter(),
+        [],
+        torch.randperm(len(train), generator=generator).tolist(),
+    )
     for step in range(steps):
         if len(order) < batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
         picked, order = order[:batch_size], order[batch_size:]
-        loss = model(**batch_of([train[i] for i in picked], generator, sentinels, tokenizer.eos_token_id)).loss
+        loss = model(
+            **batch_of([train[i] for i in picked], generator, sentinels, tokenizer.eos_token_id)
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -177,9 +197,20 @@ def pretrain(
     print(f"held-out loss after: {losses['heldout_after']:.3f} ({time.perf_counter() - started:.0f} s)")
     record = {
         "command": "python -m experiments pretrain",
-        "settings": dict(shape=shape, steps=steps, batch_size=batch_size, chunk_length=chunk_length, lr=lr,
-                         warmup_steps=warmup_steps, weight_decay=weight_decay, heldout_fraction=heldout_fraction,
-                         seed=seed, noise_density=0.15, mean_noise_span_length=3.0, text="TweetSumm train+valid dialogues"),
+        "settings": dict(
+            shape=shape,
+            steps=steps,
+            batch_size=batch_size,
+            chunk_length=chunk_length,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            heldout_fraction=heldout_fraction,
+            seed=seed,
+            noise_density=0.15,
+            mean_noise_span_length=3.0,
+            text="TweetSumm train+valid dialogues",
+        ),
         "losses": {k: round(v, 4) if isinstance(v, float) else v for k, v in losses.items()},
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,

@@ -33,7 +33,7 @@ import matplotlib
 from peftcore.files import write_atomically
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+import matplotlib.pyplot as plt
 
 RECORD_NAME = "eval_record.json"
 # The study's order; metrics outside it (say peak_accelerator_memory) follow, sorted by name.
@@ -71,13 +71,19 @@ def differences(records: list[dict[str, Any]]) -> list[str]:
     the records that state it): the test set, the number of examples, the BERTScore model."""
     settings = {r["run"]: r.get("settings") or {} for r in records}
     with_bertscore = {r["run"] for r in records if r["metrics"].get("f1") is not None}
-    checks = [("test set", "test_set", set(settings)), ("examples", "examples", set(settings)),
-              ("BERTScore model", "bertscore_model", with_bertscore)]
+    checks = [
+        ("test set", "test_set", set(settings)),
+        ("examples", "examples", set(settings)),
+        ("BERTScore model", "bertscore_model", with_bertscore),
+    ]
     lines = []
     for label, key, runs in checks:
         stated = {run: s[key] for run, s in settings.items() if run in runs and s.get(key) is not None}
         if len({json.dumps(v, sort_keys=True) for v in stated.values()}) > 1:
-            lines.append(f"{label}: " + "; ".join(f"{run}: {json.dumps(v, sort_keys=True)}" for run, v in stated.items()))
+            lines.append(
+                f"{label}: "
+                + "; ".join(f"{run}: {json.dumps(v, sort_keys=True)}" for run, v in stated.items())
+            )
     return lines
 
 
@@ -119,7 +125,10 @@ def format_row(values: list[float | None]) -> list[str]:
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -168,7 +177,9 @@ def _metric_bars(runs: list[str], table: dict[str, list[float | None]]) -> plt.F
     return fig
 
 
-def _params_vs_rouge(runs: list[str], params: list[float | None], rouge: list[float | None]) -> plt.Figure | None:
+def _params_vs_rouge(
+    runs: list[str], params: list[float | None], rouge: list[float | None]
+) -> plt.Figure | None:
     """Trainable parameters (log x) against ROUGE-L: a labelled point per run that trained some
     parameters, a dashed line per run that trained none (the untuned base: log 0 has no place)."""
     points = [(r, p, y) for r, p, y in zip(runs, params, rouge) if p is not None and p > 0 and y is not None]
@@ -203,7 +214,9 @@ def _png_bytes(fig: plt.Figure) -> bytes:
 
 
 def write_report(
-    records: list[dict[str, Any] | str | Path], out_dir: str | Path, base_run: str | None = None,
+    records: list[dict[str, Any] | str | Path],
+    out_dir: str | Path,
+    base_run: str | None = None,
     allow_mixed: bool = False,
 ) -> dict[str, Path]:
     """Write the comparison of ``records`` to ``out_dir``.
@@ -238,9 +251,12 @@ def write_report(
         raise ValueError(f"base run {base_run!r} not found; the runs are {runs}")
     mixed = differences(loaded)
     if mixed and not allow_mixed:
-        raise ValueError("the records were not scored alike, so their numbers and changes do not compare:\n  "
-                         + "\n  ".join(mixed) + "\nEvaluate them on the same test examples (and BERTScore model), "
-                         "or pass --allow_mixed true to write the report marked as mixed")
+        raise ValueError(
+            "the records were not scored alike, so their numbers and changes do not compare:\n  "
+            + "\n  ".join(mixed)
+            + "\nEvaluate them on the same test examples (and BERTScore model), "
+            "or pass --allow_mixed true to write the report marked as mixed"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -260,8 +276,10 @@ def write_report(
         written["change_csv"] = out_dir / "change.csv"
         header = [f"% change vs {base_run}" + (" (mixed records)" if mixed else ""), *others]
         write_atomically(written["change_csv"], _csv_text(header, [[m, *change[m]] for m in metrics]))
-        cells = [[m, *(_change_cell(v, table[m][runs.index(r)], table[m][b]) for v, r in zip(change[m], others))]
-                 for m in metrics]
+        cells = [
+            [m, *(_change_cell(v, table[m][runs.index(r)], table[m][b]) for v, r in zip(change[m], others))]
+            for m in metrics
+        ]
         md_change = _markdown_table(["metric", *others], cells)
 
     figures = {"metrics_png": ("metrics.png", _metric_bars(runs, table))}
@@ -274,24 +292,33 @@ def write_report(
 
     sections = ["# Results\n"]
     if mixed:
-        sections += ["**Mixed records** (written with allow_mixed): the runs were not scored alike, so their "
-                     "numbers do not compare:\n", *(f"- {line}\n" for line in mixed)]
+        sections += [
+            "**Mixed records** (written with allow_mixed): the runs were not scored alike, so their "
+            "numbers do not compare:\n",
+            *(f"- {line}\n" for line in mixed),
+        ]
     sections += ["## Metrics\n", md_metrics]
     pending = [f"`{r['run']}` ({', '.join(r['pending'])})" for r in loaded if r.get("pending")]
     if pending:
-        sections += ["Evaluations not finished, their blank cells still to compute (rerun `evaluate` with "
-                     f"`--resume true`): {', '.join(pending)}.\n"]
+        sections += [
+            "Evaluations not finished, their blank cells still to compute (rerun `evaluate` with "
+            f"`--resume true`): {', '.join(pending)}.\n"
+        ]
     if md_change is not None:
         sections += [f"## Change vs `{base_run}` (%)" + (" (mixed records)" if mixed else "") + "\n",
                      "100 * (run - base) / base; where the base is 0, the absolute difference run - base, marked "
                      "*abs*; blank where either is missing.\n", md_change]  # fmt: skip
     sections += ["## Plots\n", *(f"![{name}]({name})\n" for name, _ in figures.values())]
-    settings = "".join(f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded)
+    settings = "".join(
+        f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded
+    )
     sections += ["## Settings\n", settings]
     written["markdown"] = out_dir / "report.md"
     write_atomically(written["markdown"], "\n".join(sections))
 
-    written["tensorboard"] = _write_tensorboard(out_dir / "tensorboard", runs, table, md_metrics, md_change, figures)
+    written["tensorboard"] = _write_tensorboard(
+        out_dir / "tensorboard", runs, table, md_metrics, md_change, figures
+    )
     return written
 
 

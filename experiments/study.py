@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -43,11 +43,11 @@ from peftcore.files import write_atomically
 
 
 def study(
-    base_config: Optional[str] = None,
-    methods: Optional[dict[str, dict[str, Any]]] = None,
+    base_config: str | None = None,
+    methods: dict[str, dict[str, Any]] | None = None,
     output_dir: str = "runs/study",
-    evaluate: Optional[dict[str, Any]] = None,
-    overrides: Optional[list[str]] = None,
+    evaluate: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Run the comparison (see the module docstring); returns the report's paths.
 
@@ -67,17 +67,31 @@ def study(
             raise ValueError(f"methods[{name!r}] must give a sweep or a config (one of them), got {spec!r}")
     root, extra = Path(output_dir), list(overrides or [])
     options = _evaluate_options(evaluate or {})
-    records = [_evaluated(root, "base", dict(train_config=base_config, base_model=True, overrides=extra), options)]
+    records = [
+        _evaluated(root, "base", dict(train_config=base_config, base_model=True, overrides=extra), options)
+    ]
     for name, spec in methods.items():
         if "sweep" in spec:
             found = _sweep_file(spec["sweep"])
-            result = sweep(**{**found, "output_dir": str(root / "sweeps"), "study_name": name,
-                              "overrides": [*found.get("overrides", []), *extra]})  # SweepFailed when none completed
+            result = sweep(
+                **{
+                    **found,
+                    "output_dir": str(root / "sweeps"),
+                    "study_name": name,
+                    "overrides": [*found.get("overrides", []), *extra],
+                }
+            )  # SweepFailed when none completed
             run = Path(result["best_run"])
         else:
             run = _fit_once(root, name, spec["config"], [*spec.get("overrides", []), *extra])
-        records.append(_evaluated(root, name, dict(train_config=str(run / "config.yaml"),
-                                                   ckpt_path=str(run / "checkpoints" / "best.ckpt")), options))
+        records.append(
+            _evaluated(
+                root,
+                name,
+                dict(train_config=str(run / "config.yaml"), ckpt_path=str(run / "checkpoints" / "best.ckpt")),
+                options,
+            )
+        )
     evaluation.report(records=records, out_dir=str(root / "report"), base_run="base")
     return {"records": records, "report": str(root / "report" / "report.md")}
 
@@ -99,8 +113,15 @@ def _fit_once(root: Path, name: str, config: str, overrides: list[str]) -> Path:
     if (run / "fit_done.json").exists():
         print(f"study: {name}: fitted already ({run})")
         return run
-    args = ["fit", "--config", config, *overrides, f"--trainer.logger.init_args.save_dir={root / 'runs'}",
-            f"--trainer.logger.init_args.name={name}", "--trainer.logger.init_args.version=run"]
+    args = [
+        "fit",
+        "--config",
+        config,
+        *overrides,
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.logger.init_args.version=run",
+    ]
     if (run / "checkpoints" / "last.ckpt").exists():
         args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     cli = lightning_cli(args)
@@ -111,8 +132,16 @@ def _fit_once(root: Path, name: str, config: str, overrides: list[str]) -> Path:
 # evaluate's arguments the study sets for each run; the study file's evaluate section gives the others.
 SET_BY_STUDY = ("train_config", "run_name", "ckpt_path", "adapter", "base_model", "output_dir", "resume")
 # Data options that do not change the test examples or their summaries: evaluate would ignore them.
-NOT_FOR_EVALUATION = ("train_split", "val_split", "target_summaries", "batch_size", "group_by_length",
-                      "limit_train", "limit_val", "seed")
+NOT_FOR_EVALUATION = (
+    "train_split",
+    "val_split",
+    "target_summaries",
+    "batch_size",
+    "group_by_length",
+    "limit_train",
+    "limit_val",
+    "seed",
+)
 
 
 def _evaluate_options(evaluate: dict[str, Any]) -> dict[str, Any]:
@@ -121,8 +150,10 @@ def _evaluate_options(evaluate: dict[str, Any]) -> dict[str, Any]:
     allowed = [name for name in inspect.signature(evaluation.evaluate).parameters if name not in SET_BY_STUDY]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"evaluate has {unknown}: the study sets those itself or evaluate has no such option; "
-                         f"evaluate's options here: {', '.join(allowed)}")
+        raise ValueError(
+            f"evaluate has {unknown}: the study sets those itself or evaluate has no such option; "
+            f"evaluate's options here: {', '.join(allowed)}"
+        )
     options["overrides"] = _evaluation_overrides(options.get("overrides") or [])
     if isinstance(options.get("geval"), dict):
         options["geval"] = GEvalConfig(**options["geval"])
@@ -134,15 +165,21 @@ def _evaluation_overrides(overrides: Any) -> list[str]:
     (``--model.num_beams``, ``--model.max_new_tokens``); anything else would train or build
     another model than the run's, or be ignored, so it is refused."""
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ValueError(f"evaluate.overrides must be a list of options, e.g. ['--data.limit_test=64'], got {overrides!r}")
+        raise ValueError(
+            f"evaluate.overrides must be a list of options, e.g. ['--data.limit_test=64'], got {overrides!r}"
+        )
     for option in (o for o in overrides if o.startswith("--")):
         key = option[2:].split("=", 1)[0]
         section, _, field = key.partition(".")
         generation = key in ("model.num_beams", "model.max_new_tokens")
-        if not (generation or (section == "data" and field and field.split(".")[0] not in NOT_FOR_EVALUATION)):
-            raise ValueError(f"evaluate.overrides has {option!r}: it takes the test examples' --data.* options "
-                             f"(not {', '.join(NOT_FOR_EVALUATION)}) and --model.num_beams, --model.max_new_tokens; "
-                             "training options go in the study's or the method's overrides")
+        if not (
+            generation or (section == "data" and field and field.split(".")[0] not in NOT_FOR_EVALUATION)
+        ):
+            raise ValueError(
+                f"evaluate.overrides has {option!r}: it takes the test examples' --data.* options "
+                f"(not {', '.join(NOT_FOR_EVALUATION)}) and --model.num_beams, --model.max_new_tokens; "
+                "training options go in the study's or the method's overrides"
+            )
     return list(overrides)
 
 
@@ -150,8 +187,13 @@ def _evaluated(root: Path, name: str, source: dict, options: dict) -> str:
     """``<root>/eval/<name>``: evaluated, or what an earlier evaluation left unfinished completed
     (evaluate's resume; a finished record with the same settings is kept as it is)."""
     run_overrides = source.pop("overrides", [])
-    evaluation.evaluate(run_name=name, output_dir=str(root / "eval"), resume=True, **source,
-                        **{**options, "overrides": [*run_overrides, *options["overrides"]]})
+    evaluation.evaluate(
+        run_name=name,
+        output_dir=str(root / "eval"),
+        resume=True,
+        **source,
+        **{**options, "overrides": [*run_overrides, *options["overrides"]]},
+    )
     return str(root / "eval" / name)
 
 

@@ -58,7 +58,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import optuna
 import sqlalchemy.exc
@@ -92,20 +92,24 @@ class Param:
     log-uniform, ``int`` for integers, ``step`` for a grid of values in it)."""
 
     key: str
-    choices: Optional[list] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
     int: bool = False
-    step: Optional[float] = None
+    step: float | None = None
 
     @classmethod
-    def parse(cls, key: str, spec: object) -> "Param":
+    def parse(cls, key: str, spec: object) -> Param:
         if not isinstance(spec, dict):
-            raise ValueError(f"space[{key!r}] must be {{choices: [...]}} or {{low: ..., high: ...}}, got {spec!r}")
+            raise ValueError(
+                f"space[{key!r}] must be {{choices: [...]}} or {{low: ..., high: ...}}, got {spec!r}"
+            )
         unknown = set(spec) - {"choices", "low", "high", "log", "int", "step"}
         if unknown:
-            raise ValueError(f"space[{key!r}] has {sorted(unknown)}; a dimension takes choices, or low, high, log, int, step")
+            raise ValueError(
+                f"space[{key!r}] has {sorted(unknown)}; a dimension takes choices, or low, high, log, int, step"
+            )
         param = cls(key, **spec)
         if param.choices is not None:
             if not isinstance(param.choices, list) or not param.choices:
@@ -113,7 +117,9 @@ class Param:
             if param.low is not None or param.high is not None:
                 raise ValueError(f"space[{key!r}] gives both choices and a range; give one")
         elif param.low is None or param.high is None or not param.low < param.high:
-            raise ValueError(f"space[{key!r}] needs choices, or low < high (got low={param.low}, high={param.high})")
+            raise ValueError(
+                f"space[{key!r}] needs choices, or low < high (got low={param.low}, high={param.high})"
+            )
         elif param.log and param.low <= 0:
             raise ValueError(f"space[{key!r}] is log-uniform, so low must be > 0 (got {param.low})")
         return param
@@ -133,7 +139,9 @@ class Param:
             value = trial.suggest_categorical(self.key, self.encoded())
             return self.choices[self.encoded().index(value)]
         if self.int:
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -143,7 +151,7 @@ class TrialReporter(Callback):
 
     def __init__(self, trial: optuna.Trial, objective: str, maximize: bool) -> None:
         self.trial, self.objective, self.maximize = trial, objective, maximize
-        self.best: Optional[float] = None
+        self.best: float | None = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = float(outputs["loss"])
@@ -154,7 +162,9 @@ class TrialReporter(Callback):
         if trainer.sanity_checking:
             return
         if self.objective not in trainer.callback_metrics:
-            raise ValueError(f"objective {self.objective!r} was not logged; the metrics are {sorted(trainer.callback_metrics)}")
+            raise ValueError(
+                f"objective {self.objective!r} was not logged; the metrics are {sorted(trainer.callback_metrics)}"
+            )
         value = float(trainer.callback_metrics[self.objective])
         if not math.isfinite(value):
             raise FloatingPointError(f"{self.objective} is {value} at epoch {trainer.current_epoch}")
@@ -181,8 +191,8 @@ class _Trials:
 
 
 def sweep(
-    base_config: Optional[str] = None,
-    space: Optional[dict[str, dict]] = None,
+    base_config: str | None = None,
+    space: dict[str, dict] | None = None,
     study_name: str = "sweep",
     n_trials: int = 11,
     sampler: Literal["random", "grid", "tpe"] = "random",
@@ -190,9 +200,9 @@ def sweep(
     pruner: Literal["none", "median", "hyperband"] = "none",
     objective: str = "val/rougeL",
     direction: Literal["maximize", "minimize"] = "maximize",
-    storage: Optional[str] = None,
+    storage: str | None = None,
     output_dir: str = "runs/sweeps",
-    overrides: Optional[list[str]] = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Run (or resume) a search over ``space`` until ``n_trials`` trials have finished.
 
@@ -233,16 +243,22 @@ def sweep(
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     rdb = _storage(storage or f"sqlite:///{(root / f'{study_name}.db').resolve()}")
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction, load_if_exists=True,
-                                pruner=_pruner(pruner, base))
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=study_name,
+        direction=direction,
+        load_if_exists=True,
+        pruner=_pruner(pruner, base),
+    )
     study.sampler = _sampler(sampler, params, seed)
     setup = _Trials(base_config, fixed, params, study_name, root, objective, direction, n_trials, grid)
     _run_until_finished(study, rdb, setup, sampler, seed)
     return write_results(study, params, base_config, fixed, root / study_name, objective)
 
 
-def _run_until_finished(study: optuna.Study, rdb: optuna.storages.BaseStorage, setup: _Trials, sampler: str,
-                        seed: int) -> None:
+def _run_until_finished(
+    study: optuna.Study, rdb: optuna.storages.BaseStorage, setup: _Trials, sampler: str, seed: int
+) -> None:
     """Start trials one at a time while the finished and running ones (all workers') fall short
     of n_trials; wait while others' trials in flight may finish the sweep."""
     waiting_said = False
@@ -255,8 +271,10 @@ def _run_until_finished(study: optuna.Study, rdb: optuna.storages.BaseStorage, s
         running = [t for t in trials if t.state == TrialState.RUNNING]
         if len(finished) + len(running) >= setup.n_trials:
             if not waiting_said:
-                print(f"sweep {setup.study_name}: {len(finished)} trials finished and {len(running)} running "
-                      f"on other workers make the {setup.n_trials}; waiting for them")
+                print(
+                    f"sweep {setup.study_name}: {len(finished)} trials finished and {len(running)} running "
+                    f"on other workers make the {setup.n_trials}; waiting for them"
+                )
                 waiting_said = True
             time.sleep(POLL_SECONDS)  # they may finish the sweep, or fail and leave a trial to run
             continue
@@ -281,8 +299,12 @@ def _outcome(trial: FrozenTrial) -> str:
     if trial.state != TrialState.FAIL:
         return trial.state.name.lower()
     attrs = trial.user_attrs
-    for key, outcome in (("error", "failed"), ("skipped", "skipped"), ("interrupted", "interrupted"),
-                         ("worker_died", "worker died")):
+    for key, outcome in (
+        ("error", "failed"),
+        ("skipped", "skipped"),
+        ("interrupted", "interrupted"),
+        ("worker_died", "worker died"),
+    ):
         if key in attrs:
             return outcome
     return "stale"  # failed by optuna.storages.fail_stale_trials, which records nothing else
@@ -339,8 +361,15 @@ def _alive(pid: int) -> bool:
 def _grid_points(params: list[Param], seed: int) -> list[dict]:
     """Every combination of the choices (as Optuna stores them), in an order shuffled by ``seed``."""
     if any(p.choices is None for p in params):
-        raise ValueError("the grid sampler needs choices for every key; " + ", ".join(p.key for p in params if p.choices is None) + " is a range")
-    points = [dict(zip([p.key for p in params], values)) for values in itertools.product(*(p.encoded() for p in params))]
+        raise ValueError(
+            "the grid sampler needs choices for every key; "
+            + ", ".join(p.key for p in params if p.choices is None)
+            + " is a range"
+        )
+    points = [
+        dict(zip([p.key for p in params], values))
+        for values in itertools.product(*(p.encoded() for p in params))
+    ]
     random.Random(seed).shuffle(points)
     return points
 
@@ -379,9 +408,15 @@ def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
         trial.set_user_attr("skipped", reason)
         raise TrialSkipped(reason)
     root, name = setup.root, setup.study_name
-    args = ["--config", setup.base_config, *setup.fixed, *(f"--{k}={json.dumps(v)}" for k, v in values.items()),
-            f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={name}",
-            f"--trainer.logger.init_args.version=trial_{trial.number}"]
+    args = [
+        "--config",
+        setup.base_config,
+        *setup.fixed,
+        *(f"--{k}={json.dumps(v)}" for k, v in values.items()),
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.logger.init_args.name={name}",
+        f"--trainer.logger.init_args.version=trial_{trial.number}",
+    ]
     trial.set_user_attr("run_dir", str(root / name / f"trial_{trial.number}"))
     try:
         cli = lightning_cli(args, run=False, exit_on_error=False)
@@ -405,15 +440,20 @@ def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
     return reporter.best
 
 
-def _taken(trial: optuna.Trial, setup: _Trials) -> Optional[str]:
+def _taken(trial: optuna.Trial, setup: _Trials) -> str | None:
     """Why this trial, already started, must not train, or None. Workers decide to start a trial
     before they create it, so two may both take the last place; of the trials running, the one
     started first keeps it. On a grid, a point is run once: a finished trial or one started
     earlier that holds this trial's point takes it."""
     trials = trial.study.get_trials(deepcopy=False)
     me = next(t for t in trials if t.number == trial.number)
-    ahead = [t for t in trials if t.state == TrialState.RUNNING and t.number != me.number
-             and (t.datetime_start, t.number) < (me.datetime_start, me.number)]
+    ahead = [
+        t
+        for t in trials
+        if t.state == TrialState.RUNNING
+        and t.number != me.number
+        and (t.datetime_start, t.number) < (me.datetime_start, me.number)
+    ]
     finished = [t for t in trials if _outcome(t) in COUNTED]
     if setup.grid:
         point = json.dumps(trial.params, sort_keys=True)
@@ -442,17 +482,23 @@ def check_objective(objective: str, direction: str, base: dict, params: list[Par
     if objective not in every:
         close = difflib.get_close_matches(objective, every, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"objective {objective!r} is not a metric the model logs in validation; "
-                         f"it logs {', '.join(every)}{hint}")
+        raise ValueError(
+            f"objective {objective!r} is not a metric the model logs in validation; "
+            f"it logs {', '.join(every)}{hint}"
+        )
     generates = [(base.get("model") or {}).get("generate_in_validation", True)]
     generates += next((p.candidates() for p in params if p.key == "model.generate_in_validation"), [])
     if objective not in validation_metrics(all(generates)):
-        raise ValueError(f"objective {objective!r} is measured on generated summaries, but model.generate_in_validation "
-                         f"is false in the base config or the space ({generates}); set it true, or use val/loss")
+        raise ValueError(
+            f"objective {objective!r} is measured on generated summaries, but model.generate_in_validation "
+            f"is false in the base config or the space ({generates}); set it true, or use val/loss"
+        )
     lower_is_better = objective == "val/loss"
     if lower_is_better != (direction == "minimize"):
         better = "minimize" if lower_is_better else "maximize"
-        raise ValueError(f"direction {direction!r} would pick the worst trial by {objective}; give direction: {better}")
+        raise ValueError(
+            f"direction {direction!r} would pick the worst trial by {objective}; give direction: {better}"
+        )
 
 
 def check_space(base_config: str, fixed: list[str], params: list[Param]) -> dict:
@@ -498,7 +544,10 @@ def _section_parser(section: str):
     with their own classes (the method's config...) built but not the model."""
     from jsonargparse import ArgumentParser
 
-    from experiments.cli import DialogSummaryDataModule, Seq2SeqFineTuner  # the CLI's classes, its parse settings
+    from experiments.cli import (  # the CLI's classes, its parse settings
+        DialogSummaryDataModule,
+        Seq2SeqFineTuner,
+    )
 
     parser = ArgumentParser(exit_on_error=False)
     cls = {"model": Seq2SeqFineTuner, "data": DialogSummaryDataModule}[section]
@@ -546,7 +595,9 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=90)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=30, grace_period=90
+            )
         except sqlalchemy.exc.DBAPIError as err:
             lost_the_race = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
             if not lost_the_race or attempt == 4:
@@ -555,7 +606,9 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def _sampler(name: str, params: list[Param], seed: int) -> optuna.samplers.BaseSampler:
-    if name == "grid":  # it records the space; the sweep queues every trial's point itself (_queue_next_point)
+    if (
+        name == "grid"
+    ):  # it records the space; the sweep queues every trial's point itself (_queue_next_point)
         return optuna.samplers.GridSampler({p.key: p.encoded() for p in params}, seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -574,20 +627,30 @@ def _pruner(name: str, base: dict) -> optuna.pruners.BasePruner:
 # --- results ------------------------------------------------------------------------------------
 
 
-def write_results(study: optuna.Study, params: list[Param], base_config: str, fixed: list[str], out: Path,
-                  objective: str) -> dict:
+def write_results(
+    study: optuna.Study, params: list[Param], base_config: str, fixed: list[str], out: Path, objective: str
+) -> dict:
     """trials.md / trials.csv: the finished trials sorted by the objective, then those that did not
     count (interrupted, dead worker, stale) and what took their place; best.yaml: the best trial's
     config. Raises SweepFailed, after writing the tables, when no trial completed."""
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     everything = study.get_trials(deepcopy=False)
-    counted = sorted((t for t in everything if _outcome(t) in COUNTED),
-                     key=lambda t: (t.value is None, -(t.value or 0) if maximize else (t.value or 0)))
+    counted = sorted(
+        (t for t in everything if _outcome(t) in COUNTED),
+        key=lambda t: (t.value is None, -(t.value or 0) if maximize else (t.value or 0)),
+    )
     lost = [t for t in everything if _outcome(t) in LOST]
     header = ["trial", "state", objective, *(p.key for p in params), "run or error"]
-    rows = [[t.number, _outcome(t), "" if t.value is None else round(t.value, 4),
-             *(json.dumps(t.user_attrs.get("values", {}).get(p.key)) for p in params),
-             _note(t, everything)] for t in [*counted, *lost]]
+    rows = [
+        [
+            t.number,
+            _outcome(t),
+            "" if t.value is None else round(t.value, 4),
+            *(json.dumps(t.user_attrs.get("values", {}).get(p.key)) for p in params),
+            _note(t, everything),
+        ]
+        for t in [*counted, *lost]
+    ]
     table = "| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n"
     table += "".join("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n" for row in rows)
     buffer = io.StringIO()
@@ -600,12 +663,19 @@ def write_results(study: optuna.Study, params: list[Param], base_config: str, fi
     if completed:
         best = completed[0]
         values = best.user_attrs["values"]
-        config = _parsed([*_config_args(base_config), *fixed, *(f"--{k}={json.dumps(v)}" for k, v in values.items())],
-                         "the best trial's config")
+        config = _parsed(
+            [*_config_args(base_config), *fixed, *(f"--{k}={json.dumps(v)}" for k, v in values.items())],
+            "the best trial's config",
+        )
         header_line = f"# The best trial of sweep {study.study_name!r}: trial {best.number}, {objective} = {best.value:.4f}\n"
         write_atomically(out / "best.yaml", header_line + yaml.safe_dump(config, sort_keys=False))
-        result.update(best_trial=best.number, best_value=best.value, best_values=values,
-                      best_run=best.user_attrs["run_dir"], best_config=str(out / "best.yaml"))
+        result.update(
+            best_trial=best.number,
+            best_value=best.value,
+            best_values=values,
+            best_run=best.user_attrs["run_dir"],
+            best_config=str(out / "best.yaml"),
+        )
         print(f"best: trial {best.number}, {objective} = {best.value:.4f}; config: {out / 'best.yaml'}")
     write_atomically(out / "result.json", json.dumps(result, indent=2) + "\n")
     if not completed:
@@ -618,10 +688,22 @@ def _note(trial: FrozenTrial, everything: list[FrozenTrial]) -> str:
     outcome = _outcome(trial)
     if outcome in COUNTED:
         return trial.user_attrs.get("error") or trial.user_attrs.get("run_dir", "")
-    why = {"interrupted": "interrupted (Ctrl-C)", "stale": "no heartbeat for the grace period (its worker died)",
-           "worker died": trial.user_attrs.get("worker_died", "its worker died")}[outcome]
-    again = next((t.number for t in everything if t.number > trial.number and _outcome(t) in COUNTED
-                  and trial.params and _point(t) == _point(trial)), None)
+    why = {
+        "interrupted": "interrupted (Ctrl-C)",
+        "stale": "no heartbeat for the grace period (its worker died)",
+        "worker died": trial.user_attrs.get("worker_died", "its worker died"),
+    }[outcome]
+    again = next(
+        (
+            t.number
+            for t in everything
+            if t.number > trial.number
+            and _outcome(t) in COUNTED
+            and trial.params
+            and _point(t) == _point(trial)
+        ),
+        None,
+    )
     return f"not counted: {why}" + (f"; its point ran again as trial {again}" if again is not None else "")
 
 
@@ -633,7 +715,9 @@ def _failure_summary(name: str, finished: list[FrozenTrial], table: Path) -> str
     for trial in sorted(finished, key=lambda t: t.number):
         errors.setdefault(trial.user_attrs.get("error") or _outcome(trial), []).append(trial.number)
     lines = [f"  trial{'s' * (len(n) > 1)} {', '.join(map(str, n))}: {error}" for error, n in errors.items()]
-    return f"no trial of sweep {name!r} completed ({len(finished)} finished); see {table}\n" + "\n".join(lines)
+    return f"no trial of sweep {name!r} completed ({len(finished)} finished); see {table}\n" + "\n".join(
+        lines
+    )
 
 
 def sweep_cli(argv: list[str]) -> None:
@@ -641,5 +725,8 @@ def sweep_cli(argv: list[str]) -> None:
 
     try:
         CLI(sweep, args=argv)
-    except (ValueError, SweepFailed) as err:  # a bad space or file, or nothing completed: the message, not a traceback
+    except (
+        ValueError,
+        SweepFailed,
+    ) as err:  # a bad space or file, or nothing completed: the message, not a traceback
         raise SystemExit(f"error: {err}") from None

@@ -33,8 +33,8 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,7 +55,7 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 # of one save are two renames, and a save killed between them must not load as one adapter.
 SAVED_WITH = "peftcore_adapter_config"
 FILE_LEVEL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> None:
@@ -162,8 +162,10 @@ def _check_one_save(directory: Path, peft_config: dict) -> None:
     saved_with, now = json.loads(written), _what_it_computes(peft_config)
     differ = sorted(key for key in saved_with.keys() | now.keys() if saved_with.get(key) != now.get(key))
     if differ:
-        shown_fields = "; ".join(f"{key}: {now.get(key)!r} in {CONFIG_NAME}, {saved_with.get(key)!r} when the weights "
-                                 "were saved" for key in differ)
+        shown_fields = "; ".join(
+            f"{key}: {now.get(key)!r} in {CONFIG_NAME}, {saved_with.get(key)!r} when the weights were saved"
+            for key in differ
+        )
         raise ValueError(
             f"{CONFIG_NAME} and {WEIGHTS_NAME} come from different saves ({shown_fields}): a save_adapter that was "
             "interrupted between its two files, or a config edited by hand. Save the adapter again from its model "
@@ -196,7 +198,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
             "with safetensors (peft: save_pretrained(..., safe_serialization=True))"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable torch file ({err}); it may be truncated or corrupt") from None
+        raise ValueError(
+            f"{path} is not a readable torch file ({err}); it may be truncated or corrupt"
+        ) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{path} does not hold a mapping of names to tensors, as an adapter file does")
     return tensors
@@ -233,8 +237,13 @@ class ModelShapeMismatch(ValueError):
     d_model 512"), ``base_model`` is the file's base_model_name_or_path (or None), so a caller
     can word its own remedy; the message starts with the plain fact."""
 
-    def __init__(self, directory: Path, trained_on: str, this_model: str, base_model: Optional[str]):
-        self.directory, self.trained_on, self.this_model, self.base_model = directory, trained_on, this_model, base_model
+    def __init__(self, directory: Path, trained_on: str, this_model: str, base_model: str | None):
+        self.directory, self.trained_on, self.this_model, self.base_model = (
+            directory,
+            trained_on,
+            this_model,
+            base_model,
+        )
         named = f" (its {CONFIG_NAME} names base_model_name_or_path={base_model!r})" if base_model else ""
         super().__init__(
             f"the adapter in {directory} was trained on a model with {trained_on}; this model has {this_model}. "
@@ -243,8 +252,12 @@ class ModelShapeMismatch(ValueError):
 
 
 def _check_same_shape(
-    saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path, model: nn.Module,
-    config: AdapterConfig, base_model: Optional[str],
+    saved: dict[str, torch.Tensor],
+    live: dict[str, torch.Tensor],
+    directory: Path,
+    model: nn.Module,
+    config: AdapterConfig,
+    base_model: str | None,
 ) -> None:
     """Refuse, before the per-key checks, an adapter for a deeper or shallower model or a wider
     or narrower one, saying so. Depth per stack is the highest layer index in the names + 1
@@ -263,7 +276,9 @@ def _check_same_shape(
         return
     trained_on, this_model = [], []
     if deeper:
-        at_least = "at least " if getattr(config, "layers_to_transform", None) else ""  # its top layers may be left out
+        at_least = (
+            "at least " if getattr(config, "layers_to_transform", None) else ""
+        )  # its top layers may be left out
         trained_on.append(at_least + _layers({stack: file_depths[stack] for stack in stacks}))
         this_model.append(_layers({stack: model_depths[stack] for stack in stacks}))
     if file_width is not None:
@@ -286,10 +301,12 @@ def _depths(names: Iterable[str]) -> dict[str, int]:
 def _layers(depths: dict[str, int]) -> str:
     """``{"encoder.block": 6, "decoder.block": 6}`` -> ``6 encoder and 6 decoder layers``."""
     parts = [f"{n} {stack.rsplit('.', 1)[0]}" for stack, n in depths.items()]
-    return (" and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]) + " layers"
+    return (
+        " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    ) + " layers"
 
 
-def _hidden_size(model: nn.Module) -> tuple[str, Optional[int]]:
+def _hidden_size(model: nn.Module) -> tuple[str, int | None]:
     config = getattr(model, "config", None)
     for name in ("d_model", "hidden_size"):
         if isinstance(getattr(config, name, None), int):
@@ -297,7 +314,9 @@ def _hidden_size(model: nn.Module) -> tuple[str, Optional[int]]:
     return "hidden size", None
 
 
-def _file_width(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], width: Optional[int]) -> Optional[int]:
+def _file_width(
+    saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], width: int | None
+) -> int | None:
     """The file's hidden size where it differs from this model's ``width``: every dimension of a
     shared key that is ``width`` here (lora_A's in_features, lora_B's out_features of q and o, ...)
     has one other size in the file, in two tensors at least. None when they agree or the file
@@ -312,12 +331,16 @@ def _file_width(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], w
                     sizes.setdefault(saved[key].shape[dim], set()).add(key)
     if len(sizes) != 1 or width in sizes:
         return None
-    (size, keys), = sizes.items()
+    ((size, keys),) = sizes.items()
     return size if len(keys) >= 2 else None
 
 
 def _check_fits(
-    saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], directory: Path, model: nn.Module, config: AdapterConfig
+    saved: dict[str, torch.Tensor],
+    live: dict[str, torch.Tensor],
+    directory: Path,
+    model: nn.Module,
+    config: AdapterConfig,
 ) -> None:
     missing = [k for k in live if k not in saved]
     unexpected = [k for k in saved if k not in live]
@@ -341,7 +364,9 @@ def _check_values(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
     """A floating-point slot takes only floating-point values (copy_ would turn an int64 or bool
     tensor into numbers silently), and only finite ones (one NaN makes every logit NaN)."""
     for key, tensor in live.items():
-        kind_ok = saved[key].is_floating_point() if tensor.is_floating_point() else saved[key].dtype == tensor.dtype
+        kind_ok = (
+            saved[key].is_floating_point() if tensor.is_floating_point() else saved[key].dtype == tensor.dtype
+        )
         if not kind_ok:
             raise ValueError(
                 f"the adapter in {directory} holds {key!r} as {saved[key].dtype}, but the model's tensor is "
@@ -358,7 +383,7 @@ def _check_values(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
         )
 
 
-def _non_finite(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The first floating-point tensor holding NaN or inf, with its counts, and how many others do; None if none."""
     found = []
     for key, tensor in tensors.items():
@@ -374,7 +399,9 @@ def _explain(key: str, in_file: bool, model: nn.Module, config: AdapterConfig) -
     """Which config field explains a key that does not fit, when one does."""
     modules = dict(model.named_modules())
     path = key.removeprefix(PREFIX).split(".")
-    name = next((".".join(path[:i]) for i in range(len(path) - 1, 0, -1) if ".".join(path[:i]) in modules), None)
+    name = next(
+        (".".join(path[:i]) for i in range(len(path) - 1, 0, -1) if ".".join(path[:i]) in modules), None
+    )
     if name is None:
         return f"This model has no module {'.'.join(path[:-1])!r}: was the adapter trained on another architecture?"
     tensor = key.removeprefix(f"{PREFIX}{name}.")

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from peftcore.matching import TargetModules
-
 
 
 def fail(cls: str, name: str, value: object, allowed: str) -> None:
@@ -47,7 +45,7 @@ def positive_number(cls: str, name: str, value: object) -> None:
         fail(cls, name, value, "a positive number")
 
 
-def optional_targets(cls: str, name: str, value: object) -> Optional[TargetModules]:
+def optional_targets(cls: str, name: str, value: object) -> TargetModules | None:
     """exclude_modules: None, a list of names or one regex; an empty list means None."""
     if value is None or (isinstance(value, (list, tuple)) and not value):
         return None
@@ -67,7 +65,7 @@ def check_pattern(cls: str, name: str, value: object, check_value) -> dict:
     return dict(value)
 
 
-def layer_indices(cls: str, value: object) -> Optional[tuple[int, ...]]:
+def layer_indices(cls: str, value: object) -> tuple[int, ...] | None:
     """layers_to_transform: one index or a list of them; an empty list means every layer (None)."""
     if value is None:
         return None
@@ -82,18 +80,29 @@ def layer_indices(cls: str, value: object) -> Optional[tuple[int, ...]]:
 def normalise_common(config) -> None:
     """The targeting fields every layer method has: target_modules, exclude_modules, modules_to_save."""
     name = type(config).__name__
-    object.__setattr__(config, "target_modules", normalise_targets(name, "target_modules", config.target_modules))
-    object.__setattr__(config, "exclude_modules", optional_targets(name, "exclude_modules", config.exclude_modules))
+    object.__setattr__(
+        config, "target_modules", normalise_targets(name, "target_modules", config.target_modules)
+    )
+    object.__setattr__(
+        config, "exclude_modules", optional_targets(name, "exclude_modules", config.exclude_modules)
+    )
     if isinstance(config.modules_to_save, str):
         fail(name, "modules_to_save", config.modules_to_save, "a list of module names")
     object.__setattr__(
-        config, "modules_to_save", normalise_targets(name, "modules_to_save", config.modules_to_save or (), allow_empty=True)
+        config,
+        "modules_to_save",
+        normalise_targets(name, "modules_to_save", config.modules_to_save or (), allow_empty=True),
     )
 
 
 def is_nf4_blocksize(value: object) -> bool:
     """The one rule for an NF4 blocksize: a power of two in [32, 4096]."""
-    return isinstance(value, int) and not isinstance(value, bool) and 32 <= value <= 4096 and not value & (value - 1)
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 32 <= value <= 4096
+        and not value & (value - 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -111,19 +120,26 @@ class NF4Config:
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
-    skip_modules: Optional[tuple[str, ...]] = None
+    skip_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if not is_nf4_blocksize(self.blocksize):
-            fail(name, "blocksize", self.blocksize, "a power of two in [32, 4096] (64 is bitsandbytes' default)")
+            fail(
+                name,
+                "blocksize",
+                self.blocksize,
+                "a power of two in [32, 4096] (64 is bitsandbytes' default)",
+            )
         if isinstance(self.compute_dtype, str):  # from YAML: "bfloat16", "torch.float16", ...
             object.__setattr__(self, "compute_dtype", _parse_dtype(name, self.compute_dtype))
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             fail(name, "compute_dtype", self.compute_dtype, "torch.float32, torch.bfloat16 or torch.float16")
         if self.skip_modules is not None:
             object.__setattr__(
-                self, "skip_modules", normalise_targets(name, "skip_modules", self.skip_modules, allow_empty=True)
+                self,
+                "skip_modules",
+                normalise_targets(name, "skip_modules", self.skip_modules, allow_empty=True),
             )
 
 

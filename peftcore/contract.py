@@ -13,7 +13,7 @@ and ``fold_into_base()``.
 from __future__ import annotations
 
 from abc import ABC, ABCMeta, abstractmethod
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,12 +60,10 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
         ...
 
     @abstractmethod
-    def merge(self) -> None:
-        ...
+    def merge(self) -> None: ...
 
     @abstractmethod
-    def unmerge(self) -> None:
-        ...
+    def unmerge(self) -> None: ...
 
     def fold_into_base(self) -> None:
         """Merge for good (unload; no unmerge follows): the same as merge unless a method says otherwise."""
@@ -85,7 +83,7 @@ class Method(ABC):
     def name(self) -> str:
         return type(self).__name__
 
-    def differs(self, layer: nn.Module, name: str, config: object) -> Optional[str]:
+    def differs(self, layer: nn.Module, name: str, config: object) -> str | None:
         """Why ``layer`` (at module ``name``) computes otherwise than ``config`` says, or None.
         Asked when an adapter is loaded into a model that already holds one."""
         return None

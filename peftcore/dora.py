@@ -35,8 +35,16 @@ class DoRAConfig(lora.LoRAConfig):
 class DoRALinear(lora.LoRALinear):
     """A LoRALinear whose update is renormalised row by row and rescaled by ``magnitude``."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 use_rslora: bool = False, initialise: bool = True) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        initialise: bool = True,
+    ) -> None:
         super().__init__(base, r, alpha, dropout, init, use_rslora, initialise=False)
         device, dtype = adapter_device_dtype(base)
         self.magnitude = nn.Parameter(torch.ones(base.out_features, device=device, dtype=dtype))

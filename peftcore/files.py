@@ -22,11 +22,11 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
 
-PathLike = Union[str, os.PathLike]
-Content = Union[str, bytes, Callable[[str], None]]
+PathLike = str | os.PathLike
+Content = str | bytes | Callable[[str], None]
 
 _TEMPORARY_SUFFIX = ".tmp"
 # The random part of a temporary's name: ours is hex; tempfile.mkstemp's (older versions of this
@@ -102,10 +102,12 @@ def _create_temporary(target: Path) -> tuple[int, Path]:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
-    raise FileExistsError(f"could not create a temporary file beside {target}: 100 random names were all taken")
+    raise FileExistsError(
+        f"could not create a temporary file beside {target}: 100 random names were all taken"
+    )
 
 
-def _mode_of(path: Path) -> Optional[int]:
+def _mode_of(path: Path) -> int | None:
     """The permission bits of an existing file, None when there is none."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)

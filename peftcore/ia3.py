@@ -11,7 +11,6 @@ in ``l`` cannot be merged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ class IA3Config:
     target_modules: TargetModules = ("k", "v", "wo")
     feedforward_modules: TargetModules = ("wo",)
     modules_to_save: tuple[str, ...] = ()
-    exclude_modules: Optional[TargetModules] = None
+    exclude_modules: TargetModules | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -134,7 +133,9 @@ class IA3(LayerMethod):
 
     def wrap(self, base: nn.Module, config: IA3Config, name: str, initialise: bool = True) -> IA3Scaler:
         """Feed-forward targets are those whose name ends with a feedforward_modules entry (peft's rule)."""
-        return IA3Scaler(base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules))
+        return IA3Scaler(
+            base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules)
+        )
 
     def check(self, config: IA3Config, targets: list[str]) -> None:
         """Every feedforward_modules entry must select one of the targets: otherwise it does nothing."""

@@ -20,18 +20,17 @@ it is saved.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 import math
+import re
 import warnings
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from peftcore.config import (
-    fail,
     check_pattern,
+    fail,
     layer_indices,
     normalise_common,
     normalise_targets,
@@ -80,11 +79,11 @@ class LoRAConfig:
     init: str = "kaiming"
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
-    exclude_modules: Optional[TargetModules] = None
+    exclude_modules: TargetModules | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    layers_to_transform: Optional[tuple[int, ...]] = None
-    layers_pattern: Optional[tuple[str, ...]] = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -95,18 +94,28 @@ class LoRAConfig:
         if not _is_lora_init(self.init):
             fail(name, "init", self.init, "one of " + " | ".join(LORA_INITS))
         normalise_common(self)
-        object.__setattr__(self, "rank_pattern", check_pattern(name, "rank_pattern", self.rank_pattern, positive_int))
-        object.__setattr__(self, "alpha_pattern", check_pattern(name, "alpha_pattern", self.alpha_pattern, positive_number))
+        object.__setattr__(
+            self, "rank_pattern", check_pattern(name, "rank_pattern", self.rank_pattern, positive_int)
+        )
+        object.__setattr__(
+            self, "alpha_pattern", check_pattern(name, "alpha_pattern", self.alpha_pattern, positive_number)
+        )
         object.__setattr__(self, "layers_to_transform", layer_indices(name, self.layers_to_transform))
         if isinstance(self.layers_pattern, str):
             object.__setattr__(self, "layers_pattern", (self.layers_pattern,))
         if self.layers_pattern is not None:
-            object.__setattr__(self, "layers_pattern", normalise_targets(name, "layers_pattern", self.layers_pattern))
+            object.__setattr__(
+                self, "layers_pattern", normalise_targets(name, "layers_pattern", self.layers_pattern)
+            )
             if self.layers_to_transform is None:
-                fail(name, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set too")
+                fail(
+                    name, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set too"
+                )
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             fail(
-                name, "layers_to_transform", self.layers_to_transform,
+                name,
+                "layers_to_transform",
+                self.layers_to_transform,
                 f"None when target_modules is one string ({self.target_modules!r}), as in peft; list the module names",
             )
 
@@ -242,7 +251,10 @@ class LoRALinear(AdapterLayer):
         torch's own is cheap), and one dtype for everything (or autocast choosing it)."""
         if type(self.base) is not nn.Linear or (self._dropping() and x.device.type != "cpu"):
             return False
-        return torch.is_autocast_enabled(x.device.type) or x.dtype == self.base.weight.dtype == self.lora_A.weight.dtype
+        return (
+            torch.is_autocast_enabled(x.device.type)
+            or x.dtype == self.base.weight.dtype == self.lora_A.weight.dtype
+        )
 
     def _dropping(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
@@ -259,7 +271,9 @@ class LoRALinear(AdapterLayer):
         # What autocast does to each matmul: every operand in its dtype, the result too.
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return FusedLoRA.apply(*(t if t is None else t.to(dtype) for t in tensors), self.scale, drop, keep_scale)
+            return FusedLoRA.apply(
+                *(t if t is None else t.to(dtype) for t in tensors), self.scale, drop, keep_scale
+            )
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A``, the update as a dense (out, in) float32 matrix."""
@@ -297,7 +311,9 @@ class LoRALinear(AdapterLayer):
         elif init == "olora":
             self._move_principal_part(*self._olora_factors())
         else:
-            raise ValueError(f"unknown LoRA init {init!r}; use kaiming, gaussian, pissa, pissa_niter_<N> or olora")
+            raise ValueError(
+                f"unknown LoRA init {init!r}; use kaiming, gaussian, pissa, pissa_niter_<N> or olora"
+            )
 
     def _pissa_factors(self, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         weight = read_weight(self.base)
@@ -322,7 +338,7 @@ class LoRALinear(AdapterLayer):
         write_weight(self.base, read_weight(self.base) - self.scale * (B @ A))
 
 
-def changes_base(init: Optional[str]) -> bool:
+def changes_base(init: str | None) -> bool:
     """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA)."""
     return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
@@ -342,15 +358,24 @@ class LoRA(LayerMethod):
     def check(self, config: LoRAConfig, targets: list[str]) -> None:
         """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
         for field_name in ("rank_pattern", "alpha_pattern"):
-            unused = [key for key in getattr(config, field_name) if not any(pattern_key({key: 0}, n) for n in targets)]
+            unused = [
+                key
+                for key in getattr(config, field_name)
+                if not any(pattern_key({key: 0}, n) for n in targets)
+            ]
             if unused:
-                warnings.warn(f"{field_name} keys {unused} match none of the {len(targets)} adapted modules", stacklevel=4)
+                warnings.warn(
+                    f"{field_name} keys {unused} match none of the {len(targets)} adapted modules",
+                    stacklevel=4,
+                )
 
-    def differs(self, layer: LoRALinear, name: str, config: LoRAConfig) -> Optional[str]:
+    def differs(self, layer: LoRALinear, name: str, config: LoRAConfig) -> str | None:
         """What the layer computes differently from what ``config`` gives ``name``, or None."""
         r, alpha = config.rank_and_alpha(name)
         if layer.r != r or not math.isclose(layer.scale, config.scale_of(r, alpha), rel_tol=1e-9):
             return f"{name!r} has rank {layer.r} and scale {layer.scale:g} here; the file gives rank {r}, scale {config.scale_of(r, alpha):g}"
-        if changes_base(layer.init) != changes_base(config.init) or (changes_base(config.init) and layer.init != config.init):
+        if changes_base(layer.init) != changes_base(config.init) or (
+            changes_base(config.init) and layer.init != config.init
+        ):
             return f"{name!r} was initialised with {layer.init!r} here; the file's adapter expects {config.init!r}"
         return None

@@ -10,8 +10,6 @@ decay follows the project's rule independently: matrices decay, vectors do not.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 from peftcore import methods
@@ -27,16 +25,22 @@ def fast_parameters(model: nn.Module) -> set[int]:
     return fast
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, ratio: Optional[float] = None) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, ratio: float | None = None) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices only, and with ``ratio`` LoRA+'s faster B."""
     if ratio is not None and not ratio > 0:
-        raise ValueError(f"loraplus_lr_ratio must be a positive number (the paper uses about 16), got {ratio!r}")
+        raise ValueError(
+            f"loraplus_lr_ratio must be a positive number (the paper uses about 16), got {ratio!r}"
+        )
     fast = fast_parameters(model) if ratio is not None else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
             groups.setdefault((p.dim() >= 2, id(p) in fast), []).append(p)
     return [
-        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * ratio if is_fast else lr}
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * ratio if is_fast else lr,
+        }
         for (decays, is_fast), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
     ]

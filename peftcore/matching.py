@@ -20,7 +20,8 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -29,7 +30,7 @@ from peftcore.weights import is_linear, is_quantized
 
 # A tuple of names matched against the end of a module's dotted name, or one regex string
 # matched against the whole dotted name (peft's two conventions).
-TargetModules = Union[tuple[str, ...], str]
+TargetModules = tuple[str, ...] | str
 
 ALL_LINEAR = "all-linear"
 
@@ -48,18 +49,18 @@ def ends_with(name: str, suffixes: TargetModules) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def inside(name: str, modules: Sequence[str]) -> Optional[str]:
+def inside(name: str, modules: Sequence[str]) -> str | None:
     """The entry of ``modules`` (modules_to_save) that ``name`` is, or lies within, by peft's
     rule for keeping adapters off those modules; None when there is none."""
     return next((m for m in modules if re.match(rf"(^|.*\.){m}($|\..*)", name)), None)
 
 
-def pattern_key(patterns: Mapping[str, object], name: str) -> Optional[str]:
+def pattern_key(patterns: Mapping[str, object], name: str) -> str | None:
     """The first key of rank_pattern / alpha_pattern that matches ``name``, or None."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
 
 
-def layer_index(name: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+def layer_index(name: str, layers_pattern: Sequence[str] | None) -> int | None:
     """The layer number of ``name`` that layers_to_transform is compared with (peft >= 0.20):
     the number after one of ``layers_pattern``, or else the first numbered segment
     (``encoder.block.3.layer.0.SelfAttention.q`` -> 3). peft_format keeps older peft's rule."""
@@ -71,13 +72,15 @@ def layer_index(name: str, layers_pattern: Optional[Sequence[str]]) -> Optional[
 
 
 # A layer_index rule: (dotted name, layers_pattern) -> the layer number, or None.
-LayerIndex = Callable[[str, Optional[Sequence[str]]], Optional[int]]
+LayerIndex = Callable[[str, Sequence[str] | None], int | None]
 
 
 # --- over a model ---------------------------------------------------------------------------
 
 
-def _every_entry_matches(model: nn.Module, names: list[str], entries: TargetModules, field: str, rule) -> None:
+def _every_entry_matches(
+    model: nn.Module, names: list[str], entries: TargetModules, field: str, rule
+) -> None:
     """Raise, naming the closest module name, when an entry of ``field`` selects no module by ``rule``."""
     singles = [entries] if isinstance(entries, str) else [(entry,) for entry in entries]
     unmatched = [s if isinstance(s, str) else s[0] for s in singles if not any(rule(n, s) for n in names)]
@@ -99,7 +102,9 @@ def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
     return tuple(name for name, m in model.named_modules() if name and is_linear(m) and m is not head)
 
 
-def why_not_selected(name: str, config: Any, targets: TargetModules, layer_rule: LayerIndex = layer_index) -> Optional[str]:
+def why_not_selected(
+    name: str, config: Any, targets: TargetModules, layer_rule: LayerIndex = layer_index
+) -> str | None:
     """None when ``config`` adapts the module ``name``; otherwise the field that leaves it out.
     The checks run in peft's order: excluded, inside a module to save, targeted, in a chosen layer."""
     if config.exclude_modules and matches(name, config.exclude_modules):
@@ -131,7 +136,9 @@ def select_targets(model: nn.Module, config: Any, layer_rule: LayerIndex = layer
     _every_entry_matches(model, names, targets, "target_modules", matches)
     if config.exclude_modules and not any(matches(n, config.exclude_modules) for n in names):
         warnings.warn(f"exclude_modules={shown(config.exclude_modules)} matches no module", stacklevel=3)
-    reasons = {name: why_not_selected(name, config, targets, layer_rule) for name in names if matches(name, targets)}
+    reasons = {
+        name: why_not_selected(name, config, targets, layer_rule) for name in names if matches(name, targets)
+    }
     selected = [name for name, reason in reasons.items() if reason is None]
     if not selected:
         first = next(iter(reasons))
@@ -165,5 +172,7 @@ def select_copies(model: nn.Module, config: Any, targets: list[str]) -> list[str
                 f"but target_modules adapts {adapted!r} there; a module is either adapted or trained in full"
             )
         if any(is_quantized(m) for m in modules[name].modules()):
-            raise ValueError(f"modules_to_save selects {name!r}, which is quantized; a 4-bit module cannot train in full")
+            raise ValueError(
+                f"modules_to_save selects {name!r}, which is quantized; a 4-bit module cannot train in full"
+            )
     return found

@@ -20,7 +20,16 @@ METHODS: tuple[Method, ...] = (
     PromptTuning(),
 )
 
-__all__ = ["METHODS", "InputMethod", "LayerMethod", "Method", "config_classes", "for_config", "for_layer", "layer_types"]
+__all__ = [
+    "METHODS",
+    "InputMethod",
+    "LayerMethod",
+    "Method",
+    "config_classes",
+    "for_config",
+    "for_layer",
+    "layer_types",
+]
 
 
 def config_classes() -> tuple[type, ...]:

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +169,9 @@ def _per_block(flat: Tensor, blocksize: int) -> Tensor:
 
 def _check_blocksize(blocksize: int) -> None:
     if not is_nf4_blocksize(blocksize):
-        raise ValueError(f"blocksize must be a power of two in [32, 4096] (64 is the default), got {blocksize!r}")
+        raise ValueError(
+            f"blocksize must be a power of two in [32, 4096] (64 is the default), got {blocksize!r}"
+        )
 
 
 def _inverse(absmax: Tensor) -> Tensor:
@@ -236,8 +237,8 @@ class NF4State:
     shape: torch.Size
     dtype: torch.dtype  # the dtype dequantize_nf4 returns by default
     blocksize: int = 64
-    absmax2: Optional[Tensor] = None  # fp32 (ceil(blocks / 256),), double quantization only
-    offset: Optional[Tensor] = None  # fp32 scalar, double quantization only
+    absmax2: Tensor | None = None  # fp32 (ceil(blocks / 256),), double quantization only
+    offset: Tensor | None = None  # fp32 scalar, double quantization only
 
     @property
     def double_quant(self) -> bool:
@@ -262,7 +263,9 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     if n % blocksize and weight.device.type == "cpu":
         # bitsandbytes' CPU path divides the partial last block instead (can differ in the last bit).
         scaled[-1] = blocks[-1] / absmax[-1].clamp(min=_MIN_ABSMAX)
-    q = torch.bucketize(scaled.clamp_(-1.0, 1.0).view(-1), _table("nf4_midpoints", weight.device), out_int32=True)
+    q = torch.bucketize(
+        scaled.clamp_(-1.0, 1.0).view(-1), _table("nf4_midpoints", weight.device), out_int32=True
+    )
     q = q[: n + n % 2].to(torch.uint8)  # an odd length keeps one padding code: the code of 0.0
     state = NF4State((q[0::2] << 4) | q[1::2], absmax, weight.shape, weight.dtype, blocksize)
     if double_quant:
@@ -281,7 +284,7 @@ def dequantize_absmax(state: NF4State) -> Tensor:
 DEQUANTIZE_BACKENDS = ("auto", "torch", "triton")
 
 
-def dequantize_nf4(state: NF4State, dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, backend: str = "auto") -> Tensor:
     """``NF4[q_i] * absmax[i // blocksize]`` computed in fp32, cast to ``dtype`` (default: the
     quantized tensor's dtype), in the original shape.
 
@@ -297,8 +300,15 @@ def dequantize_nf4(state: NF4State, dtype: Optional[torch.dtype] = None, backend
 
         device = state.packed.device
         return nf4_triton.dequantize(
-            state.packed, state.absmax, state.absmax2, state.offset, _table("nf4", device),
-            _table("dynamic8", device), state.shape, state.blocksize, dtype,
+            state.packed,
+            state.absmax,
+            state.absmax2,
+            state.offset,
+            _table("nf4", device),
+            _table("dynamic8", device),
+            state.shape,
+            state.blocksize,
+            dtype,
         )
     absmax = dequantize_absmax(state)
     pairs = _table("nf4_bytes", state.packed.device).index_select(0, state.packed.reshape(-1).int())
@@ -315,12 +325,12 @@ class _DequantizingLinear(torch.autograd.Function):
     weights QLoRA exists to keep small. The weight and bias are frozen: no gradient for them."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: "NF4Linear", bias: Optional[Tensor]) -> Tensor:
+    def forward(ctx, x: Tensor, layer: NF4Linear, bias: Tensor | None) -> Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantize(), bias)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], None, None]:
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
         return grad_output @ ctx.layer.dequantize().to(grad_output.dtype), None, None
@@ -341,8 +351,8 @@ class NF4Linear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        config: Optional[NF4Config] = None,
-        device: Union[torch.device, str, None] = None,
+        config: NF4Config | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         config = config or NF4Config()
@@ -362,13 +372,17 @@ class NF4Linear(nn.Module):
         else:
             self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.float32, device=device))
             self.absmax2 = self.absmax_offset = None
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: NF4Config) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, config: NF4Config) -> NF4Linear:
         """Quantize ``linear``'s weight; the bias is copied, frozen, in its own dtype."""
         weight = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config, device=weight.device)
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, config, device=weight.device
+        )
         layer.set_weight_(weight.detach())
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -386,7 +400,7 @@ class NF4Linear(nn.Module):
             self.absmax_offset,
         )
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out_features, in_features) weight, in ``compute_dtype`` unless ``dtype`` is given."""
         return dequantize_nf4(self.quant_state(), dtype or self.compute_dtype)
 
@@ -395,7 +409,9 @@ class NF4Linear(nn.Module):
         """Re-quantize a new full-precision weight into this layer's buffers, in place (lossy)."""
         expected = (self.out_features, self.in_features)
         if tuple(weight.shape) != expected:
-            raise ValueError(f"NF4Linear.set_weight_: weight of shape {tuple(weight.shape)}, expected {expected}")
+            raise ValueError(
+                f"NF4Linear.set_weight_: weight of shape {tuple(weight.shape)}, expected {expected}"
+            )
         state = quantize_nf4(weight.to(self.weight_packed.device), self.blocksize, self.double_quant)
         self.weight_packed.copy_(state.packed)
         self.absmax.copy_(state.absmax)
@@ -430,8 +446,12 @@ class NF4Linear(nn.Module):
     # layout is refused instead of silently misread: a (128, 32) and a (64, 64) weight have buffers
     # of identical sizes.
     def _layout(self) -> dict[str, int]:
-        return dict(out_features=self.out_features, in_features=self.in_features, blocksize=self.blocksize,
-                    double_quant=int(self.double_quant))
+        return dict(
+            out_features=self.out_features,
+            in_features=self.in_features,
+            blocksize=self.blocksize,
+            double_quant=int(self.double_quant),
+        )
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(list(self._layout().values()))

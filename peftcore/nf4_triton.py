@@ -97,7 +97,9 @@ def reciprocal(x: torch.Tensor, instruction: str = BITSANDBYTES_RECIPROCAL) -> t
     x = x.contiguous()
     out = torch.empty_like(x)
     block = 1024
-    _reciprocal_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), ASM=RECIPROCALS[instruction], BLOCK=block)
+    _reciprocal_kernel[(triton.cdiv(x.numel(), block),)](
+        x, out, x.numel(), ASM=RECIPROCALS[instruction], BLOCK=block
+    )
     return out
 
 

@@ -32,8 +32,9 @@ page), so ``state_dict()`` has torch.optim.AdamW's layout; it first writes resid
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,8 +45,8 @@ class _Page:
     home: Tensor  # (2, *shape): exp_avg, exp_avg_sq; pinned host memory when paged
     device: torch.device  # where the parameter, and so the update, lives
     paged: bool
-    resident: Optional[Tensor] = None  # the copy on `device` while paged in
-    ready: Optional[Any] = None  # a CUDA event: the prefetch copy on the side stream is done
+    resident: Tensor | None = None  # the copy on `device` while paged in
+    ready: Any | None = None  # a CUDA event: the prefetch copy on the side stream is done
     dirty: bool = False  # resident copy newer than home
 
     @property
@@ -60,7 +61,7 @@ class PagePool:
     ``evictions``, ``resident_bytes`` and ``peak_resident_bytes``.
     """
 
-    def __init__(self, budget_bytes: Optional[int], simulate_on_cpu: bool = False) -> None:
+    def __init__(self, budget_bytes: int | None, simulate_on_cpu: bool = False) -> None:
         self.budget_bytes = budget_bytes
         self.simulate_on_cpu = simulate_on_cpu
         self.pages: dict[Tensor, _Page] = {}
@@ -74,7 +75,7 @@ class PagePool:
             return False
         return device.type == "cuda" or (self.simulate_on_cpu and device.type == "cpu")
 
-    def add(self, key: Tensor, init: Optional[Tensor] = None) -> Tensor:
+    def add(self, key: Tensor, init: Tensor | None = None) -> Tensor:
         """Register the page of parameter ``key``: a ``(2, *key.shape)`` tensor of ``key``'s dtype,
         zeros or a copy of ``init``. Returns its home copy."""
         shape, paged = (2, *key.shape), self._pages_on(key.device)
@@ -113,7 +114,7 @@ class PagePool:
             return  # it will be paged in when needed
         self._page_in(key, page, prefetch=True, protect=protect)
 
-    def _page_in(self, key: Tensor, page: _Page, prefetch: bool, protect: Optional[Tensor] = None) -> None:
+    def _page_in(self, key: Tensor, page: _Page, prefetch: bool, protect: Tensor | None = None) -> None:
         self._make_room(page.nbytes, keep=(key, protect))
         if page.device.type == "cuda" and prefetch:
             side = self._side_streams.setdefault(page.device, torch.cuda.Stream(page.device))
@@ -133,7 +134,7 @@ class PagePool:
         self.resident_bytes += page.nbytes
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
-    def _make_room(self, nbytes: int, keep: tuple[Optional[Tensor], ...]) -> None:
+    def _make_room(self, nbytes: int, keep: tuple[Tensor | None, ...]) -> None:
         while self.resident_bytes + nbytes > self.budget_bytes:
             victim = next((k for k in self._lru if all(k is not kept for kept in keep)), None)
             if victim is None:
@@ -172,7 +173,9 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"PagedAdamW: eps must be a number >= 0, got {eps!r}")
     if not number(wd) or not wd >= 0:
         raise ValueError(f"PagedAdamW: weight_decay must be a number >= 0, got {wd!r}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)):
+    if not (
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)
+    ):
         raise ValueError(f"PagedAdamW: betas must be two numbers in [0, 1), got {betas!r}")
 
 
@@ -195,14 +198,18 @@ class PagedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        gpu_budget_bytes: Optional[int] = None,
+        gpu_budget_bytes: int | None = None,
         *,
         simulate_paging_on_cpu: bool = False,
     ) -> None:
         if gpu_budget_bytes is not None and (
-            isinstance(gpu_budget_bytes, bool) or not isinstance(gpu_budget_bytes, int) or gpu_budget_bytes < 0
+            isinstance(gpu_budget_bytes, bool)
+            or not isinstance(gpu_budget_bytes, int)
+            or gpu_budget_bytes < 0
         ):
-            raise ValueError(f"PagedAdamW: gpu_budget_bytes must be None or an integer >= 0, got {gpu_budget_bytes!r}")
+            raise ValueError(
+                f"PagedAdamW: gpu_budget_bytes must be None or an integer >= 0, got {gpu_budget_bytes!r}"
+            )
         betas = tuple(betas) if isinstance(betas, list) else betas  # from YAML
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_hyperparameters(defaults)
@@ -219,7 +226,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": home[0], "exp_avg_sq": home[1]}
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -266,7 +273,9 @@ class PagedAdamW(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / (1 - beta1**step))
 
     @staticmethod
-    def _adamw(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, group: dict) -> None:
+    def _adamw(
+        p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, group: dict
+    ) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         step_t += 1
         if wd != 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -51,8 +50,8 @@ class PromptTuningConfig:
 
     num_virtual_tokens: int = 20
     init: str = "random"
-    init_text: Optional[str] = None
-    tokenizer: Optional[str] = None
+    init_text: str | None = None
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -72,7 +71,9 @@ class SoftPrompt(nn.Module):
         super().__init__()
         self.config = config
         weight = word_embeddings.weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # trains in float32, as peft
+        dtype = (
+            torch.float64 if weight.dtype == torch.float64 else torch.float32
+        )  # trains in float32, as peft
         self.embedding = nn.Parameter(
             torch.empty(config.num_virtual_tokens, weight.shape[1], device=weight.device, dtype=dtype)
         )
@@ -127,12 +128,18 @@ class SoftPrompt(nn.Module):
         if encoded is not None:  # generation: the encoder ran (with the prompt) before this step
             length = encoded[0].shape[1] - self.num_virtual_tokens
         else:
-            inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            inputs = (
+                kwargs.get("input_ids")
+                if kwargs.get("input_ids") is not None
+                else kwargs.get("inputs_embeds")
+            )
             length = inputs.shape[1]
         kwargs["attention_mask"] = self._widened(mask, length, mask.shape[0], mask.device)
         return (), kwargs
 
-    def _widened(self, mask: Optional[torch.Tensor], length: int, batch: int, device: torch.device) -> torch.Tensor:
+    def _widened(
+        self, mask: torch.Tensor | None, length: int, batch: int, device: torch.device
+    ) -> torch.Tensor:
         """A mask over prompt + input: ones for the prompt; a mask already that wide stays."""
         n = self.num_virtual_tokens
         if mask is None:
@@ -172,7 +179,9 @@ class PromptTuning(InputMethod):
         """Add the soft prompt to an encoder-decoder ``model``; only the prompt trains."""
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
         if encoder is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ValueError(f"prompt tuning here prepends to an encoder's input; {type(model).__name__} has no encoder")
+            raise ValueError(
+                f"prompt tuning here prepends to an encoder's input; {type(model).__name__} has no encoder"
+            )
         prompt = SoftPrompt(config, model.get_input_embeddings())
         if initialise:
             prompt.initialise()
@@ -188,7 +197,7 @@ class PromptTuning(InputMethod):
             handle.remove()
         delattr(model, ATTRIBUTE)
 
-    def differs(self, prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> Optional[str]:
+    def differs(self, prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> str | None:
         if prompt.num_virtual_tokens != config.num_virtual_tokens:
             return f"the model's prompt has {prompt.num_virtual_tokens} tokens, the file's {config.num_virtual_tokens}"
         return None

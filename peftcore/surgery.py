@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 from torch import nn
 
@@ -106,7 +107,9 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     if not isinstance(config, NF4Config):
         raise TypeError(f"quantize() needs an NF4Config, got {type(config).__name__}")
     if isinstance(model, nn.Linear):
-        raise TypeError("quantize() replaces the Linear layers inside a model; for one layer use NF4Linear.from_linear")
+        raise TypeError(
+            "quantize() replaces the Linear layers inside a model; for one layer use NF4Linear.from_linear"
+        )
     done = [name for name, module in model.named_modules() if isinstance(module, NF4Linear)]
     if done:
         raise ValueError(
@@ -115,7 +118,9 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
         )
     skip = _skip_list(model, config)
     targets = [
-        (name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and not matches(name, skip)
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not matches(name, skip)
     ]
     for name, module in targets:
         if module.weight.dtype not in QUANTIZABLE_DTYPES:
@@ -132,7 +137,7 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     return model
 
 
-def _skip_list(model: nn.Module, config: NF4Config) -> Union[Sequence[str], str]:
+def _skip_list(model: nn.Module, config: NF4Config) -> Sequence[str] | str:
     if config.skip_modules is not None:
         return config.skip_modules
     own = getattr(model, "_keep_in_fp32_modules", None) or ()
@@ -208,7 +213,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapter_layers(model)] + [saved for _, saved in trained_copies(model)]
     merged = [name for name, layer in wrapped_layers(model) if layer.merged]
     if merged:
-        raise RuntimeError(f"adapters are merged (e.g. {merged[0]!r}); call unmerge(model) before disabling them")
+        raise RuntimeError(
+            f"adapters are merged (e.g. {merged[0]!r}); call unmerge(model) before disabling them"
+        )
     for layer in layers:
         layer.disabled = True
     try:

@@ -7,8 +7,6 @@ Module names inside a T5 block (transformers):
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 from transformers import T5Config
 
@@ -22,8 +20,7 @@ IA3_FEEDFORWARD = ("wo",)
 KEEP_IN_FULL_PRECISION = ("wo", "lm_head")
 
 
-
-def unused_in_forward(model: nn.Module, name: str) -> Optional[str]:
+def unused_in_forward(model: nn.Module, name: str) -> str | None:
     """Why a trained copy of module ``name`` would never run, or None.
 
     T5's ``shared`` embedding is never called in forward: each stack looks tokens up through its

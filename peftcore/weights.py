@@ -8,7 +8,7 @@ write, which rounds: such merges are lossy.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ class QuantizedLinear(Protocol):
     in_features: int
     out_features: int
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor: ...
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def set_weight_(self, weight: torch.Tensor) -> None: ...
 

@@ -39,14 +39,25 @@ FORMATS: dict[type[methods.Method], Format] = {
 }
 PREFIX = "base_model.model."  # peft's name for the model inside its PeftModel
 
-__all__ = ["FORMATS", "Format", "PREFIX", "adapter_tensors", "config_from_peft", "config_to_peft", "for_config",
-           "for_file", "peft_names"]
+__all__ = [
+    "FORMATS",
+    "Format",
+    "PREFIX",
+    "adapter_tensors",
+    "config_from_peft",
+    "config_to_peft",
+    "for_config",
+    "for_file",
+    "peft_names",
+]
 
 
 def for_config(config: object) -> Format:
     method = methods.for_config(config)
     if type(method) not in FORMATS:
-        raise ValueError(f"{method.name} has no translator in peftcore.peft_format: peft's files cannot hold it")
+        raise ValueError(
+            f"{method.name} has no translator in peftcore.peft_format: peft's files cannot hold it"
+        )
     return FORMATS[type(method)]
 
 

@@ -24,7 +24,9 @@ class Format(ABC):
     # peft's names of the config's fields where they differ from ours (the CLI points peft users to ours).
     names: ClassVar[dict[str, str]] = {}
     implemented: ClassVar[tuple[str, ...]] = ()  # honoured exactly (or the value refused)
-    at_default: ClassVar[dict[str, tuple[object, str]]] = {}  # field -> (peft's default, what another value turns on)
+    at_default: ClassVar[
+        dict[str, tuple[object, str]]
+    ] = {}  # field -> (peft's default, what another value turns on)
     inert: ClassVar[dict[str, str]] = {}  # field -> why it has no effect on a saved adapter
     # peft's trainable parameter count over ours (peft may allocate tensors it never uses).
     trainable_factor: ClassVar[int] = 1

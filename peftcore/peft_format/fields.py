@@ -15,7 +15,7 @@ value is refused by name, never dropped (peft drops unknown fields with a warnin
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 # The peft release whose file format and matching rules peftcore follows when it writes.
 PEFT_FORMAT_VERSION = "0.21.2"

@@ -17,7 +17,10 @@ class IA3Format(Format):
     peft_type = "IA3"
     label = "IA3"
     implemented = (
-        "target_modules", "exclude_modules", "feedforward_modules", "modules_to_save",
+        "target_modules",
+        "exclude_modules",
+        "feedforward_modules",
+        "modules_to_save",
         "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
     )
     inert = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
@@ -28,7 +31,10 @@ class IA3Format(Format):
         feedforward = data.get("feedforward_modules")
         feedforward = t5.IA3_FEEDFORWARD if feedforward is None else feedforward  # peft's default for T5
         if data.get("fan_in_fan_out"):
-            warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
+            warnings.warn(
+                "fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does",
+                stacklevel=3,
+            )
         return IA3Config(
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),

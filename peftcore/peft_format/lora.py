@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,13 @@ from peftcore.peft_format.fields import peft_version
 
 # init_lora_weights values whose saved adapter is a plain LoRA over the untouched base (the init
 # only decides where training starts; the file's A and B replace it).
-PLAIN_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "eva": "kaiming", "orthogonal": "kaiming"}
+PLAIN_INITS = {
+    True: "kaiming",
+    False: "kaiming",
+    "gaussian": "gaussian",
+    "eva": "kaiming",
+    "orthogonal": "kaiming",
+}
 REFUSED_INITS = {
     "loftq": "LoftQ replaced the base weight by its quantized approximation",
     "corda": "CorDA's init changed the base weight using calibration data",
@@ -38,9 +44,19 @@ class LoRAFormat(Format):
     label = "LoRA"
     names = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
     implemented = (
-        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "modules_to_save",
-        "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-        "bias",            # "none"; "lora_only" / "all" only where those biases do not exist (T5 has none)
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "exclude_modules",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",  # "none"; "lora_only" / "all" only where those biases do not exist (T5 has none)
         "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
     )
     at_default = {
@@ -94,10 +110,15 @@ class LoRAFormat(Format):
             # peft <= 0.19 read a layer's index from the last numbered segment of its name: name the
             # modules it selected, since a layers_to_transform here means the first one (peft >= 0.20).
             names = tuple(select_targets(model, config, layer_rule=layer_index_before_0_20))
-            config = dataclasses.replace(config, target_modules=names, layers_to_transform=None, layers_pattern=None)
+            config = dataclasses.replace(
+                config, target_modules=names, layers_to_transform=None, layers_pattern=None
+            )
         _check_bias(data.get("bias", "none"), model, config)
         if data.get("fan_in_fan_out"):
-            warnings.warn("fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does", stacklevel=3)
+            warnings.warn(
+                "fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does",
+                stacklevel=3,
+            )
         if config.init.startswith("pissa_niter"):
             warnings.warn(
                 f"init_lora_weights={config.init!r} is re-run on load, as peft does; its SVD is randomised, so the "
@@ -148,7 +169,7 @@ class LoRAFormat(Format):
         }
 
 
-def layer_index_before_0_20(name: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+def layer_index_before_0_20(name: str, layers_pattern: Sequence[str] | None) -> int | None:
     """The layer index peft <= 0.19 compared with layers_to_transform: its greedy regex read the
     last numbered segment, on T5 the sub-layer inside a block (``encoder.block.3.layer.0.SelfAttention.q``
     -> 0), not the block (matching.layer_index is peft >= 0.20's rule)."""
@@ -165,7 +186,11 @@ def _init_from_peft(value: object) -> str:
     if isinstance(value, str) and (value.startswith("pissa") or value.lower() == "olora"):
         return value.lower() if value.lower() == "olora" else value  # LoRAConfig checks pissa_niter_<N>
     name = next((k for k in REFUSED_INITS if isinstance(value, str) and value.lower().startswith(k)), None)
-    why = REFUSED_INITS[name] + ", which peftcore does not rebuild" if name else "an init peftcore does not know"
+    why = (
+        REFUSED_INITS[name] + ", which peftcore does not rebuild"
+        if name
+        else "an init peftcore does not know"
+    )
     raise ValueError(
         f"this LoRA adapter has init_lora_weights={value!r}: {why}. Convert it in peft to a plain LoRA relative "
         "to the original base (save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that"
@@ -181,7 +206,11 @@ def _check_bias(bias: object, model: nn.Module, config: LoRAConfig) -> None:
         found = [n for n, _ in model.named_parameters() if "bias" in n]
     elif bias == "lora_only":
         modules = dict(model.named_modules())
-        found = [f"{n}.bias" for n in select_targets(model, config) if getattr(modules[n], "bias", None) is not None]
+        found = [
+            f"{n}.bias"
+            for n in select_targets(model, config)
+            if getattr(modules[n], "bias", None) is not None
+        ]
     else:
         raise ValueError(f"this LoRA adapter has bias={bias!r}; peft allows 'none', 'all' or 'lora_only'")
     if found:

@@ -22,10 +22,17 @@ TENSOR = "prompt_embeddings"
 class PromptTuningFormat(Format):
     peft_type = "PROMPT_TUNING"
     label = "prompt-tuning"
-    names = {"prompt_tuning_init": "init", "prompt_tuning_init_text": "init_text", "tokenizer_name_or_path": "tokenizer"}
+    names = {
+        "prompt_tuning_init": "init",
+        "prompt_tuning_init_text": "init_text",
+        "tokenizer_name_or_path": "tokenizer",
+    }
     implemented = (
-        "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-        "token_dim",                   # must be the model's d_model
+        "num_virtual_tokens",
+        "prompt_tuning_init",
+        "prompt_tuning_init_text",
+        "tokenizer_name_or_path",
+        "token_dim",  # must be the model's d_model
         "num_transformer_submodules",  # 1 or 2 copies of the rows; the encoder uses the first n
     )
     at_default = {"modules_to_save": (None, "modules trained in full next to a prompt")}
@@ -45,9 +52,13 @@ class PromptTuningFormat(Format):
             )
         d_model = model.get_input_embeddings().weight.shape[1]
         if data.get("token_dim") not in (None, d_model):
-            raise ValueError(f"this prompt-tuning adapter has token_dim={data['token_dim']}; the model's d_model is {d_model}")
+            raise ValueError(
+                f"this prompt-tuning adapter has token_dim={data['token_dim']}; the model's d_model is {d_model}"
+            )
         if data.get("num_transformer_submodules") not in (None, 1, 2):
-            raise ValueError(f"num_transformer_submodules={data['num_transformer_submodules']!r}: peft writes 1 or 2")
+            raise ValueError(
+                f"num_transformer_submodules={data['num_transformer_submodules']!r}: peft writes 1 or 2"
+            )
         init = data.get("prompt_tuning_init", "RANDOM")
         if init not in PEFT_INITS:
             raise ValueError(f"prompt_tuning_init={init!r}; peft's inits are {list(PEFT_INITS)}")
@@ -89,6 +100,8 @@ class PromptTuningFormat(Format):
         rows, copies = saved[TENSOR].shape[0], data.get("num_transformer_submodules") or 1
         n = data["num_virtual_tokens"]
         if rows != n * copies:
-            raise ValueError(f"{TENSOR} has {rows} rows; num_virtual_tokens={n} x num_transformer_submodules={copies} "
-                             f"makes {n * copies}")
+            raise ValueError(
+                f"{TENSOR} has {rows} rows; num_virtual_tokens={n} x num_transformer_submodules={copies} "
+                f"makes {n * copies}"
+            )
         return {**saved, TENSOR: saved[TENSOR][:n]}

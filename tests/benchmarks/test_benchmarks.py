@@ -14,8 +14,13 @@ from benchmarks.bench_parity import run_case
 def test_parity_is_measured_on_an_adapter_that_changes_the_model(case):
     row = run_case(case, "t5-tiny", torch.device("cpu"), (2, 16, 8))
     assert row["adapter_effect_on_logits"] > 1e-2 and row["grad_norm"] > 0  # it measures something
-    for key in ("logits_max_abs_diff", "peft_reads_ours_logits_max_abs_diff", "loss_abs_diff",
-                "grad_max_rel_diff", "peft_to_ours_logits_max_abs_diff"):
+    for key in (
+        "logits_max_abs_diff",
+        "peft_reads_ours_logits_max_abs_diff",
+        "loss_abs_diff",
+        "grad_max_rel_diff",
+        "peft_to_ours_logits_max_abs_diff",
+    ):
         assert row[key] <= 1e-5, (key, row[key])
     factor = 2 if case == "prompt tuning" else 1  # peft's 2n prompt rows for an encoder-decoder
     assert row["trainable_ours"] * factor == row["trainable_peft"]
@@ -23,9 +28,14 @@ def test_parity_is_measured_on_an_adapter_that_changes_the_model(case):
 
 def step_result(method: str, median: float, low: float, high: float, overhead=None) -> dict:
     verdict = "faster" if high < 1 else "slower" if low > 1 else "tie"
-    row = dict(shape="t5-small", method=method, ours_ms=dict(median=1.0), peft_ms=dict(median=1.0),
-               ratio=dict(median=median, low=low, high=high, verdict=verdict),
-               parity=dict(loss_abs_diff=0.0, grad_rel_diff=0.0))
+    row = dict(
+        shape="t5-small",
+        method=method,
+        ours_ms=dict(median=1.0),
+        peft_ms=dict(median=1.0),
+        ratio=dict(median=median, low=low, high=high, verdict=verdict),
+        parity=dict(loss_abs_diff=0.0, grad_rel_diff=0.0),
+    )
     if overhead:
         row.update(floor_ms=dict(median=6000.0), overhead_ms=dict(ours=overhead[0], peft=overhead[1]))
     return row
@@ -33,24 +43,41 @@ def step_result(method: str, median: float, low: float, high: float, overhead=No
 
 def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
     machine = dict(device="cpu-2threads", cpu="x86_64", threads=2, versions={"torch": "x"})
-    step = dict(machine=machine, results=[step_result("lora r=16 q,v", 0.93, 0.90, 0.97, overhead=(310.4, 880.0)),
-                                          step_result("ia3", 0.94, 0.85, 1.05),
-                                          step_result("lora r=32 all linear", 0.99, 0.95, 1.02),
-                                          step_result("qlora r=16 q,v", 0.5, 0.4, 0.6)],
-                settings=dict(precision="fp32", batch=8, src=512, tgt=128, repeats=3, compile=False))
-    e2e = dict(machine=machine, settings=dict(shape="t5-small", examples=64, epochs=1, rounds=2, compile=False),
-               runs=dict(ours=[dict(samples_per_s=s, padding_fraction=0.07, mean_loss=9.0) for s in (10, 11)],
-                         reference=[dict(samples_per_s=s, padding_fraction=0.36, mean_loss=9.1) for s in (8, 8)]),
-               speedup=dict(median=1.31, low=1.25, high=1.38))
-    compiled = dict(machine=machine, results=[{**step_result("lora r=16 q,v", 0.5, 0.4, 0.6),
-                                               "first_step_s": dict(ours=110.2, peft=98.7)}],
-                    settings=dict(precision="fp32", batch=8, src=512, tgt=128, repeats=3, compile=True))
+    step = dict(
+        machine=machine,
+        results=[
+            step_result("lora r=16 q,v", 0.93, 0.90, 0.97, overhead=(310.4, 880.0)),
+            step_result("ia3", 0.94, 0.85, 1.05),
+            step_result("lora r=32 all linear", 0.99, 0.95, 1.02),
+            step_result("qlora r=16 q,v", 0.5, 0.4, 0.6),
+        ],
+        settings=dict(precision="fp32", batch=8, src=512, tgt=128, repeats=3, compile=False),
+    )
+    e2e = dict(
+        machine=machine,
+        settings=dict(shape="t5-small", examples=64, epochs=1, rounds=2, compile=False),
+        runs=dict(
+            ours=[dict(samples_per_s=s, padding_fraction=0.07, mean_loss=9.0) for s in (10, 11)],
+            reference=[dict(samples_per_s=s, padding_fraction=0.36, mean_loss=9.1) for s in (8, 8)],
+        ),
+        speedup=dict(median=1.31, low=1.25, high=1.38),
+    )
+    compiled = dict(
+        machine=machine,
+        results=[
+            {**step_result("lora r=16 q,v", 0.5, 0.4, 0.6), "first_step_s": dict(ours=110.2, peft=98.7)}
+        ],
+        settings=dict(precision="fp32", batch=8, src=512, tgt=128, repeats=3, compile=True),
+    )
     (tmp_path / "bench_train_step_cpu-2threads.json").write_text(json.dumps(step))
     (tmp_path / "bench_train_step_compiled_cpu-2threads.json").write_text(json.dumps(compiled))
     (tmp_path / "bench_end_to_end_cpu-2threads.json").write_text(json.dumps(e2e))
     text = report.render(report.load(tmp_path))
-    verdicts = {line.split(" | ")[0].removeprefix("| "): line.rstrip(" |").split(" | ")[-1]
-                for line in text.splitlines() if line.startswith("| training step") or line.startswith("| end-to-end")}
+    verdicts = {
+        line.split(" | ")[0].removeprefix("| "): line.rstrip(" |").split(" | ")[-1]
+        for line in text.splitlines()
+        if line.startswith("| training step") or line.startswith("| end-to-end")
+    }
     assert verdicts == {
         "training step ours/peft <= 0.95, t5-small lora r=16 q,v": "met",
         "training step ours/peft <= 0.95, t5-small ia3": "met (spread includes 1: not a clear win)",

@@ -35,8 +35,12 @@ def test_identical_texts_score_one():
 def test_paraphrase_beats_unrelated_text():
     reference = [["The customer cannot log in and the agent tells them to reset the password."]]
     kwargs = dict(model_type=OFFLINE_MODEL, device="cpu")
-    paraphrase = bert_scores(["Customer is unable to sign in; agent suggests a password reset."], reference, **kwargs)
-    unrelated = bert_scores(["Heavy rain is expected across the north of the country tomorrow."], reference, **kwargs)
+    paraphrase = bert_scores(
+        ["Customer is unable to sign in; agent suggests a password reset."], reference, **kwargs
+    )
+    unrelated = bert_scores(
+        ["Heavy rain is expected across the north of the country tomorrow."], reference, **kwargs
+    )
     assert paraphrase["f1"] > unrelated["f1"] + 0.3  # about 0.83 against 0.06
 
 
@@ -48,8 +52,12 @@ def test_equals_bert_score_directly_with_multiple_references(ours):
     assert ours["recall"] == pytest.approx(recall.mean().item(), abs=1e-6)
     assert ours["f1"] == pytest.approx(f1.mean().item(), abs=1e-6)
     # best-of-references: the two-reference example scores at least as well as against either reference alone
-    _, _, f1_first = bert_score.score(PREDICTIONS[1:], [REFERENCES[1][0]], model_type=MODEL_PATH, num_layers=6)
-    _, _, f1_second = bert_score.score(PREDICTIONS[1:], [REFERENCES[1][1]], model_type=MODEL_PATH, num_layers=6)
+    _, _, f1_first = bert_score.score(
+        PREDICTIONS[1:], [REFERENCES[1][0]], model_type=MODEL_PATH, num_layers=6
+    )
+    _, _, f1_second = bert_score.score(
+        PREDICTIONS[1:], [REFERENCES[1][1]], model_type=MODEL_PATH, num_layers=6
+    )
     assert f1[1].item() == pytest.approx(max(f1_first.item(), f1_second.item()), abs=1e-6)
 
 

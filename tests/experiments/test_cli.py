@@ -20,9 +20,17 @@ from experiments.cli import lightning_cli
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 # 4 batches an epoch, no generation: a run of 2 epochs is 8 steps in seconds.
-SMALL = ["--data.limit_train=16", "--data.limit_val=4", "--data.batch_size=4", "--data.max_source_length=64",
-         "--data.max_target_length=16", "--model.generate_in_validation=false", "--trainer.limit_val_batches=1",
-         "--trainer.max_epochs=2", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--data.limit_train=16",
+    "--data.limit_val=4",
+    "--data.batch_size=4",
+    "--data.max_source_length=64",
+    "--data.max_target_length=16",
+    "--model.generate_in_validation=false",
+    "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_model_summary=false",
+]
 
 
 class LossRecorder(Callback):
@@ -96,8 +104,10 @@ def test_an_interrupted_fit_resumes_with_the_losses_of_an_uninterrupted_one(tmp_
     saved = torch.load(tmp_path / "runs/demo/version_0/checkpoints/last.ckpt", weights_only=False)
     assert saved["global_step"] == (7 if how == "sigint" else 6)  # the step in flight finished / is redone
     resumed = fit("--ckpt_path", "last")
-    assert losses_of(resumed) == pytest.approx(straight[saved["global_step"]:], abs=1e-6)
-    assert sorted(p.name for p in (tmp_path / "runs/demo").iterdir()) == ["version_0"]  # the same run continued
+    assert losses_of(resumed) == pytest.approx(straight[saved["global_step"] :], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "runs/demo").iterdir()) == [
+        "version_0"
+    ]  # the same run continued
     assert resumed.trainer.logger.log_dir == str(Path("runs/demo/version_0"))
 
 
@@ -117,18 +127,46 @@ def test_a_checkpoint_every_n_steps(tmp_path, monkeypatch):
     config = Path(DEMO).read_text().replace("save_every_n_steps: 20", "save_every_n_steps: 3")
     assert "save_every_n_steps: 3" in config
     (tmp_path / "every3.yaml").write_text(config)
-    cli = lightning_cli(["fit", "--config", "every3.yaml", *SMALL, "--trainer.max_epochs=1",
-                         callback("PeekAt", step=4, path="runs/demo/version_0/checkpoints/last.ckpt")])
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config",
+            "every3.yaml",
+            *SMALL,
+            "--trainer.max_epochs=1",
+            callback("PeekAt", step=4, path="runs/demo/version_0/checkpoints/last.ckpt"),
+        ]
+    )
     assert next(c for c in cli.trainer.callbacks if isinstance(c, PeekAt)).seen == 3
 
 
 def test_test_and_predict_land_in_the_run_they_come_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit("--trainer.max_epochs=1")
-    lightning_cli(["test", "--config", DEMO, *SMALL, "--data.limit_test=2", "--model.max_new_tokens=4",
-                   "--ckpt_path", "last"])
-    lightning_cli(["predict", "--config", DEMO, *SMALL, "--data.limit_test=2", "--model.max_new_tokens=4",
-                   "--ckpt_path", "best"])
+    lightning_cli(
+        [
+            "test",
+            "--config",
+            DEMO,
+            *SMALL,
+            "--data.limit_test=2",
+            "--model.max_new_tokens=4",
+            "--ckpt_path",
+            "last",
+        ]
+    )
+    lightning_cli(
+        [
+            "predict",
+            "--config",
+            DEMO,
+            *SMALL,
+            "--data.limit_test=2",
+            "--model.max_new_tokens=4",
+            "--ckpt_path",
+            "best",
+        ]
+    )
     run = tmp_path / "runs/demo/version_0"
     assert sorted(p.name for p in (tmp_path / "runs/demo").iterdir()) == ["version_0"]
     assert len((run / "predictions.jsonl").read_text().splitlines()) == 2
@@ -140,7 +178,11 @@ def test_test_and_predict_land_in_the_run_they_come_from(tmp_path, monkeypatch):
 def test_a_dirpath_holding_another_runs_checkpoints_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     checkpointing = "--trainer.callbacks+=" + json.dumps(
-        {"class_path": "experiments.checkpointing.RunCheckpoint", "init_args": {"dirpath": "shared", "save_last": True}})
+        {
+            "class_path": "experiments.checkpointing.RunCheckpoint",
+            "init_args": {"dirpath": "shared", "save_last": True},
+        }
+    )
     fit("--trainer.max_epochs=1", checkpointing)
     with pytest.raises(ValueError, match=r"shared already holds checkpoints of another run \(.*last\.ckpt\)"):
         fit("--trainer.max_epochs=1", checkpointing)
@@ -156,16 +198,34 @@ def test_lightnings_model_checkpoint_is_refused_for_what_it_would_lose(tmp_path,
 @pytest.mark.parametrize(
     "argument, message",
     [
-        ("--model.peft.init_args.lora_alpah=3", r"LoRAConfig has no field 'lora_alpah'; peft's 'lora_alpha' \(did "
-                                                r"you mean it\?\) is peftcore's 'alpha'\. Its fields: r, alpha, dropout"),
-        ("--model.peft.init_args.drop=3", r"LoRAConfig has no field 'drop'; did you mean 'dropout'\. Its fields"),
-        ("--model.peft.init_args.lora_alpha=3", r"LoRAConfig has no field 'lora_alpha'; peft's 'lora_alpha' is "
-                                                r"peftcore's 'alpha'"),
+        (
+            "--model.peft.init_args.lora_alpah=3",
+            r"LoRAConfig has no field 'lora_alpah'; peft's 'lora_alpha' \(did "
+            r"you mean it\?\) is peftcore's 'alpha'\. Its fields: r, alpha, dropout",
+        ),
+        (
+            "--model.peft.init_args.drop=3",
+            r"LoRAConfig has no field 'drop'; did you mean 'dropout'\. Its fields",
+        ),
+        (
+            "--model.peft.init_args.lora_alpha=3",
+            r"LoRAConfig has no field 'lora_alpha'; peft's 'lora_alpha' is "
+            r"peftcore's 'alpha'",
+        ),
         ("--model.peft.init_args.r=0", r"LoRAConfig\.r must be a positive integer, got 0"),
-        ('--model.peft={"class_path": "peftcore.LoraConfig"}', r"'peftcore.LoraConfig' is not a method config; the "
-                                                               r"methods are peftcore.LoRAConfig"),
-        ("--model.peft.init_args.target_modules=[qq]", r"target_modules 'qq' matches no module.*Closest match: 'q'"),
-        ("--optimizer=SGD", r"Lightning's --optimizer is not used here.*--model.optimizer \(adamw \| paged_adamw\)"),
+        (
+            '--model.peft={"class_path": "peftcore.LoraConfig"}',
+            r"'peftcore.LoraConfig' is not a method config; the "
+            r"methods are peftcore.LoRAConfig",
+        ),
+        (
+            "--model.peft.init_args.target_modules=[qq]",
+            r"target_modules 'qq' matches no module.*Closest match: 'q'",
+        ),
+        (
+            "--optimizer=SGD",
+            r"Lightning's --optimizer is not used here.*--model.optimizer \(adamw \| paged_adamw\)",
+        ),
         ("--lr_scheduler=StepLR", r"Lightning's --lr_scheduler is not used here"),
         # values torch or generate would take with a confusing error, or without one
         ("--model.lr=-1", r"model\.lr must be a positive number .*got -1\.0"),
@@ -192,7 +252,10 @@ def test_fit_help_lists_the_methods_fields(capsys):
     with pytest.raises(SystemExit):
         lightning_cli(["fit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "LoRAConfig (r, alpha, dropout," in help_text and "PromptTuningConfig (num_virtual_tokens," in help_text
+    assert (
+        "LoRAConfig (r, alpha, dropout," in help_text
+        and "PromptTuningConfig (num_virtual_tokens," in help_text
+    )
     with pytest.raises(SystemExit):
         lightning_cli(["fit", "--model.peft.help", "LoRAConfig"])
     out = capsys.readouterr().out
@@ -213,7 +276,11 @@ def test_no_warning_about_args_and_the_command_line(tmp_path):
     """The warning came from building a CLI from code while sys.argv held the user's command."""
     result = subprocess.run(
         [sys.executable, "-m", "experiments", "fit", "--config", DEMO, "--print_config"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "args parameter" not in result.stderr
     with warnings.catch_warnings():
@@ -225,8 +292,12 @@ def test_no_warning_about_args_and_the_command_line(tmp_path):
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw"])
 def test_loraplus_from_the_command_line(tmp_path, monkeypatch, optimizer):
     monkeypatch.chdir(tmp_path)
-    cli = fit("--trainer.max_epochs=1", "--model.loraplus_lr_ratio=16", f"--model.optimizer={optimizer}",
-              "--model.lr=0.002")
+    cli = fit(
+        "--trainer.max_epochs=1",
+        "--model.loraplus_lr_ratio=16",
+        f"--model.optimizer={optimizer}",
+        "--model.lr=0.002",
+    )
     model = cli.model.model
     names = {id(p): n for n, p in model.named_parameters()}
     lrs = {names[id(p)]: g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}

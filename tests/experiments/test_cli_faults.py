@@ -24,9 +24,17 @@ from experiments.cli import lightning_cli
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments/configs/demo.yaml"
 # 4 batches an epoch, no generation (as in test_cli.py).
-SMALL = ["--data.limit_train=16", "--data.limit_val=4", "--data.batch_size=4", "--data.max_source_length=64",
-         "--data.max_target_length=16", "--model.generate_in_validation=false", "--trainer.limit_val_batches=1",
-         "--trainer.max_epochs=2", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--data.limit_train=16",
+    "--data.limit_val=4",
+    "--data.batch_size=4",
+    "--data.max_source_length=64",
+    "--data.max_target_length=16",
+    "--model.generate_in_validation=false",
+    "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_model_summary=false",
+]
 RUN = Path("runs/demo/version_0")
 
 
@@ -66,7 +74,9 @@ def test_best_ckpt_is_written_when_a_periodic_save_lands_on_a_validation_step(tm
 def test_last_ckpt_is_written_whatever_save_last_the_config_gives(tmp_path, monkeypatch):
     """The CLI hands RunCheckpoint save_last=None when a config leaves it out."""
     monkeypatch.chdir(tmp_path)
-    config = demo_config(tmp_path, **{"save_last: true, ": "", "save_every_n_steps: 20": "save_every_n_steps: 3"})
+    config = demo_config(
+        tmp_path, **{"save_last: true, ": "", "save_every_n_steps: 20": "save_every_n_steps: 3"}
+    )
     cli = fit(config, "--trainer.max_epochs=1", "--trainer.limit_val_batches=0")
     saved = read_checkpoint(tmp_path / RUN / "checkpoints/last.ckpt")
     assert saved["global_step"] == 4  # every 3 steps, then at the end of training
@@ -96,19 +106,47 @@ def fitted(tmp_path, monkeypatch):
 def test_an_explicit_checkpoint_file_keeps_the_commands_settings(fitted, tmp_path):
     ckpt = str(fitted / "checkpoints/best.ckpt")
     out = tmp_path / "mine.jsonl"
-    cli = lightning_cli(["predict", "--config", str(DEMO), *SMALL, "--data.limit_test=2", "--model.max_new_tokens=4",
-                         "--model.num_beams=2", f"--model.predictions_path={out}", "--ckpt_path", ckpt])
+    cli = lightning_cli(
+        [
+            "predict",
+            "--config",
+            str(DEMO),
+            *SMALL,
+            "--data.limit_test=2",
+            "--model.max_new_tokens=4",
+            "--model.num_beams=2",
+            f"--model.predictions_path={out}",
+            "--ckpt_path",
+            ckpt,
+        ]
+    )
     assert cli.model.hparams.num_beams == 2 and cli.model.hparams.max_new_tokens == 4
     assert len(out.read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("option, message", [
-    ("--model.peft.init_args.r=8", r"model\.peft: LoRAConfig r=16 in the checkpoint, r=8 here"),
-    ("--model.pretrained=t5-small", r"model\.pretrained: 'bundled:t5-tiny-dialogue' in the checkpoint, 't5-small' here"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--model.peft.init_args.r=8", r"model\.peft: LoRAConfig r=16 in the checkpoint, r=8 here"),
+        (
+            "--model.pretrained=t5-small",
+            r"model\.pretrained: 'bundled:t5-tiny-dialogue' in the checkpoint, 't5-small' here",
+        ),
+    ],
+)
 def test_a_checkpoint_refuses_another_base_or_method_by_name(fitted, option, message, capsys):
     with pytest.raises(SystemExit) as info:
-        lightning_cli(["test", "--config", str(DEMO), *SMALL, option, "--ckpt_path", str(fitted / "checkpoints/last.ckpt")])
+        lightning_cli(
+            [
+                "test",
+                "--config",
+                str(DEMO),
+                *SMALL,
+                option,
+                "--ckpt_path",
+                str(fitted / "checkpoints/last.ckpt"),
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) < 10, err
@@ -118,9 +156,18 @@ def test_a_checkpoint_refuses_another_base_or_method_by_name(fitted, option, mes
 
 
 def test_a_command_naming_no_model_takes_the_checkpoints(fitted):
-    cli = lightning_cli(["test", "--data.limit_test=2", "--data.max_source_length=64", "--model.max_new_tokens=4",
-                         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
-                         "--ckpt_path", str(fitted / "checkpoints/last.ckpt")])
+    cli = lightning_cli(
+        [
+            "test",
+            "--data.limit_test=2",
+            "--data.max_source_length=64",
+            "--model.max_new_tokens=4",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            "--ckpt_path",
+            str(fitted / "checkpoints/last.ckpt"),
+        ]
+    )
     assert cli.model.hparams.pretrained == "bundled:t5-tiny-dialogue"
     injected = cli.model.model.peftcore_config
     assert isinstance(injected, peftcore.LoRAConfig) and injected.r == 16
@@ -132,20 +179,46 @@ def test_evaluate_reads_a_checkpoint_as_the_cli_does(fitted, tmp_path):
     from experiments.__main__ import main
 
     ckpt = str(fitted / "checkpoints/last.ckpt")
-    evaluate = ["evaluate", "--train_config", str(DEMO), "--run_name", "x", "--output_dir", str(tmp_path / "eval"),
-                "--bertscore_model", "null", "--ckpt_path", ckpt]
+    evaluate = [
+        "evaluate",
+        "--train_config",
+        str(DEMO),
+        "--run_name",
+        "x",
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--bertscore_model",
+        "null",
+        "--ckpt_path",
+        ckpt,
+    ]
     with pytest.raises(SystemExit, match=r"model\.peft: LoRAConfig r=16 in the checkpoint, r=8 here"):
         main([*evaluate, "--overrides", '["--model.peft.init_args.r=8"]'])
     (fitted / "checkpoints/last.ckpt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"last\.ckpt is damaged or not a checkpoint of this project \(it is empty\)"):
+    with pytest.raises(
+        SystemExit, match=r"last\.ckpt is damaged or not a checkpoint of this project \(it is empty\)"
+    ):
         main([*evaluate, "--overrides", '["--data.limit_test=2"]'])
 
 
 def test_predict_keeps_every_commands_output(fitted):
     for _ in range(2):
-        lightning_cli(["predict", "--config", str(DEMO), *SMALL, "--data.limit_test=2", "--model.max_new_tokens=4",
-                       "--ckpt_path", "last"])
-    assert sorted(p.name for p in fitted.glob("predictions*.jsonl")) == ["predictions-2.jsonl", "predictions.jsonl"]
+        lightning_cli(
+            [
+                "predict",
+                "--config",
+                str(DEMO),
+                *SMALL,
+                "--data.limit_test=2",
+                "--model.max_new_tokens=4",
+                "--ckpt_path",
+                "last",
+            ]
+        )
+    assert sorted(p.name for p in fitted.glob("predictions*.jsonl")) == [
+        "predictions-2.jsonl",
+        "predictions.jsonl",
+    ]
     assert len((fitted / "predictions.jsonl").read_text().splitlines()) == 2
 
 
@@ -162,7 +235,9 @@ def test_a_damaged_checkpoint_is_named_with_the_runs_others(fitted, damage, caps
     assert "best.ckpt" in err and "previous.ckpt" in err and len(err.splitlines()) < 10, err
     with pytest.raises(DamagedCheckpoint):
         read_checkpoint(last)
-    resumed = fit(str(DEMO), "--ckpt_path", str(fitted / "checkpoints/previous.ckpt"), "--trainer.max_epochs=3")
+    resumed = fit(
+        str(DEMO), "--ckpt_path", str(fitted / "checkpoints/previous.ckpt"), "--trainer.max_epochs=3"
+    )
     assert resumed.trainer.global_step == 12  # resumed at step 4: two more epochs of 4
 
 
@@ -181,7 +256,9 @@ def test_checkpoints_never_touch_tmpdir_and_stray_temporaries_go(tmp_path, monke
     stray = checkpoints / ".last.ckpt.0123456789ab.tmp"
     stray.write_bytes(b"half a checkpoint")
     fit(str(DEMO), "--ckpt_path", "last")
-    assert not stray.exists() and sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("."))  == []
+    assert (
+        not stray.exists() and sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == []
+    )
 
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -194,8 +271,11 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match=rf"could not write the checkpoint {path}: No space left on device; the previous "
-                                      r"last\.ckpt is kept"):
+    with pytest.raises(
+        OSError,
+        match=rf"could not write the checkpoint {path}: No space left on device; the previous "
+        r"last\.ckpt is kept",
+    ):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
@@ -219,19 +299,28 @@ def test_a_failed_command_leaves_no_run_directory_and_fit_names_its_own(tmp_path
     monkeypatch.setattr(cli_module, "rank_zero_info", lambda message: said.append(message))
     fit(str(DEMO), "--trainer.max_epochs=1")
     assert said[0] == f"fit: run directory {RUN}"
-    assert said[-1] == f"fit: done, run directory {RUN}; resume or extend it with --ckpt_path {RUN}/checkpoints/last.ckpt"
+    assert (
+        said[-1]
+        == f"fit: done, run directory {RUN}; resume or extend it with --ckpt_path {RUN}/checkpoints/last.ckpt"
+    )
 
 
 def test_checkpointing_and_progress_bar_switched_off_on_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = fit(str(DEMO), "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false",
-              "--trainer.enable_progress_bar=false")
+    cli = fit(
+        str(DEMO),
+        "--trainer.max_epochs=1",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+    )
     assert cli.trainer.checkpoint_callback is None and cli.trainer.progress_bar_callback is None
     assert cli.trainer.global_step == 4 and not (tmp_path / RUN / "checkpoints").exists()
 
 
 def test_the_cli_starts_without_the_rouge_and_nltk_imports():
     """ROUGE's imports (rouge-score pulls in nltk, about 0.4 s) wait until something is scored."""
-    code = "import sys, experiments.cli; print(sorted(m for m in ('nltk', 'rouge_score') if m in sys.modules))"
+    code = (
+        "import sys, experiments.cli; print(sorted(m for m in ('nltk', 'rouge_score') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -108,7 +108,9 @@ def test_preprocessing_switches_off():
     dm.setup("fit")
     first = dm.examples["train"][0]
     lines = first.source.split("\n")
-    assert lines[0].startswith("Customer: So neither") and lines[0].endswith("Any ideas? https://t.co/m9DPQbkftD")
+    assert lines[0].startswith("Customer: So neither") and lines[0].endswith(
+        "Any ideas? https://t.co/m9DPQbkftD"
+    )
     assert lines[1] == "Customer: @AppleSupport please read the above."
     assert dm.tokenizer.decode(first.input_ids).startswith("Customer: So neither")
 
@@ -142,7 +144,9 @@ def test_target_summaries_first_or_all():
     # validation keeps every reference in either mode, with the first as the label
     for dm in (first, every):
         assert len(dm.examples["val"]) == 5
-        assert [e.references for e in dm.examples["val"]] == [r["summaries"] for r in bundled_rows("valid")[:5]]
+        assert [e.references for e in dm.examples["val"]] == [
+            r["summaries"] for r in bundled_rows("valid")[:5]
+        ]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -197,7 +201,9 @@ def test_epoch_shuffle_is_a_seeded_permutation_per_epoch():
 def test_length_grouped_batches_partition_and_group():
     lengths = [int(x) for x in torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))]
     order = EpochShuffle(1000, seed=0)
-    sampler = LengthGroupedBatchSampler(order, batch_size=8, drop_last=False, lengths=lengths, bucket_batches=5)
+    sampler = LengthGroupedBatchSampler(
+        order, batch_size=8, drop_last=False, lengths=lengths, bucket_batches=5
+    )
     batches = list(sampler)
     assert len(batches) == len(sampler) == 125
     assert sorted(i for b in batches for i in b) == list(range(1000))
@@ -209,7 +215,11 @@ def test_length_grouped_batches_partition_and_group():
     assert order.epoch == 1 and list(sampler) != batches
     short = LengthGroupedBatchSampler(EpochShuffle(21), batch_size=8, drop_last=True, lengths=[1] * 21)
     assert len(short) == 2 and [len(b) for b in short] == [8, 8]
-    assert sorted(len(b) for b in LengthGroupedBatchSampler(EpochShuffle(21), 8, False, [1] * 21)) == [5, 8, 8]
+    assert sorted(len(b) for b in LengthGroupedBatchSampler(EpochShuffle(21), 8, False, [1] * 21)) == [
+        5,
+        8,
+        8,
+    ]
 
 
 def test_length_grouping_cuts_padding_on_tweetsumm(tweetsumm):
@@ -269,8 +279,15 @@ class _RecordIds(L.LightningModule):
         self.seen.append([])
 
     def training_step(self, batch, batch_idx):
-        assert set(batch) == {"input_ids", "attention_mask", "labels", "ids", "sources", "references",
-                              "padding_fraction"}
+        assert set(batch) == {
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "ids",
+            "sources",
+            "references",
+            "padding_fraction",
+        }
         self.seen[-1] += batch["ids"]
         return self.weight * batch["input_ids"].float().mean()
 
@@ -283,8 +300,15 @@ def test_trainer_reshuffles_each_epoch_and_repeats_across_runs():
     def run() -> list[list[str]]:
         model = _RecordIds()
         dm = DialogSummaryDataModule(limit_train=24, batch_size=4, seed=7)
-        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(model, datamodule=dm)
         return model.seen
 
@@ -299,15 +323,23 @@ def test_trainer_reshuffles_each_epoch_and_repeats_across_runs():
 
 
 def test_directory_of_mixed_formats_and_validation_alias(tmp_path):
-    turns = [{"speaker": "Customer", "text": "@Acme my order is late"}, {"speaker": "Agent", "text": "Sorry!"}]
-    write_jsonl(tmp_path / "train.jsonl", [{"id": "t1", "turns": turns, "summaries": ["Order late.", "Late."]}])
+    turns = [
+        {"speaker": "Customer", "text": "@Acme my order is late"},
+        {"speaker": "Agent", "text": "Sorry!"},
+    ]
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"id": "t1", "turns": turns, "summaries": ["Order late.", "Late."]}]
+    )
     (tmp_path / "validation.csv").write_text('id,turns,summaries\nv1,"Customer: hi, @x","Greeting."\n')
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"turns": turns, "summaries": ["Test sum."]}]),
-                                tmp_path / "test.parquet")
+    pyarrow.parquet.write_table(
+        pyarrow.Table.from_pylist([{"turns": turns, "summaries": ["Test sum."]}]), tmp_path / "test.parquet"
+    )
     dm = DialogSummaryDataModule(dataset=str(tmp_path))
     dm.setup()
     assert dm.examples["train"][0].source == "user: my order is late\nagent: Sorry!"
-    assert dm.examples["val"][0].source == "Customer: hi," and dm.examples["val"][0].references == ["Greeting."]
+    assert dm.examples["val"][0].source == "Customer: hi," and dm.examples["val"][0].references == [
+        "Greeting."
+    ]
     assert dm.examples["test"][0].id == "test-0"  # no id column: made up
     assert dm.examples["test"][0].source == "user: my order is late\nagent: Sorry!"
 
@@ -315,10 +347,13 @@ def test_directory_of_mixed_formats_and_validation_alias(tmp_path):
 def test_data_files_and_single_file(tmp_path):
     train = write_jsonl(tmp_path / "a.jsonl", SAMSUM_LIKE)
     (tmp_path / "b.json").write_text(json.dumps(SAMSUM_LIKE[:1], indent=2))
-    dm = DialogSummaryDataModule(data_files={"train": str(train), "dev": str(tmp_path / "b.json")},
-                                 val_split="dev", **SAMSUM_FIELDS)
+    dm = DialogSummaryDataModule(
+        data_files={"train": str(train), "dev": str(tmp_path / "b.json")}, val_split="dev", **SAMSUM_FIELDS
+    )
     dm.setup("fit")
-    assert [e.id for e in dm.examples["train"]] == ["s1", "s2"] and [e.id for e in dm.examples["val"]] == ["s1"]
+    assert [e.id for e in dm.examples["train"]] == ["s1", "s2"] and [e.id for e in dm.examples["val"]] == [
+        "s1"
+    ]
     assert dm.examples["train"][0].source == "Amanda: I baked cookies.\nJerry: Sure!"
     one = DialogSummaryDataModule(dataset=str(train), **SAMSUM_FIELDS)
     one.setup()
@@ -330,8 +365,9 @@ def test_hub_name_goes_to_load_dataset(monkeypatch):
 
     def fake_load_dataset(name):
         calls.append(name)
-        return datasets.DatasetDict({s: datasets.Dataset.from_list(SAMSUM_LIKE)
-                                     for s in ("train", "validation", "test")})
+        return datasets.DatasetDict(
+            {s: datasets.Dataset.from_list(SAMSUM_LIKE) for s in ("train", "validation", "test")}
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     dm = DialogSummaryDataModule(dataset="samsum", **SAMSUM_FIELDS)  # val_split "valid" finds "validation"
@@ -345,8 +381,11 @@ def test_hub_name_goes_to_load_dataset(monkeypatch):
 def test_hub_offline_failure_is_explained(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the real code path, without a network
     dm = DialogSummaryDataModule(dataset="peftcore-tests/no-such-dataset")
-    with pytest.raises(DataError, match="could not load the Hugging Face data set 'peftcore-tests/no-such-dataset'"
-                       r"(.|\n)*dataset='tweetsumm' for the bundled copy"):
+    with pytest.raises(
+        DataError,
+        match="could not load the Hugging Face data set 'peftcore-tests/no-such-dataset'"
+        r"(.|\n)*dataset='tweetsumm' for the bundled copy",
+    ):
         dm.setup("fit")
 
 
@@ -366,13 +405,16 @@ GOOD = json.dumps({"id": "x", "turns": [{"speaker": "Agent", "text": "hi"}], "su
 
 
 def test_missing_field_lists_the_fields_that_exist(tmp_path):
-    msg = setup_error(tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD},
-                      summary_field="summary")
+    msg = setup_error(
+        tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD}, summary_field="summary"
+    )
     assert "field 'summary' not found" in msg and "['id', 'summaries', 'turns']" in msg
 
 
 def test_missing_turn_key_names_the_key(tmp_path):
-    msg = setup_error(tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD}, text_key="body")
+    msg = setup_error(
+        tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD}, text_key="body"
+    )
     assert "no key 'body'" in msg and "['speaker', 'text']" in msg and "id x" in msg
 
 
@@ -382,21 +424,26 @@ def test_empty_split(tmp_path):
 
 
 def test_unknown_split_lists_the_splits(tmp_path):
-    msg = setup_error(tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD}, test_split="eval")
+    msg = setup_error(
+        tmp_path, {"train.jsonl": GOOD, "valid.jsonl": GOOD, "test.jsonl": GOOD}, test_split="eval"
+    )
     assert "split 'eval' not found" in msg and "['test', 'train', 'valid']" in msg
     with pytest.raises(ValueError, match=r"split 'tets' not found.*\['test', 'train', 'valid'\]"):
         DialogSummaryDataModule(test_split="tets").setup("test")
 
 
 def test_unparsable_jsonl_names_file_and_line(tmp_path):
-    msg = setup_error(tmp_path, {"train.jsonl": GOOD + GOOD + '{"id": "y", "turns": [\n', "valid.jsonl": GOOD,
-                                 "test.jsonl": GOOD})
+    msg = setup_error(
+        tmp_path,
+        {"train.jsonl": GOOD + GOOD + '{"id": "y", "turns": [\n', "valid.jsonl": GOOD, "test.jsonl": GOOD},
+    )
     assert f"{tmp_path / 'train.jsonl'}, line 3: not valid JSON" in msg
 
 
 def test_unparsable_json_array_and_csv_name_file_and_line(tmp_path):
-    msg = setup_error(tmp_path, {"train.json": '[\n{"id": 1},\n{"id": }\n]', "valid.jsonl": GOOD,
-                                 "test.jsonl": GOOD})
+    msg = setup_error(
+        tmp_path, {"train.json": '[\n{"id": 1},\n{"id": }\n]', "valid.jsonl": GOOD, "test.jsonl": GOOD}
+    )
     assert f"{tmp_path / 'train.json'}, line 3: not valid JSON" in msg
     (tmp_path / "train.json").unlink()
     msg = setup_error(tmp_path, {"train.csv": "id,turns,summaries\na,b,c\nd,e\n"})
@@ -413,7 +460,9 @@ def test_row_without_summary(tmp_path):
 
 
 def test_bad_arguments_fail_at_construction():
-    with pytest.raises(ValueError, match=r"limit_train must be a positive integer \(or null for every dialogue\), got 0"):
+    with pytest.raises(
+        ValueError, match=r"limit_train must be a positive integer \(or null for every dialogue\), got 0"
+    ):
         DialogSummaryDataModule(limit_train=0)
     with pytest.raises(ValueError, match="target_summaries"):
         DialogSummaryDataModule(target_summaries="best")
@@ -432,18 +481,37 @@ def test_references_from_several_columns_score_multi_reference(tmp_path):
     """DialogSum's test split keeps its three references in summary1, summary2, summary3."""
     from experiments.metrics import rouge_scores
 
-    rows = [{"id": "d1", "dialogue": "#Person1#: hi\n#Person2#: hello", "summary1": "they greet each other",
-             "summary2": "person one says hi to person two", "summary3": ["a greeting", "two people greet"]}]
+    rows = [
+        {
+            "id": "d1",
+            "dialogue": "#Person1#: hi\n#Person2#: hello",
+            "summary1": "they greet each other",
+            "summary2": "person one says hi to person two",
+            "summary3": ["a greeting", "two people greet"],
+        }
+    ]
     path = tmp_path / "dialogsum.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    dm = DialogSummaryDataModule(dataset=str(path), dialogue_field="dialogue", rename_speakers={},
-                                 summary_field=["summary1", "summary2", "summary3"])
+    dm = DialogSummaryDataModule(
+        dataset=str(path),
+        dialogue_field="dialogue",
+        rename_speakers={},
+        summary_field=["summary1", "summary2", "summary3"],
+    )
     dm.setup("test")
     (example,) = dm.examples["test"]
-    assert example.references == ["they greet each other", "person one says hi to person two", "a greeting",
-                                  "two people greet"]
+    assert example.references == [
+        "they greet each other",
+        "person one says hi to person two",
+        "a greeting",
+        "two people greet",
+    ]
     # a prediction equal to the second reference is a perfect score: the best over all references counts
-    assert rouge_scores(["person one says hi to person two"], [example.references])["rougeL"] == pytest.approx(1.0)
+    assert rouge_scores(["person one says hi to person two"], [example.references])[
+        "rougeL"
+    ] == pytest.approx(1.0)
     assert rouge_scores(["person one says hi to person two"], [example.references[:1]])["rougeL"] < 0.5
     with pytest.raises(ValueError, match=r"field 'summary4' not found"):
-        DialogSummaryDataModule(dataset=str(path), dialogue_field="dialogue", summary_field=["summary1", "summary4"]).setup("test")
+        DialogSummaryDataModule(
+            dataset=str(path), dialogue_field="dialogue", summary_field=["summary1", "summary4"]
+        ).setup("test")

@@ -67,7 +67,14 @@ def test_missing_files_are_data_errors(tmp_path):
 
 
 def test_jsonl_lines_count_blank_lines(tmp_path):
-    text = "\n" + jsonl(row()) + "\n\n" + jsonl(row(id="a"), row(id="b")) + "\n\n" + jsonl(row(id="bad", summaries=5))
+    text = (
+        "\n"
+        + jsonl(row())
+        + "\n\n"
+        + jsonl(row(id="a"), row(id="b"))
+        + "\n\n"
+        + jsonl(row(id="bad", summaries=5))
+    )
     assert text.split("\n")[8].startswith('{"id": "bad"')  # the bad row is on line 9, the 4th row
     msg = setup_error(tmp_path, text)
     assert msg.startswith(f"{tmp_path / 'train.jsonl'}, line 9 (id bad): field 'summaries' is int 5")
@@ -80,12 +87,16 @@ def test_json_array_names_the_line_each_row_starts_on(tmp_path):
     start = next(i for i, line in enumerate(lines) if '"id": "c"' in line)  # 1-based: the "{" line above it
     assert lines[start - 1] == "  {" and start > 30
     msg = setup_error(tmp_path, text, name="train.json")
-    assert msg.startswith(f"{tmp_path / 'train.json'}, line {start} (id c): item 1 of field 'summaries' is int 7")
+    assert msg.startswith(
+        f"{tmp_path / 'train.json'}, line {start} (id c): item 1 of field 'summaries' is int 7"
+    )
 
 
 def test_csv_names_the_physical_line_a_record_starts_on(tmp_path):
     text = 'id,turns,summaries\r\na,"A: hi\r\nB: hello",greeting\r\n\r\nb,"A: one\nB: two",\r\n'
-    msg = setup_error(tmp_path, text, name="train.csv")  # b starts on line 5, after a two-line cell and a blank line
+    msg = setup_error(
+        tmp_path, text, name="train.csv"
+    )  # b starts on line 5, after a two-line cell and a blank line
     assert msg.startswith(f"{tmp_path / 'train.csv'}, line 5 (id b): field 'summaries' is an empty summary")
     msg = setup_error(tmp_path, "id,turns,summaries\na,b,c\n\nd,e\n", name="train.csv")
     assert msg.startswith(f"{tmp_path / 'train.csv'}, line 4: 2 cells, but the header has 3")
@@ -99,41 +110,77 @@ def test_parquet_names_the_row_index(tmp_path):
     (tmp_path / "valid.jsonl").write_text(jsonl(row()))
     with pytest.raises(DataError) as err:
         DialogSummaryDataModule(dataset=str(tmp_path)).setup("fit")
-    assert str(err.value).startswith(f"{tmp_path / 'train.parquet'}, row index 1 (id b): the dialogue in field "
-                                     "'turns' is empty")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'train.parquet'}, row index 1 (id b): the dialogue in field 'turns' is empty"
+    )
 
 
 def test_hub_rows_are_named_by_split_and_row_index(monkeypatch):
     rows = [{"dialogue": "A: hi", "summary": "hi"}, {"dialogue": "A: yo", "summary": None}]
-    monkeypatch.setattr(datasets, "load_dataset", lambda name: datasets.DatasetDict(
-        {s: datasets.Dataset.from_list(rows) for s in ("train", "validation")}))
-    dm = DialogSummaryDataModule(dataset="someone/dialogues", dialogue_field="dialogue", summary_field="summary")
-    with pytest.raises(DataError, match=r"^row index 1 of split 'train' of hub data set 'someone/dialogues' "
-                                        r"\(id train-1\): field 'summary' is null"):
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name: datasets.DatasetDict(
+            {s: datasets.Dataset.from_list(rows) for s in ("train", "validation")}
+        ),
+    )
+    dm = DialogSummaryDataModule(
+        dataset="someone/dialogues", dialogue_field="dialogue", summary_field="summary"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^row index 1 of split 'train' of hub data set 'someone/dialogues' "
+        r"\(id train-1\): field 'summary' is null",
+    ):
         dm.setup("fit")
 
 
 # ----------------------------------------------------------------------------- rows and fields
 
 
-@pytest.mark.parametrize("bad, message", [
-    (row(summaries=5), "field 'summaries' is int 5; expected a summary (a string) or a non-empty list"),
-    (row(summaries=None), "field 'summaries' is null"),
-    (row(summaries={"a": "b"}), "field 'summaries' is dict {'a': 'b'}"),
-    (row(summaries=[]), "field 'summaries' is list []"),
-    (row(summaries=["fine", 3]), "item 1 of field 'summaries' is int 3; expected a summary"),
-    (row(summaries=["fine", "  "]), "item 1 of field 'summaries' is an empty summary; fill it in or remove the row"),
-    (row(summaries=""), "field 'summaries' is an empty summary"),
-    (row(turns=""), "the dialogue in field 'turns' is empty (it is str ''); fill it in or remove the row"),
-    (row(turns=[]), "the dialogue in field 'turns' is empty (it is list [])"),
-    (row(turns=[{"speaker": "Customer", "text": "@Acme"}, {"speaker": "Agent", "text": " https://t.co/x "}]),
-     "the dialogue in field 'turns' is empty once @mentions and links are removed"),
-    (row(turns=12), "field 'turns': the dialogue is int 12; expected a string, a list of strings, or a list of turns"),
-    (row(turns=[{"speaker": "Agent", "text": 4}]), "field 'turns': turn 1's 'text' is int 4; expected a string"),
-    (row(turns=["A: hi", 3]), "field 'turns': turn 2 is int 3; expected a string or a dict"),
-    (row(turns=[{"speaker": None, "text": "hi"}]), "field 'turns': turn 1's 'speaker' is null"),
-    (row(turns=[{"text": "hi"}]), "field 'turns': turn 1 has no key 'speaker'; the keys it has are ['text']"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (row(summaries=5), "field 'summaries' is int 5; expected a summary (a string) or a non-empty list"),
+        (row(summaries=None), "field 'summaries' is null"),
+        (row(summaries={"a": "b"}), "field 'summaries' is dict {'a': 'b'}"),
+        (row(summaries=[]), "field 'summaries' is list []"),
+        (row(summaries=["fine", 3]), "item 1 of field 'summaries' is int 3; expected a summary"),
+        (
+            row(summaries=["fine", "  "]),
+            "item 1 of field 'summaries' is an empty summary; fill it in or remove the row",
+        ),
+        (row(summaries=""), "field 'summaries' is an empty summary"),
+        (
+            row(turns=""),
+            "the dialogue in field 'turns' is empty (it is str ''); fill it in or remove the row",
+        ),
+        (row(turns=[]), "the dialogue in field 'turns' is empty (it is list [])"),
+        (
+            row(
+                turns=[
+                    {"speaker": "Customer", "text": "@Acme"},
+                    {"speaker": "Agent", "text": " https://t.co/x "},
+                ]
+            ),
+            "the dialogue in field 'turns' is empty once @mentions and links are removed",
+        ),
+        (
+            row(turns=12),
+            "field 'turns': the dialogue is int 12; expected a string, a list of strings, or a list of turns",
+        ),
+        (
+            row(turns=[{"speaker": "Agent", "text": 4}]),
+            "field 'turns': turn 1's 'text' is int 4; expected a string",
+        ),
+        (row(turns=["A: hi", 3]), "field 'turns': turn 2 is int 3; expected a string or a dict"),
+        (row(turns=[{"speaker": None, "text": "hi"}]), "field 'turns': turn 1's 'speaker' is null"),
+        (
+            row(turns=[{"text": "hi"}]),
+            "field 'turns': turn 1 has no key 'speaker'; the keys it has are ['text']",
+        ),
+    ],
+)
 def test_a_bad_field_names_file_line_id_and_field(tmp_path, bad, message):
     msg = setup_error(tmp_path, jsonl(row(), bad))
     assert msg.startswith(f"{tmp_path / 'train.jsonl'}, line 2 (id r)"), msg

@@ -35,7 +35,9 @@ DIALOGUES = [
 ]
 SUMMARIES = ["Parcel missing; agent asks for the order number.", "App crashes; agent suggests reinstalling."]
 
-Responder = Callable[[dict, int], tuple[int, dict, dict]]  # (request body, request number) -> (status, body, headers)
+Responder = Callable[
+    [dict, int], tuple[int, dict, dict]
+]  # (request body, request number) -> (status, body, headers)
 
 
 def completion(contents: list[str], logprobs: list[list[dict]] | None = None) -> dict:
@@ -46,7 +48,13 @@ def completion(contents: list[str], logprobs: list[list[dict]] | None = None) ->
         if logprobs is not None:
             choice["logprobs"] = {"content": logprobs[i]}
         choices.append(choice)
-    return {"id": "cmpl-test", "object": "chat.completion", "created": 0, "model": "judge", "choices": choices}
+    return {
+        "id": "cmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "judge",
+        "choices": choices,
+    }
 
 
 def token(text: str, p: float, top: dict[str, float] | None = None) -> dict:
@@ -65,7 +73,7 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server._lock:
                     server.requests.append(body)
@@ -89,7 +97,9 @@ class ChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._watchdog = threading.Timer(WATCHDOG_S, self.httpd.shutdown)
         self._watchdog.daemon = True
 
@@ -139,8 +149,16 @@ def criterion_of(body: dict) -> str:
 
 def test_prompt_has_the_g_eval_structure():
     prompt = build_prompt("fluency", "user: hi\nagent: hello", "A greeting.")
-    parts = ["Evaluation Criteria:", "Fluency (1-3)", "Evaluation Steps:", "Conversation:", "user: hi\nagent: hello",
-             "Summary:", "A greeting.", "Evaluation Form (scores ONLY):"]
+    parts = [
+        "Evaluation Criteria:",
+        "Fluency (1-3)",
+        "Evaluation Steps:",
+        "Conversation:",
+        "user: hi\nagent: hello",
+        "Summary:",
+        "A greeting.",
+        "Evaluation Form (scores ONLY):",
+    ]
     positions = [prompt.index(p) for p in parts]
     assert positions == sorted(positions)
     assert "Relevance (1-5)" in build_prompt("relevance", "d", "s")
@@ -148,8 +166,17 @@ def test_prompt_has_the_g_eval_structure():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("4", 4.0), (" 3\n", 3.0), ("Coherence (1-5): 2", 2.0), ("Score: 4/5", 4.0), ("3.5", 3.5),
-     ("7", None), ("0", None), ("no idea", None), ("", None)],
+    [
+        ("4", 4.0),
+        (" 3\n", 3.0),
+        ("Coherence (1-5): 2", 2.0),
+        ("Score: 4/5", 4.0),
+        ("3.5", 3.5),
+        ("7", None),
+        ("0", None),
+        ("no idea", None),
+        ("", None),
+    ],
 )
 def test_parse_score(text, expected):
     parsed = parse_score(text, 1, 5)
@@ -157,8 +184,15 @@ def test_parse_score(text, expected):
 
 
 def test_logprob_score_reads_the_score_token_after_an_echoed_range():
-    tokens = [token("Coherence", 0.9), token(" (", 0.9), token("1", 0.9), token("-", 0.9), token("5", 0.9),
-              token("):", 0.9), token(" 4", 0.6, {" 4": 0.6, " 2": 0.3, " the": 0.1})]
+    tokens = [
+        token("Coherence", 0.9),
+        token(" (", 0.9),
+        token("1", 0.9),
+        token("-", 0.9),
+        token("5", 0.9),
+        token("):", 0.9),
+        token(" 4", 0.6, {" 4": 0.6, " 2": 0.3, " the": 0.1}),
+    ]
     assert logprob_score("Coherence (1-5): 4", tokens, 1, 5) == pytest.approx((4 * 0.6 + 2 * 0.3) / 0.9)
 
 
@@ -215,7 +249,9 @@ def test_samples_fallback_when_the_server_returns_no_logprobs(server, tmp_path, 
 
 def test_samples_without_asking_for_logprobs(server, tmp_path):
     server.respond = lambda body, n: (200, completion(["2", "3", "3", "oops"][: body["n"]]), {})
-    result = geval_scores(DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, use_logprobs=False), ("fluency",))
+    result = geval_scores(
+        DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, use_logprobs=False), ("fluency",)
+    )
     assert result["fluency"] == pytest.approx((2 + 3 + 3) / 3)  # the unparsable fourth answer is left out
     assert [r["n"] for r in server.requests] == [4] and "logprobs" not in server.requests[0]
     assert result["failure_texts"] == [{"criterion": "fluency", "index": 0, "text": "oops"}]
@@ -233,7 +269,9 @@ def test_garbled_answer_is_a_recorded_failure_not_a_crash(server, tmp_path):
 
     server.respond = respond
     failures_path = tmp_path / "failures.jsonl"
-    result = geval_scores(DIALOGUES, SUMMARIES, config(server, tmp_path), ("relevance",), failures_path=failures_path)
+    result = geval_scores(
+        DIALOGUES, SUMMARIES, config(server, tmp_path), ("relevance",), failures_path=failures_path
+    )
 
     assert result["relevance"] == pytest.approx(4.0)
     assert result["per_example"]["relevance"] == [None, 4.0]
@@ -250,7 +288,9 @@ def test_rate_limit_is_retried_with_backoff(server, tmp_path):
         return 200, completion(["5"], [[token("5", 1.0, {"5": 1.0})]]), {}
 
     server.respond = respond
-    result = geval_scores(DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, max_retries=2), ("consistency",))
+    result = geval_scores(
+        DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, max_retries=2), ("consistency",)
+    )
     assert result["consistency"] == pytest.approx(5.0)
     assert len(server.requests) == 2
     assert server.requests[0] == server.requests[1]
@@ -258,8 +298,11 @@ def test_rate_limit_is_retried_with_backoff(server, tmp_path):
 
 def test_rate_limit_without_retries_left_raises(server, tmp_path):
     server.respond = lambda body, n: (429, {"error": {"message": "slow down"}}, {"retry-after-ms": "1"})
-    with pytest.raises(GEvalUnavailable, match=r"G-Eval failed at http://127\.0\.0\.1:\d+/v1 with model 'judge' "
-                                               r"\(RateLimitError") as info:
+    with pytest.raises(
+        GEvalUnavailable,
+        match=r"G-Eval failed at http://127\.0\.0\.1:\d+/v1 with model 'judge' "
+        r"\(RateLimitError",
+    ) as info:
         geval_scores(DIALOGUES[:1], SUMMARIES[:1], config(server, tmp_path, max_retries=1), ("consistency",))
     assert isinstance(info.value.__cause__, openai.RateLimitError)
     assert len(server.requests) == 2  # the request and its one retry
@@ -286,7 +329,9 @@ def test_interrupted_run_resumes_where_it_stopped(server, tmp_path):
     server.respond = failing
     with pytest.raises(GEvalUnavailable, match="InternalServerError"):
         geval_scores(DIALOGUES, SUMMARIES, config(server, tmp_path, concurrency=1))
-    answered = {json.dumps(r, sort_keys=True) for r in server.requests if "crashes" not in r["messages"][0]["content"]}
+    answered = {
+        json.dumps(r, sort_keys=True) for r in server.requests if "crashes" not in r["messages"][0]["content"]
+    }
     assert answered  # some work got done before the failure
 
     before = len(server.requests)
@@ -319,7 +364,9 @@ def test_availability(monkeypatch):
     monkeypatch.delenv("GEVAL_ABSENT_KEY", raising=False)
     ok, reason = geval_available(GEvalConfig(api_key_env="GEVAL_ABSENT_KEY"))
     assert not ok and "GEVAL_ABSENT_KEY" in reason
-    assert geval_available(GEvalConfig(api_key_env="GEVAL_ABSENT_KEY", base_url="http://127.0.0.1:8000/v1"))[0]
+    assert geval_available(GEvalConfig(api_key_env="GEVAL_ABSENT_KEY", base_url="http://127.0.0.1:8000/v1"))[
+        0
+    ]
     monkeypatch.setenv("GEVAL_ABSENT_KEY", "x")
     assert geval_available(GEvalConfig(api_key_env="GEVAL_ABSENT_KEY"))[0]
     assert not geval_available(GEvalConfig(model="", api_key_env="GEVAL_ABSENT_KEY"))[0]

@@ -16,9 +16,17 @@ from peftcore import methods
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
-SMALL = ["--data.limit_train=8", "--data.limit_val=4", "--data.limit_test=2", "--data.batch_size=4",
-         "--data.max_source_length=64", "--model.max_new_tokens=4", "--trainer.max_epochs=1",
-         "--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--data.limit_train=8",
+    "--data.limit_val=4",
+    "--data.limit_test=2",
+    "--data.batch_size=4",
+    "--data.max_source_length=64",
+    "--model.max_new_tokens=4",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+]
 METHODS = {method.name: method for method in methods.METHODS}
 
 
@@ -26,7 +34,9 @@ def method_argument(method) -> str:
     config = method.config()
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-    return "--model.peft=" + json.dumps({"class_path": f"{type(config).__module__}.{type(config).__name__}", "init_args": fields})
+    return "--model.peft=" + json.dumps(
+        {"class_path": f"{type(config).__module__}.{type(config).__name__}", "init_args": fields}
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -44,8 +54,23 @@ def test_fit_checkpoint_adapter_and_evaluate(name, tmp_path, monkeypatch):
     peftcore.load_adapter(fresh, run / "best_adapter")
     assert type(fresh.peftcore_config) is method.config
 
-    main(["evaluate", "--train_config", DEMO, "--run_name", name, "--ckpt_path", "last", "--bertscore_model", "null",
-          "--overrides", json.dumps([*SMALL, method_argument(method)]), "--output_dir", str(tmp_path / "eval")])
+    main(
+        [
+            "evaluate",
+            "--train_config",
+            DEMO,
+            "--run_name",
+            name,
+            "--ckpt_path",
+            "last",
+            "--bertscore_model",
+            "null",
+            "--overrides",
+            json.dumps([*SMALL, method_argument(method)]),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     record = json.loads((tmp_path / "eval" / name / "eval_record.json").read_text())
     assert record["settings"]["method"] == type(method.config()).__name__
     assert record["metrics"]["trainable_params"] == peftcore.count_parameters(cli.model.model).trainable

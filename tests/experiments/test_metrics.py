@@ -39,7 +39,9 @@ def test_matches_rouge_score_package_on_tweetsumm():
     for pred, refs in zip(PREDICTIONS, REFERENCES):
         # rouge1/2/L on the raw texts; rougeLsum needs one sentence per line
         plain = [scorer.score(ref, pred) for ref in refs]
-        lines = [scorer.score("\n".join(split_sentences(ref)), "\n".join(split_sentences(pred))) for ref in refs]
+        lines = [
+            scorer.score("\n".join(split_sentences(ref)), "\n".join(split_sentences(pred))) for ref in refs
+        ]
         for key in ("rouge1", "rouge2", "rougeL"):
             expected[key] += max(s[key].fmeasure for s in plain) / len(PREDICTIONS)
         expected["rougeLsum"] += max(s["rougeLsum"].fmeasure for s in lines) / len(PREDICTIONS)
@@ -71,7 +73,12 @@ def test_rouge_lsum_scores_sentences_not_the_whole_text():
 
 
 def test_split_sentences():
-    assert split_sentences("Hi there. How are you?\nFine!  ok\n\n") == ["Hi there.", "How are you?", "Fine!", "ok"]
+    assert split_sentences("Hi there. How are you?\nFine!  ok\n\n") == [
+        "Hi there.",
+        "How are you?",
+        "Fine!",
+        "ok",
+    ]
     assert split_sentences("Version 11.1.2 is out") == ["Version 11.1.2 is out"]
     assert split_sentences("") == []
 
@@ -97,7 +104,8 @@ def test_accumulator_over_batches_equals_one_call():
     metric.reset()
     metric.update(PREDICTIONS[:3], REFERENCES[:3])
     assert {k: v.item() for k, v in metric.compute().items()} == pytest.approx(
-        rouge_scores(PREDICTIONS[:3], REFERENCES[:3]), abs=1e-12)
+        rouge_scores(PREDICTIONS[:3], REFERENCES[:3]), abs=1e-12
+    )
 
 
 def test_states_add_up_across_ranks():

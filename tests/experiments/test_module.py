@@ -52,18 +52,28 @@ def test_study_configs_hold_the_study_settings(capsys):
 
 def test_a_typo_in_a_config_key_is_named(capsys):
     with pytest.raises(SystemExit):
-        lightning_cli(["fit", "--config", str(ROOT / "experiments/configs/demo.yaml"), "--model.learning_rate=0.1"])
+        lightning_cli(
+            ["fit", "--config", str(ROOT / "experiments/configs/demo.yaml"), "--model.learning_rate=0.1"]
+        )
     assert "learning_rate" in capsys.readouterr().err
 
 
 def test_fit_through_the_cli_entry_point(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = lightning_cli([
-        "fit", "--config", str(ROOT / "experiments/configs/demo.yaml"),
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-        "--data.limit_train=12", "--data.limit_val=4", "--data.batch_size=4",
-        "--model.max_new_tokens=8",
-    ])
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "experiments/configs/demo.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--data.limit_train=12",
+            "--data.limit_val=4",
+            "--data.batch_size=4",
+            "--model.max_new_tokens=8",
+        ]
+    )
     assert cli.trainer.global_step == 3
     assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
     assert "val/rougeL" in cli.trainer.callback_metrics
@@ -96,19 +106,50 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
-def tiny_run(tmp_path, max_epochs, ckpt_path=None, interrupt=False, shape="t5-tiny", accelerator="cpu",
-             precision="32-true", data_kwargs=None, deterministic=False, gradient_clip_val=None, **module_kwargs):
+def tiny_run(
+    tmp_path,
+    max_epochs,
+    ckpt_path=None,
+    interrupt=False,
+    shape="t5-tiny",
+    accelerator="cpu",
+    precision="32-true",
+    data_kwargs=None,
+    deterministic=False,
+    gradient_clip_val=None,
+    **module_kwargs,
+):
     L.seed_everything(0)
-    module = Seq2SeqFineTuner(shape=shape, random_init=True, dropout_rate=0.0, peft=module_kwargs.pop("peft", LORA),
-                              lr=module_kwargs.pop("lr", 1e-2), generate_in_validation=False, **module_kwargs)
-    data = DialogSummaryDataModule(**(data_kwargs or dict(limit_train=16, limit_val=4, batch_size=4,
-                                                          max_source_length=64, max_target_length=16)))
+    module = Seq2SeqFineTuner(
+        shape=shape,
+        random_init=True,
+        dropout_rate=0.0,
+        peft=module_kwargs.pop("peft", LORA),
+        lr=module_kwargs.pop("lr", 1e-2),
+        generate_in_validation=False,
+        **module_kwargs,
+    )
+    data = DialogSummaryDataModule(
+        **(
+            data_kwargs
+            or dict(limit_train=16, limit_val=4, batch_size=4, max_source_length=64, max_target_length=16)
+        )
+    )
     recorder = LossRecorder()
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=1, precision=precision, logger=False,
-        deterministic=deterministic, gradient_clip_val=gradient_clip_val,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)] + [StopAfterFirstEpoch()] * interrupt,
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        deterministic=deterministic,
+        gradient_clip_val=gradient_clip_val,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+        + [StopAfterFirstEpoch()] * interrupt,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return recorder.losses, trainer, module
@@ -135,17 +176,29 @@ def test_resuming_with_another_method_is_refused(tmp_path):
         module.on_load_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("lora", [LORA, peftcore.LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=("q", "v"))],
-                         ids=["no dropout", "LoRA dropout"])
+@pytest.mark.parametrize(
+    "lora",
+    [LORA, peftcore.LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=("q", "v"))],
+    ids=["no dropout", "LoRA dropout"],
+)
 def test_gradient_checkpointing_keeps_adapter_gradients(lora):
     """With LoRA dropout too: the recomputed forward must draw the same dropped positions."""
+
     def grads(checkpointing):
         L.seed_everything(0)
-        module = Seq2SeqFineTuner(shape="t5-tiny", random_init=True, dropout_rate=0.0, peft=lora,
-                                  gradient_checkpointing=checkpointing)
+        module = Seq2SeqFineTuner(
+            shape="t5-tiny",
+            random_init=True,
+            dropout_rate=0.0,
+            peft=lora,
+            gradient_checkpointing=checkpointing,
+        )
         module.model.train()
-        batch = {"input_ids": torch.randint(2, 1000, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long),
-                 "labels": torch.randint(2, 1000, (2, 5))}
+        batch = {
+            "input_ids": torch.randint(2, 1000, (2, 12)),
+            "attention_mask": torch.ones(2, 12, dtype=torch.long),
+            "labels": torch.randint(2, 1000, (2, 5)),
+        }
         module(batch).backward()
         return {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
 
@@ -173,11 +226,28 @@ def test_bad_model_settings_are_refused(kwargs, message):
 def test_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "experiments", "fit", "--config", str(ROOT / "experiments/configs/demo.yaml"),
-         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
-         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-         "--data.limit_train=16", "--data.limit_val=4", "--data.batch_size=4", "--model.max_new_tokens=4"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "fit",
+            "--config",
+            str(ROOT / "experiments/configs/demo.yaml"),
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--data.limit_train=16",
+            "--data.limit_val=4",
+            "--data.batch_size=4",
+            "--model.max_new_tokens=4",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
@@ -192,9 +262,15 @@ def test_cuda_bf16_mixed_fit_of_t5_base_resumes_exactly(tmp_path):
     epoch and resumed, it continues with the same losses. On a GPU that takes
     ``Trainer(deterministic=True)``: the default attention backward (scaled_dot_product_attention's
     fused kernels) accumulates with atomics, so two identical runs drift apart in the last bits."""
-    run = dict(shape="t5-base", accelerator="cuda", precision="bf16-mixed", lr=1e-3, deterministic=True,
-               peft=peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v")),
-               data_kwargs=dict(batch_size=8, max_source_length=512, max_target_length=128))
+    run = dict(
+        shape="t5-base",
+        accelerator="cuda",
+        precision="bf16-mixed",
+        lr=1e-3,
+        deterministic=True,
+        peft=peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v")),
+        data_kwargs=dict(batch_size=8, max_source_length=512, max_target_length=128),
+    )
     straight, trainer, _ = tiny_run(tmp_path / "a", max_epochs=2, **run)
     first, _, _ = tiny_run(tmp_path / "b", max_epochs=2, interrupt=True, **run)
     resumed, _, _ = tiny_run(tmp_path / "c", max_epochs=2, ckpt_path=tmp_path / "b" / "last.ckpt", **run)
@@ -203,7 +279,9 @@ def test_cuda_bf16_mixed_fit_of_t5_base_resumes_exactly(tmp_path):
     assert all(math.isfinite(loss) for loss in straight), straight
     assert first == pytest.approx(straight[:110], abs=1e-5)
     assert resumed == pytest.approx(straight[110:], abs=1e-5)
-    print(f"losses: first {straight[0]:.3f}, last {straight[-1]:.3f}; resumed run identical: {resumed == straight[110:]}")
+    print(
+        f"losses: first {straight[0]:.3f}, last {straight[-1]:.3f}; resumed run identical: {resumed == straight[110:]}"
+    )
     assert sum(straight[-10:]) < 0.9 * sum(straight[:10])
 
 

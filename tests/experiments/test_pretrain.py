@@ -8,7 +8,15 @@ import torch
 import transformers
 
 from experiments.data import load_tokenizer
-from experiments.pretrain import SHIPPED, batch_of, corrupt, dialogue_chunks, heldout_loss, noise_mask, pretrain
+from experiments.pretrain import (
+    SHIPPED,
+    batch_of,
+    corrupt,
+    dialogue_chunks,
+    heldout_loss,
+    noise_mask,
+    pretrain,
+)
 
 
 def test_noise_is_15_percent_in_spans_of_mean_3_and_starts_kept():
@@ -38,11 +46,21 @@ def test_the_target_holds_exactly_what_the_sentinels_hide():
 
 
 def test_a_few_steps_lower_the_loss_and_write_a_model_transformers_loads(tmp_path):
-    record = pretrain(output_dir=str(tmp_path / "base"), steps=40, batch_size=8, chunk_length=64, warmup_steps=5,
-                      lr=3e-3, log_every=20)
+    record = pretrain(
+        output_dir=str(tmp_path / "base"),
+        steps=40,
+        batch_size=8,
+        chunk_length=64,
+        warmup_steps=5,
+        lr=3e-3,
+        log_every=20,
+    )
     assert record["losses"]["heldout_after"] < record["losses"]["heldout_before"] - 1.0
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    assert model.config.d_model == 64 and json.loads((tmp_path / "base/pretrain.json").read_text())["settings"]["steps"] == 40
+    assert (
+        model.config.d_model == 64
+        and json.loads((tmp_path / "base/pretrain.json").read_text())["settings"]["steps"] == 40
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no staging directory left
 
 

@@ -110,7 +110,9 @@ def test_change_table_is_percent_change_against_the_base(report):
 
 def markdown_rows(section: str) -> dict[str, list[str]]:
     """The rows of the table in a report section, keyed by metric: {metric: [cells after it]}."""
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| ")]
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| ")
+    ]
     return {row[0]: row[1:] for row in rows[2:]}  # after the header and the alignment row
 
 
@@ -162,7 +164,9 @@ def test_tensorboard_holds_the_scalars_and_figures(report):
 
 
 def test_unknown_base_run_lists_the_runs(tmp_path):
-    with pytest.raises(ValueError, match=r"base run 'bart' not found; the runs are \['t5-base', 'lora', 'ia3'\]"):
+    with pytest.raises(
+        ValueError, match=r"base run 'bart' not found; the runs are \['t5-base', 'lora', 'ia3'\]"
+    ):
         write_report(RECORDS, tmp_path, base_run="bart")
     assert not list(tmp_path.iterdir())  # checked before anything is written
 
@@ -183,13 +187,25 @@ def test_without_base_run_there_is_no_change_table(tmp_path):
 
 
 def scored_on(record: dict, run: str, dataset: str, examples: int) -> dict:
-    test_set = {"dataset": dataset, "data_files": None, "test_split": "test", "summary_field": "summaries",
-                "limit_test": examples}
-    return {**record, "run": run, "settings": {**record["settings"], "examples": examples, "test_set": test_set}}
+    test_set = {
+        "dataset": dataset,
+        "data_files": None,
+        "test_split": "test",
+        "summary_field": "summaries",
+        "limit_test": examples,
+    }
+    return {
+        **record,
+        "run": run,
+        "settings": {**record["settings"], "examples": examples, "test_set": test_set},
+    }
 
 
 def test_records_of_different_test_sets_are_refused_naming_what_differs(tmp_path):
-    tweetsumm, dialogsum = scored_on(BASE, "base", "tweetsumm", 64), scored_on(LORA, "lora", "knkarthick/dialogsum", 32)
+    tweetsumm, dialogsum = (
+        scored_on(BASE, "base", "tweetsumm", 64),
+        scored_on(LORA, "lora", "knkarthick/dialogsum", 32),
+    )
     with pytest.raises(ValueError) as info:
         write_report([tweetsumm, dialogsum], tmp_path, base_run="base")
     message = str(info.value)
@@ -201,11 +217,15 @@ def test_records_of_different_test_sets_are_refused_naming_what_differs(tmp_path
     assert text.startswith("# Results\n\n**Mixed records**") and "- examples: base: 64; lora: 32" in text
     assert "## Change vs `base` (%) (mixed records)" in text
     assert read_csv(written["change_csv"])[0] == ["% change vs base (mixed records)", "lora"]
-    same = write_report([tweetsumm, scored_on(LORA, "lora", "tweetsumm", 64)], tmp_path / "same", base_run="base")
+    same = write_report(
+        [tweetsumm, scored_on(LORA, "lora", "tweetsumm", 64)], tmp_path / "same", base_run="base"
+    )
     assert "Mixed" not in same["markdown"].read_text()
 
 
 def test_a_record_with_stages_pending_is_named_under_the_table(tmp_path):
     cut_short = {**IA3, "pending": ["bertscore"]}
     text = write_report([BASE, cut_short], tmp_path)["markdown"].read_text()
-    assert "Evaluations not finished, their blank cells still to compute" in text and "`ia3` (bertscore)" in text
+    assert (
+        "Evaluations not finished, their blank cells still to compute" in text and "`ia3` (bertscore)" in text
+    )

@@ -12,17 +12,35 @@ from experiments.study import study
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
-TINY = ["--data.limit_train=4", "--data.limit_val=2", "--data.limit_test=2", "--data.batch_size=4",
-        "--data.max_source_length=48", "--model.max_new_tokens=4", "--trainer.max_epochs=1",
-        "--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false"]
+TINY = [
+    "--data.limit_train=4",
+    "--data.limit_val=2",
+    "--data.limit_test=2",
+    "--data.batch_size=4",
+    "--data.max_source_length=48",
+    "--model.max_new_tokens=4",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def run(tmp_path):
     return study(
-        base_config=DEMO, output_dir=str(tmp_path / "study"), overrides=TINY,
+        base_config=DEMO,
+        output_dir=str(tmp_path / "study"),
+        overrides=TINY,
         evaluate={"bertscore_model": None, "overrides": ["--data.limit_test=1", "--model.max_new_tokens=3"]},
-        methods={"full": {"config": DEMO, "overrides": ["--model.peft=null"]},
-                 "lora": {"sweep": {"base_config": DEMO, "n_trials": 2, "space": {"model.lr": {"choices": [0.005, 0.01]}}}}},
+        methods={
+            "full": {"config": DEMO, "overrides": ["--model.peft=null"]},
+            "lora": {
+                "sweep": {
+                    "base_config": DEMO,
+                    "n_trials": 2,
+                    "space": {"model.lr": {"choices": [0.005, 0.01]}},
+                }
+            },
+        },
     )
 
 
@@ -46,23 +64,36 @@ def test_the_study_runs_every_stage_and_a_rerun_skips_them(tmp_path, monkeypatch
     predictions = Path(lora["predictions"]).stat().st_mtime_ns
     run(tmp_path)
     out = capsys.readouterr().out
-    assert {name: records[name].stat().st_mtime_ns for name in ("base", "full")} == {k: stamps[k] for k in ("base", "full")}
-    assert "full: fitted already" in out and out.count("evaluated already") == 2 and "rouge still to do" in out
+    assert {name: records[name].stat().st_mtime_ns for name in ("base", "full")} == {
+        k: stamps[k] for k in ("base", "full")
+    }
+    assert (
+        "full: fitted already" in out and out.count("evaluated already") == 2 and "rouge still to do" in out
+    )
     lora = json.loads(records["lora"].read_text())
-    assert "rougeL" in lora["metrics"] and lora["pending"] == [] and Path(lora["predictions"]).stat().st_mtime_ns == predictions
+    assert (
+        "rougeL" in lora["metrics"]
+        and lora["pending"] == []
+        and Path(lora["predictions"]).stat().st_mtime_ns == predictions
+    )
     trials = optuna.load_study(study_name="lora", storage=f"sqlite:///{root / 'sweeps/lora.db'}").trials
     assert len(trials) == 2  # the finished sweep ran no trial again
 
 
 def test_a_study_needs_a_sweep_or_a_config_per_method(tmp_path):
     with pytest.raises(ValueError, match=r"methods\['x'\] must give a sweep or a config"):
-        study(base_config=DEMO, methods={"x": {"sweep": "a.yaml", "config": "b.yaml"}}, output_dir=str(tmp_path))
+        study(
+            base_config=DEMO, methods={"x": {"sweep": "a.yaml", "config": "b.yaml"}}, output_dir=str(tmp_path)
+        )
 
 
 @pytest.mark.parametrize(
     "evaluate, message",
     [
-        ({"overrides": ["--trainer.max_epochs=3"]}, r"evaluate.overrides has '--trainer.max_epochs=3': it takes the test"),
+        (
+            {"overrides": ["--trainer.max_epochs=3"]},
+            r"evaluate.overrides has '--trainer.max_epochs=3': it takes the test",
+        ),
         ({"overrides": ["--data.limit_train=8"]}, r"has '--data.limit_train=8'.*not train_split"),
         ({"overrides": ["--model.lr=0.1"]}, r"has '--model.lr=0.1'"),
         ({"ckpt_path": "x.ckpt"}, r"evaluate has \['ckpt_path'\]: the study sets those itself"),

@@ -18,27 +18,47 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from experiments.cli import lightning_cli
 from experiments.__main__ import main
+from experiments.cli import lightning_cli
 from experiments.sweep import TrialReporter, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
-TINY = ["--data.limit_train=4", "--data.limit_val=2", "--data.batch_size=4", "--data.max_source_length=48",
-        "--model.max_new_tokens=4", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
-        "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=true"]
-SPACE = {"model.lr": {"choices": [0.003, 0.001]}, "model.peft.init_args.r": {"choices": [4, 8]},
-         "model.weight_decay": {"low": 0.0, "high": 0.1}}
+TINY = [
+    "--data.limit_train=4",
+    "--data.limit_val=2",
+    "--data.batch_size=4",
+    "--data.max_source_length=48",
+    "--model.max_new_tokens=4",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_progress_bar=true",
+]
+SPACE = {
+    "model.lr": {"choices": [0.003, 0.001]},
+    "model.peft.init_args.r": {"choices": [4, 8]},
+    "model.weight_decay": {"low": 0.0, "high": 0.1},
+}
 
 
 def run(tmp_path, **kwargs):
-    options = dict(base_config=DEMO, space=SPACE, study_name="s", n_trials=3, seed=1,
-                   output_dir=str(tmp_path / "sweeps"), overrides=TINY)
+    options = dict(
+        base_config=DEMO,
+        space=SPACE,
+        study_name="s",
+        n_trials=3,
+        seed=1,
+        output_dir=str(tmp_path / "sweeps"),
+        overrides=TINY,
+    )
     return sweep(**{**options, **kwargs})
 
 
 def trials(tmp_path, name="s"):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'sweeps' / (name + '.db')}").trials
+    return optuna.load_study(
+        study_name=name, storage=f"sqlite:///{tmp_path / 'sweeps' / (name + '.db')}"
+    ).trials
 
 
 def test_a_random_sweep_writes_the_table_and_a_best_config_that_runs(tmp_path, monkeypatch):
@@ -50,7 +70,9 @@ def test_a_random_sweep_writes_the_table_and_a_best_config_that_runs(tmp_path, m
     assert table.count("| complete |") == 3 and "model.peft.init_args.r" in table
     assert {t.user_attrs["values"]["model.lr"] for t in trials(tmp_path)} <= {0.003, 0.001}
     for n in range(3):  # each trial is an ordinary run with its own directory
-        assert (out / f"trial_{n}/checkpoints/best.ckpt").exists() and (out / f"trial_{n}/config.yaml").exists()
+        assert (out / f"trial_{n}/checkpoints/best.ckpt").exists() and (
+            out / f"trial_{n}/config.yaml"
+        ).exists()
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["model"]["peft"]["init_args"]["r"] == result["best_values"]["model.peft.init_args.r"]
     cli = lightning_cli(["fit", "--config", str(out / "best.yaml"), "--trainer.fast_dev_run=true"])
@@ -70,8 +92,9 @@ class InterruptTrial(Callback):
 
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    interrupt = "--trainer.callbacks+=" + json.dumps({"class_path": "test_sweep.InterruptTrial",
-                                                       "init_args": {"version": "trial_1"}})
+    interrupt = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "test_sweep.InterruptTrial", "init_args": {"version": "trial_1"}}
+    )
     with pytest.raises(SystemExit):
         run(tmp_path, overrides=[*TINY, interrupt])
     first = tmp_path / "sweeps/s/trial_0/checkpoints/best.ckpt"
@@ -94,8 +117,9 @@ def test_an_interrupted_grid_sweep_runs_every_point_exactly_once(tmp_path, monke
     # Optuna's grid sampler counts a failed trial's point as visited and numbers its points after
     # shuffling them with its seed: reseeded on resume, it ran one point twice and skipped one.
     monkeypatch.chdir(tmp_path)
-    interrupt = "--trainer.callbacks+=" + json.dumps({"class_path": "test_sweep.InterruptTrial",
-                                                       "init_args": {"version": "trial_1"}})
+    interrupt = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "test_sweep.InterruptTrial", "init_args": {"version": "trial_1"}}
+    )
     with pytest.raises(SystemExit):
         run(tmp_path, space=GRID, sampler="grid", overrides=[*TINY, interrupt])
     [interrupted] = points(tmp_path, "FAIL")
@@ -121,8 +145,17 @@ class KillWorker(Callback):
 
 def worker_command(tmp_path, name: str, **options) -> tuple[list[str], dict]:
     config = tmp_path / f"{name}.yaml"
-    options = {**dict(base_config=DEMO, space=SPACE, study_name=name, seed=1, output_dir=str(tmp_path / "sweeps"), overrides=TINY),
-               **options}
+    options = {
+        **dict(
+            base_config=DEMO,
+            space=SPACE,
+            study_name=name,
+            seed=1,
+            output_dir=str(tmp_path / "sweeps"),
+            overrides=TINY,
+        ),
+        **options,
+    }
     config.write_text(yaml.safe_dump(options))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/experiments")])}
     return [sys.executable, "-m", "experiments", "sweep", "--config", str(config)], env
@@ -131,9 +164,15 @@ def worker_command(tmp_path, name: str, **options) -> tuple[list[str], dict]:
 def test_a_trial_whose_worker_was_killed_is_failed_at_once_and_its_point_runs_again(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     grid = {"model.lr": {"choices": [0.003, 0.001]}}
-    kill = "--trainer.callbacks+=" + json.dumps({"class_path": "test_sweep.KillWorker", "init_args": {"version": "trial_0"}})
-    command, env = worker_command(tmp_path, "s", space=grid, sampler="grid", n_trials=2, overrides=[*TINY, kill])
-    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "test_sweep.KillWorker", "init_args": {"version": "trial_0"}}
+    )
+    command, env = worker_command(
+        tmp_path, "s", space=grid, sampler="grid", n_trials=2, overrides=[*TINY, kill]
+    )
+    worker = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _, err = worker.communicate(timeout=600)
     assert worker.returncode == -signal.SIGKILL, err[-2000:]
     assert [t.state.name for t in trials(tmp_path)] == ["RUNNING"]  # what kill -9 leaves
@@ -149,8 +188,12 @@ def test_a_trial_whose_worker_was_killed_is_failed_at_once_and_its_point_runs_ag
 
 def test_two_workers_on_one_study_finish_exactly_n_trials(tmp_path):
     command, env = worker_command(tmp_path, "shared", n_trials=3)
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-2000:]
@@ -185,12 +228,24 @@ def test_workers_racing_to_create_a_new_database_all_get_it(tmp_path):
     [
         ({"model.lrr": {"choices": [0.1]}}, r"does not parse.*model\.lrr"),
         ({"model.lr": {"choices": []}}, r"space\['model\.lr'\]\.choices must be a non-empty list"),
-        ({"model.peft.init_args.r": {"choices": [8, 0]}}, r"value 0 is refused: LoRAConfig\.r must be a positive integer"),
+        (
+            {"model.peft.init_args.r": {"choices": [8, 0]}},
+            r"value 0 is refused: LoRAConfig\.r must be a positive integer",
+        ),
         ({"model.lr": {"low": 0.0, "high": 1.0, "log": True}}, r"log-uniform, so low must be > 0"),
         ({"model.lr": {"between": [1, 2]}}, r"has \['between'\]"),
-        ({"data.batch_size": {"choices": [4, 0]}}, r"'data\.batch_size'\] value 0 is refused: batch_size must be a positive"),
-        ({"model.warmup_ratio": {"choices": [0.1, 1.5]}}, r"value 1\.5 is refused: model\.warmup_ratio must be in \[0, 1\)"),
-        ({"model.lr": {"low": 0.0, "high": 0.01}}, r"'model\.lr'\] value 0\.0 is refused: model\.lr must be a positive number"),
+        (
+            {"data.batch_size": {"choices": [4, 0]}},
+            r"'data\.batch_size'\] value 0 is refused: batch_size must be a positive",
+        ),
+        (
+            {"model.warmup_ratio": {"choices": [0.1, 1.5]}},
+            r"value 1\.5 is refused: model\.warmup_ratio must be in \[0, 1\)",
+        ),
+        (
+            {"model.lr": {"low": 0.0, "high": 0.01}},
+            r"'model\.lr'\] value 0\.0 is refused: model\.lr must be a positive number",
+        ),
     ],
 )
 def test_an_invalid_space_is_refused_before_any_trial(tmp_path, space, message):
@@ -202,10 +257,19 @@ def test_an_invalid_space_is_refused_before_any_trial(tmp_path, space, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(objective="val/rouge_l"), r"'val/rouge_l' is not a metric the model logs in validation; it logs val/loss, "
-                                        r"val/rouge1, val/rouge2, val/rougeL, val/rougeLsum; did you mean 'val/rougeL'"),
-        (dict(objective="val/loss"), r"direction 'maximize' would pick the worst trial by val/loss; give direction: minimize"),
-        (dict(overrides=[*TINY, "--model.generate_in_validation=false"]), r"needs model.generate_in_validation|generated summaries"),
+        (
+            dict(objective="val/rouge_l"),
+            r"'val/rouge_l' is not a metric the model logs in validation; it logs val/loss, "
+            r"val/rouge1, val/rouge2, val/rougeL, val/rougeLsum; did you mean 'val/rougeL'",
+        ),
+        (
+            dict(objective="val/loss"),
+            r"direction 'maximize' would pick the worst trial by val/loss; give direction: minimize",
+        ),
+        (
+            dict(overrides=[*TINY, "--model.generate_in_validation=false"]),
+            r"needs model.generate_in_validation|generated summaries",
+        ),
     ],
 )
 def test_an_objective_no_trial_would_score_is_refused_before_any_trial(tmp_path, options, message):
@@ -218,8 +282,18 @@ def test_a_sweep_whose_trials_all_fail_exits_non_zero_with_the_errors(tmp_path, 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "sweep.yaml"
     space = {"model.peft.init_args.target_modules": {"choices": [["nope"], ["nada"]]}}
-    config.write_text(yaml.safe_dump(dict(base_config=DEMO, space=space, sampler="grid", study_name="s",
-                                          output_dir=str(tmp_path / "sweeps"), overrides=TINY)))
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                base_config=DEMO,
+                space=space,
+                sampler="grid",
+                study_name="s",
+                output_dir=str(tmp_path / "sweeps"),
+                overrides=TINY,
+            )
+        )
+    )
     with pytest.raises(SystemExit) as exit:
         main(["sweep", "--config", str(config)])
     message = str(exit.value.code)
@@ -233,9 +307,14 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     space = {"model.peft.init_args.target_modules": {"choices": [["q", "v"], ["nope"]]}}
     result = run(tmp_path, space=space, sampler="grid", n_trials=5)
     assert result["trials"] == 2  # the grid has two points
-    states = {json.dumps(t.user_attrs["values"]["model.peft.init_args.target_modules"]): t for t in trials(tmp_path)}
+    states = {
+        json.dumps(t.user_attrs["values"]["model.peft.init_args.target_modules"]): t for t in trials(tmp_path)
+    }
     assert states['["q", "v"]'].state.name == "COMPLETE"
-    assert states['["nope"]'].state.name == "FAIL" and "matches no module" in states['["nope"]'].user_attrs["error"]
+    assert (
+        states['["nope"]'].state.name == "FAIL"
+        and "matches no module" in states['["nope"]'].user_attrs["error"]
+    )
     assert "matches no module" in (tmp_path / "sweeps/s/trials.md").read_text()
 
 
@@ -281,4 +360,8 @@ def test_a_running_trial_is_failed_at_once_only_when_its_worker_is_known_dead(tm
     for worker in workers:
         study.ask().set_user_attr("worker", worker)
     _recover(study, storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING"]  # another machine: the heartbeat decides
+    assert [t.state.name for t in study.trials] == [
+        "FAIL",
+        "RUNNING",
+        "RUNNING",
+    ]  # another machine: the heartbeat decides

@@ -19,8 +19,13 @@ from peftcore.t5 import t5_config
 
 CONFIGS = [
     LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
-    LoRAConfig(r=4, alpha=16, target_modules=("q", "k", "v", "o", "wi", "wo"), use_rslora=True,
-               modules_to_save=("final_layer_norm",)),
+    LoRAConfig(
+        r=4,
+        alpha=16,
+        target_modules=("q", "k", "v", "o", "wi", "wo"),
+        use_rslora=True,
+        modules_to_save=("final_layer_norm",),
+    ),
     IA3Config(),
     IA3Config(target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), feedforward_modules=("wo",)),
 ]
@@ -54,12 +59,21 @@ def test_we_load_what_peft_saves(tmp_path, config):
     base = build_t5("t5-tiny")
     reference = build_t5("t5-tiny")
     if isinstance(config, LoRAConfig):
-        peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                                      use_rslora=config.use_rslora, modules_to_save=list(config.modules_to_save) or None,
-                                      init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+        peft_config = peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            use_rslora=config.use_rslora,
+            modules_to_save=list(config.modules_to_save) or None,
+            init_lora_weights=False,
+            task_type="SEQ_2_SEQ_LM",
+        )
     else:
-        peft_config = peft.IA3Config(target_modules=list(config.target_modules),
-                                     feedforward_modules=list(config.feedforward_modules), task_type="SEQ_2_SEQ_LM")
+        peft_config = peft.IA3Config(
+            target_modules=list(config.target_modules),
+            feedforward_modules=list(config.feedforward_modules),
+            task_type="SEQ_2_SEQ_LM",
+        )
     theirs = peft.get_peft_model(reference, peft_config)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -107,17 +121,23 @@ def test_a_save_killed_between_its_two_files_is_refused_not_loaded(tmp_path):
     save_adapter(model, tmp_path / "old")
     retrained = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=32, target_modules=("q", "v")), seed=5)
     save_adapter(retrained, tmp_path / "new")
-    (tmp_path / "old" / CONFIG_NAME).write_bytes((tmp_path / "new" / CONFIG_NAME).read_bytes())  # the kill came here
-    with pytest.raises(ValueError, match=r"come from different saves \(lora_alpha: 32 in adapter_config\.json, "
-                                         r"8 when the weights were saved\): a save_adapter that was interrupted"):
+    (tmp_path / "old" / CONFIG_NAME).write_bytes(
+        (tmp_path / "new" / CONFIG_NAME).read_bytes()
+    )  # the kill came here
+    with pytest.raises(
+        ValueError,
+        match=r"come from different saves \(lora_alpha: 32 in adapter_config\.json, "
+        r"8 when the weights were saved\): a save_adapter that was interrupted",
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path / "old")
     # the fields that describe the file, not the tensors, may change (by hand too)
     data = json.loads((tmp_path / "new" / CONFIG_NAME).read_text())
     data.update(base_model_name_or_path="somewhere/else", inference_mode=False)
     (tmp_path / "new" / CONFIG_NAME).write_text(json.dumps(data))
     batch = t5_batch()
-    torch.testing.assert_close(logits(load_adapter(build_t5("t5-tiny"), tmp_path / "new").eval(), batch),
-                               logits(retrained, batch))
+    torch.testing.assert_close(
+        logits(load_adapter(build_t5("t5-tiny"), tmp_path / "new").eval(), batch), logits(retrained, batch)
+    )
 
 
 def assert_untouched(model, reference):
@@ -143,28 +163,49 @@ def test_a_t5_small_adapter_and_a_t5_tiny_one_say_the_models_differ(tmp_path):
     save_adapter(tiny_model, tmp_path / "tiny")
     small = build_t5("t5-small", seed=3)
     small_copy = copy.deepcopy(small)
-    with pytest.raises(ModelShapeMismatch, match=re.escape(
+    with pytest.raises(
+        ModelShapeMismatch,
+        match=re.escape(
             "was trained on a model with 2 encoder and 2 decoder layers and d_model 64; this model has 6 encoder and "
             "6 decoder layers and d_model 512. Load it into a model of the shape it was trained on (its "
-            "adapter_config.json names base_model_name_or_path='my/t5-tiny')")) as refused:
+            "adapter_config.json names base_model_name_or_path='my/t5-tiny')"
+        ),
+    ) as refused:
         load_adapter(small, tmp_path / "tiny")
     assert isinstance(refused.value, ValueError) and refused.value.trained_on.startswith("2 encoder")
     assert refused.value.this_model.endswith("d_model 512") and refused.value.base_model == "my/t5-tiny"
     assert_untouched(small, small_copy)
     save_adapter(trained(small, CONFIGS[0]), tmp_path / "small")
-    with pytest.raises(ModelShapeMismatch, match=r"^the adapter in .*small was trained on a model with 6 encoder and 6 "
-                                                 r"decoder layers and d_model 512; this model has 2 encoder and 2 "
-                                                 r"decoder layers and d_model 64\. Load it into a model of the shape"):
+    with pytest.raises(
+        ModelShapeMismatch,
+        match=r"^the adapter in .*small was trained on a model with 6 encoder and 6 "
+        r"decoder layers and d_model 512; this model has 2 encoder and 2 "
+        r"decoder layers and d_model 64\. Load it into a model of the shape",
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path / "small")
 
 
-@pytest.mark.parametrize("file_shape, model_shape, message", [
-    ({"num_layers": 3, "num_decoder_layers": 4}, {}, "3 encoder and 4 decoder layers; this model has 2 encoder and 2"),
-    ({}, {"num_layers": 3, "num_decoder_layers": 4}, "2 encoder and 2 decoder layers; this model has 3 encoder and 4"),
-    ({}, {"d_model": 32}, "d_model 64; this model has d_model 32"),
-], ids=["deeper-file", "shallower-file", "width-only"])
+@pytest.mark.parametrize(
+    "file_shape, model_shape, message",
+    [
+        (
+            {"num_layers": 3, "num_decoder_layers": 4},
+            {},
+            "3 encoder and 4 decoder layers; this model has 2 encoder and 2",
+        ),
+        (
+            {},
+            {"num_layers": 3, "num_decoder_layers": 4},
+            "2 encoder and 2 decoder layers; this model has 3 encoder and 4",
+        ),
+        ({}, {"d_model": 32}, "d_model 64; this model has d_model 32"),
+    ],
+    ids=["deeper-file", "shallower-file", "width-only"],
+)
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=["lora", "ia3"])
-def test_an_adapter_for_a_deeper_shallower_or_wider_model_says_so(tmp_path, file_shape, model_shape, message, config):
+def test_an_adapter_for_a_deeper_shallower_or_wider_model_says_so(
+    tmp_path, file_shape, model_shape, message, config
+):
     save_adapter(trained(build_t5_of(**file_shape), config), tmp_path)
     target = build_t5_of(seed=3, **model_shape)
     target_copy = copy.deepcopy(target)
@@ -179,10 +220,16 @@ def test_an_adapter_limited_to_some_layers_loads_into_a_model_that_has_them(tmp_
     config = LoRAConfig(r=4, alpha=8, layers_to_transform=(0, 1))
     save_adapter(trained(build_t5_of(num_layers=3, num_decoder_layers=3), config), tmp_path)
     for target in (build_t5("t5-tiny"), build_t5_of(num_layers=4, num_decoder_layers=4)):
-        assert len(list(adapter_layers(load_adapter(target, tmp_path)))) == 2 * (2 + 4)  # q, v; decoder: cross too
-    save_adapter(trained(build_t5_of(num_layers=4, num_decoder_layers=4), LoRAConfig(layers_to_transform=(0, 1, 2))),
-                 tmp_path)  # block 2 is beyond t5-tiny: the file's top block is only a lower bound of the depth
-    with pytest.raises(ModelShapeMismatch, match="with at least 3 encoder and 3 decoder layers; this model has 2 encoder"):
+        assert len(list(adapter_layers(load_adapter(target, tmp_path)))) == 2 * (
+            2 + 4
+        )  # q, v; decoder: cross too
+    save_adapter(
+        trained(build_t5_of(num_layers=4, num_decoder_layers=4), LoRAConfig(layers_to_transform=(0, 1, 2))),
+        tmp_path,
+    )  # block 2 is beyond t5-tiny: the file's top block is only a lower bound of the depth
+    with pytest.raises(
+        ModelShapeMismatch, match="with at least 3 encoder and 3 decoder layers; this model has 2 encoder"
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path)
 
 
@@ -195,7 +242,9 @@ def test_adapter_with_a_wrong_shape_names_the_key(tmp_path):
     safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME)
     target = build_t5("t5-tiny")
     reference = copy.deepcopy(target)
-    with pytest.raises(ValueError, match=r"decoder\.block\.1\.layer\.0\.SelfAttention\.v\.lora_B\.weight.*\(3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"decoder\.block\.1\.layer\.0\.SelfAttention\.v\.lora_B\.weight.*\(3, 3\)"
+    ):
         load_adapter(target, tmp_path)
     assert_untouched(target, reference)
 
@@ -264,7 +313,9 @@ def test_a_refused_pissa_file_leaves_the_base_exactly_as_it_was(tmp_path):
 def test_loading_into_a_model_that_computes_differently_is_refused(tmp_path):
     save_adapter(trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8, init="pissa")), tmp_path)
     plain = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=8))
-    with pytest.raises(ValueError, match="initialised with 'kaiming' here; the file's adapter expects 'pissa'"):
+    with pytest.raises(
+        ValueError, match="initialised with 'kaiming' here; the file's adapter expects 'pissa'"
+    ):
         load_adapter(plain, tmp_path)
     rescaled = trained(build_t5("t5-tiny"), LoRAConfig(r=4, alpha=16, init="pissa"))
     with pytest.raises(ValueError, match="scale 4 here; the file gives rank 4, scale 2"):
@@ -273,12 +324,19 @@ def test_loading_into_a_model_that_computes_differently_is_refused(tmp_path):
 
 V_LORA_B = "base_model.model.decoder.block.1.layer.0.SelfAttention.v.lora_B.weight"
 BAD_VALUES = {
-    "int64": (lambda t: (t * 100).to(torch.int64), r"holds '.*v\.lora_B\.weight' as torch\.int64.*floating point"),
+    "int64": (
+        lambda t: (t * 100).to(torch.int64),
+        r"holds '.*v\.lora_B\.weight' as torch\.int64.*floating point",
+    ),
     "bool": (lambda t: t > 0, r"holds '.*v\.lora_B\.weight' as torch\.bool.*floating point"),
-    "nan": (lambda t: t.index_put((torch.tensor([0, 1]), torch.tensor([0, 2])), torch.tensor(float("nan"))),
-            r"non-finite values: '.*v\.lora_B\.weight' has 2 NaN and 0 inf values \(of 256\).*earlier checkpoint"),
-    "inf": (lambda t: t.index_put((torch.tensor([3]),), torch.tensor(float("-inf"))),
-            r"non-finite values: '.*v\.lora_B\.weight' has 0 NaN and 4 inf values \(of 256\)"),
+    "nan": (
+        lambda t: t.index_put((torch.tensor([0, 1]), torch.tensor([0, 2])), torch.tensor(float("nan"))),
+        r"non-finite values: '.*v\.lora_B\.weight' has 2 NaN and 0 inf values \(of 256\).*earlier checkpoint",
+    ),
+    "inf": (
+        lambda t: t.index_put((torch.tensor([3]),), torch.tensor(float("-inf"))),
+        r"non-finite values: '.*v\.lora_B\.weight' has 0 NaN and 4 inf values \(of 256\)",
+    ),
 }
 
 
@@ -321,16 +379,21 @@ def test_a_diverged_adapter_is_not_saved(tmp_path):
     with torch.no_grad():
         layers["decoder.block.1.layer.0.SelfAttention.v"].lora_B.weight[0, 0] = float("nan")
         layers["encoder.block.0.layer.0.SelfAttention.q"].lora_A.weight[1, :3] = float("inf")
-    with pytest.raises(ValueError, match=r"cannot save the adapter to .*: 'base_model\.model\.encoder\.block\.0\.layer"
-                                         r"\.0\.SelfAttention\.q\.lora_A\.weight' has 0 NaN and 3 inf values \(of 256\), "
-                                         r"and 1 more tensors have some\. Training diverged.*nothing was written"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot save the adapter to .*: 'base_model\.model\.encoder\.block\.0\.layer"
+        r"\.0\.SelfAttention\.q\.lora_A\.weight' has 0 NaN and 3 inf values \(of 256\), "
+        r"and 1 more tensors have some\. Training diverged.*nothing was written",
+    ):
         save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def save_pickled_peft_adapter(directory):
-    theirs = peft.get_peft_model(build_t5("t5-tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
-                                                                    init_lora_weights=False))
+    theirs = peft.get_peft_model(
+        build_t5("t5-tiny"),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False),
+    )
     theirs.save_pretrained(directory, safe_serialization=False)
     assert (directory / PICKLED_WEIGHTS_NAME).exists()
 
@@ -338,13 +401,17 @@ def save_pickled_peft_adapter(directory):
 def test_saving_over_a_pickled_peft_adapter_leaves_one_adapter(tmp_path):
     save_pickled_peft_adapter(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
-    unrelated = sorted(p.name for p in tmp_path.iterdir() if p.name not in (CONFIG_NAME, PICKLED_WEIGHTS_NAME))
+    unrelated = sorted(
+        p.name for p in tmp_path.iterdir() if p.name not in (CONFIG_NAME, PICKLED_WEIGHTS_NAME)
+    )
     ours = trained(build_t5("t5-tiny"), CONFIGS[0])
     save_adapter(ours, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, *unrelated])
     assert (tmp_path / "notes.txt").read_text() == "mine"
     batch = t5_batch()
-    torch.testing.assert_close(logits(load_adapter(build_t5("t5-tiny"), tmp_path), batch), logits(ours, batch))
+    torch.testing.assert_close(
+        logits(load_adapter(build_t5("t5-tiny"), tmp_path), batch), logits(ours, batch)
+    )
 
 
 def test_a_failed_save_over_a_pickled_adapter_keeps_it(tmp_path, monkeypatch):

@@ -28,10 +28,19 @@ def test_the_documented_message():
         (dict(modules_to_save="lm_head"), "LoRAConfig.modules_to_save must be a list"),
         (dict(rank_pattern={"q": 0}), r"LoRAConfig.rank_pattern\['q'\] must be a positive integer, got 0"),
         (dict(rank_pattern=["q"]), "LoRAConfig.rank_pattern must be a mapping"),
-        (dict(alpha_pattern={"v((": 2}), "LoRAConfig.alpha_pattern must be a mapping whose keys are valid regular"),
+        (
+            dict(alpha_pattern={"v((": 2}),
+            "LoRAConfig.alpha_pattern must be a mapping whose keys are valid regular",
+        ),
         (dict(layers_to_transform=[-1]), "LoRAConfig.layers_to_transform must be a layer index or a list"),
-        (dict(layers_pattern="block"), "LoRAConfig.layers_pattern must be None unless layers_to_transform is set"),
-        (dict(target_modules=r".*\.q", layers_to_transform=0), "LoRAConfig.layers_to_transform must be None when target"),
+        (
+            dict(layers_pattern="block"),
+            "LoRAConfig.layers_pattern must be None unless layers_to_transform is set",
+        ),
+        (
+            dict(target_modules=r".*\.q", layers_to_transform=0),
+            "LoRAConfig.layers_to_transform must be None when target",
+        ),
         (dict(exclude_modules="(("), "LoRAConfig.exclude_modules must be a valid regular expression"),
     ],
 )
@@ -43,16 +52,22 @@ def test_lora_config_rejects(kwargs, message):
 def test_valid_values_are_normalised():
     config = LoRAConfig(r=4, alpha=8, target_modules=["q", "v"], init="pissa_niter_4", use_rslora=True)
     assert config.target_modules == ("q", "v") and config.scale == 4.0
-    config = LoRAConfig(layers_to_transform=3, layers_pattern="block", exclude_modules=[], modules_to_save=None)
+    config = LoRAConfig(
+        layers_to_transform=3, layers_pattern="block", exclude_modules=[], modules_to_save=None
+    )
     assert config.layers_to_transform == (3,) and config.layers_pattern == ("block",)
     assert config.exclude_modules is None and config.modules_to_save == ()
-    assert LoRAConfig(layers_to_transform=[]).layers_to_transform is None  # peft: an empty list filters nothing
+    assert (
+        LoRAConfig(layers_to_transform=[]).layers_to_transform is None
+    )  # peft: an empty list filters nothing
     assert LoRAConfig(r=4, alpha=8).scale == 2.0
     assert NF4Config(compute_dtype="bfloat16").compute_dtype is torch.bfloat16
 
 
 def test_ia3_feedforward_must_be_a_target():
-    with pytest.raises(ValueError, match=r"IA3Config.feedforward_modules must be a subset of .*\['wi'\] are not targets"):
+    with pytest.raises(
+        ValueError, match=r"IA3Config.feedforward_modules must be a subset of .*\['wi'\] are not targets"
+    ):
         IA3Config(target_modules=("k", "v", "wo"), feedforward_modules=("wo", "wi"))
 
 
@@ -75,7 +90,10 @@ def test_nf4_compute_dtype_and_prompt_config():
 
 @pytest.mark.parametrize("init", ["random", "vocab"])
 def test_a_prompt_tokenizer_the_init_would_not_use_is_refused(init):
-    with pytest.raises(ValueError, match=r"PromptTuningConfig\.tokenizer must be a tokenizer name or path exactly when "
-                                         r"init='text', got 't5-base'"):
+    with pytest.raises(
+        ValueError,
+        match=r"PromptTuningConfig\.tokenizer must be a tokenizer name or path exactly when "
+        r"init='text', got 't5-base'",
+    ):
         PromptTuningConfig(init=init, tokenizer="t5-base")
     assert PromptTuningConfig(init="text", init_text="Summarize", tokenizer="t5-base").tokenizer == "t5-base"

@@ -14,7 +14,7 @@ def test_the_drop_rate_is_p(p):
     n = 1_000_000
     positions = dropped_positions(n, p)
     assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())  # sorted, distinct
-    assert 0 <= int(positions[0]) and int(positions[-1]) < n
+    assert int(positions[0]) >= 0 and int(positions[-1]) < n
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(len(positions) - n * p) < 5 * sigma
 
@@ -51,4 +51,6 @@ def test_apply_drop_zeroes_the_positions_and_scales_the_rest_in_row_major_order(
     out = apply_drop(x, torch.tensor([0, 5]), 2.0)
     expected = 2.0 * x.contiguous().view(-1)
     expected[[0, 5]] = 0.0
-    assert torch.equal(out.reshape(-1), expected) and torch.equal(x, torch.arange(1.0, 13.0).reshape(3, 4).t())
+    assert torch.equal(out.reshape(-1), expected) and torch.equal(
+        x, torch.arange(1.0, 13.0).reshape(3, 4).t()
+    )

@@ -21,8 +21,10 @@ def test_text_bytes_and_writer_functions(tmp_path):
     write_atomically(tmp_path / "a" / "x.txt", "héllo")
     assert (tmp_path / "a/x.txt").read_text(encoding="utf-8") == "héllo"
     write_atomically(tmp_path / "x.bin", b"\x00\x01")
-    write_atomically(tmp_path / "y.txt", lambda tmp: open(tmp, "w").write("via a function"))
-    assert (tmp_path / "x.bin").read_bytes() == b"\x00\x01" and (tmp_path / "y.txt").read_text() == "via a function"
+    write_atomically(tmp_path / "y.txt", lambda tmp: Path(tmp).write_text("via a function"))
+    assert (tmp_path / "x.bin").read_bytes() == b"\x00\x01" and (
+        tmp_path / "y.txt"
+    ).read_text() == "via a function"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "x.bin", "y.txt"]
 
 
@@ -31,7 +33,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     write_atomically(target, "old")
 
     def fail(tmp):
-        open(tmp, "w").write("half")
+        Path(tmp).write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
@@ -86,6 +88,7 @@ def test_the_file_is_synced_before_the_rename_and_the_directory_after(tmp_path, 
 
 def test_a_function_that_replaces_the_file_has_the_replacement_synced(tmp_path, monkeypatch):
     """A writer may stage elsewhere and move its file in: the file that ends up there is synced."""
+
     def stage_and_move(tmp):
         staged = tmp_path / "staged"
         staged.write_text("staged")
@@ -104,7 +107,9 @@ def umask():
     os.umask(old)
 
 
-@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+@pytest.mark.parametrize(
+    "mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"]
+)
 @pytest.mark.parametrize("content", [b"bytes", write_with_open], ids=["bytes", "function"])
 def test_new_files_follow_the_umask(tmp_path, umask, mask, mode, content):
     umask(mask)
@@ -127,6 +132,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, umask, content):
 
 def test_a_function_that_replaces_the_file_still_gets_the_mode(tmp_path, umask):
     """tempfile.mkstemp makes 0600 files: a writer that stages with it does not make ours private."""
+
     def stage_with_mkstemp(tmp):
         fd, staged = tempfile.mkstemp(dir=tmp_path)
         os.close(fd)
@@ -149,8 +155,15 @@ def test_stale_temporaries_of_one_file_are_removed_and_nothing_else(tmp_path):
     stale = names[0]
     stale.write_text("half")  # what a process killed outright (SIGKILL) leaves behind
     old_style = tmp_path / ".last.ckpt.k3_x9abc.tmp"  # tempfile.mkstemp's names, as older versions wrote
-    keep = [".last.ckpt.backup.old.tmp", ".last.ckpt.x.ckpt.tmp", "last.ckpt", ".last.ckpt.tmp", "last.ckpt.abc.tmp",
-            ".best.ckpt.abc.tmp", ".last.ckpt.abc.tmpx"]
+    keep = [
+        ".last.ckpt.backup.old.tmp",
+        ".last.ckpt.x.ckpt.tmp",
+        "last.ckpt",
+        ".last.ckpt.tmp",
+        "last.ckpt.abc.tmp",
+        ".best.ckpt.abc.tmp",
+        ".last.ckpt.abc.tmpx",
+    ]
     old_style.write_text("")
     for name in keep:
         (tmp_path / name).write_text("")

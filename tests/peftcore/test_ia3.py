@@ -15,7 +15,10 @@ from peftcore.surgery import adapter_layers
 def test_scaling_rules_and_identity_at_init():
     base = nn.Linear(10, 6)
     x = torch.randn(3, 10)
-    ff, out = IA3Scaler(copy.deepcopy(base), feedforward=True), IA3Scaler(copy.deepcopy(base), feedforward=False)
+    ff, out = (
+        IA3Scaler(copy.deepcopy(base), feedforward=True),
+        IA3Scaler(copy.deepcopy(base), feedforward=False),
+    )
     assert ff.scale.shape == (10,) and out.scale.shape == (6,)
     assert torch.equal(ff(x), base(x)) and torch.equal(out(x), base(x))
     with torch.no_grad():
@@ -63,7 +66,10 @@ def peft_ia3(model, config: IA3Config):
 
 @pytest.mark.parametrize(
     "config",
-    [IA3Config(), IA3Config(target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), feedforward_modules=("wo",))],
+    [
+        IA3Config(),
+        IA3Config(target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), feedforward_modules=("wo",)),
+    ],
     ids=["defaults", "all-linear"],
 )
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])

@@ -12,7 +12,13 @@ from torch import nn
 from peftcore import LoRAConfig, LoRALinear, disable_adapters, inject, merge, unmerge
 from peftcore.surgery import adapter_layers
 
-PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_niter_4": "pissa_niter_4", "olora": "olora"}
+PEFT_INIT = {
+    "kaiming": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "pissa_niter_4": "pissa_niter_4",
+    "olora": "olora",
+}
 
 
 def peft_lora(model, config: LoRAConfig):
@@ -107,7 +113,9 @@ def test_the_fused_forward_and_backward_equal_autograds(bias, input_grad, alpha)
     (fused_out, *fused_grads), (out, *grads) = results
     torch.testing.assert_close(fused_out, out)
     for fused_grad, grad in zip(fused_grads, grads):
-        assert (fused_grad is None) == (grad is None) and (grad is None or torch.allclose(fused_grad, grad, atol=1e-6))
+        assert (fused_grad is None) == (grad is None) and (
+            grad is None or torch.allclose(fused_grad, grad, atol=1e-6)
+        )
     assert layer.base.weight.grad is None
 
 
@@ -126,7 +134,9 @@ def test_the_fused_path_under_autocast_computes_in_the_autocast_dtype():
 
 
 def test_mixed_dtypes_and_nf4_bases_take_the_unfused_path_and_dropout_only_on_the_cpu():
-    on_meta = LoRALinear(nn.Linear(8, 8, device="meta"), r=2, alpha=2, dropout=0.1)  # stands for an accelerator
+    on_meta = LoRALinear(
+        nn.Linear(8, 8, device="meta"), r=2, alpha=2, dropout=0.1
+    )  # stands for an accelerator
     assert not on_meta.train()._fusable(torch.empty(3, 8, device="meta"))
     x = torch.randn(3, 8)
     dropping = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.1)
@@ -184,9 +194,8 @@ def test_disable_adapters_runs_the_base_alone(tiny_t5):
     torch.testing.assert_close(again, adapted)
     assert not torch.allclose(adapted, base)
     merge(tiny_t5)
-    with pytest.raises(RuntimeError, match="unmerge"):
-        with disable_adapters(tiny_t5):
-            pass
+    with pytest.raises(RuntimeError, match="unmerge"), disable_adapters(tiny_t5):
+        pass
     unmerge(tiny_t5)
 
 
@@ -198,7 +207,9 @@ def test_disable_adapters_runs_the_base_alone(tiny_t5):
     [
         LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
         LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), init="gaussian"),
-        LoRAConfig(r=8, alpha=16, target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), use_rslora=True),
+        LoRAConfig(
+            r=8, alpha=16, target_modules=("q", "k", "v", "o", "wi", "wo", "lm_head"), use_rslora=True
+        ),
         LoRAConfig(r=4, alpha=32, target_modules=("q", "v"), dropout=0.1),  # dropout is off in eval
         LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), init="pissa"),
         LoRAConfig(r=4, alpha=8, target_modules=("k", "wo"), init="olora"),
@@ -217,7 +228,9 @@ def test_forward_and_gradients_match_peft(twin_tiny_t5, config, merged):
     if merged:
         assert_merged_matches_peft(ours, theirs, batch, config)
         return
-    torch.testing.assert_close(loss_and_grads(ours, batch), loss_and_grads(theirs, batch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        loss_and_grads(ours, batch), loss_and_grads(theirs, batch), atol=1e-5, rtol=1e-5
+    )
     compared = 0
     for name, layer in adapter_layers(ours):
         ref = theirs.get_submodule("base_model.model." + name)
@@ -267,7 +280,9 @@ def test_the_fused_dropout_path_equals_the_equation_with_the_same_mask(input_gra
     layer.zero_grad()
     x.grad = None
     dropped = x * mask.view(x.shape) / (1 - p)
-    expected = layer.base(x) + layer.scale * nn.functional.linear(nn.functional.linear(dropped, layer.lora_A.weight), layer.lora_B.weight)
+    expected = layer.base(x) + layer.scale * nn.functional.linear(
+        nn.functional.linear(dropped, layer.lora_A.weight), layer.lora_B.weight
+    )
     (expected * weights).sum().backward()
     torch.testing.assert_close(out, expected)
     for got, want in zip(fused, (layer.lora_A.weight.grad, layer.lora_B.weight.grad, x.grad)):

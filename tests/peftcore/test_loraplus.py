@@ -3,10 +3,10 @@
 import copy
 
 import peft
-from peft.optimizers import create_loraplus_optimizer
 import pytest
 import torch
 from conftest import build_t5
+from peft.optimizers import create_loraplus_optimizer
 
 from peftcore import DoRAConfig, IA3Config, LoRAConfig, inject
 from peftcore.loraplus import param_groups
@@ -14,22 +14,36 @@ from peftcore.loraplus import param_groups
 
 def peft_name(name: str) -> str:
     """peft's parameter name in ours: no base_model.model. prefix, no adapter name."""
-    return (name.removeprefix("base_model.model.").replace(".default", "")
-            .replace("lora_magnitude_vector.weight", "magnitude").replace("modules_to_save.", "trained."))
+    return (
+        name.removeprefix("base_model.model.")
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "magnitude")
+        .replace("modules_to_save.", "trained.")
+    )
 
 
 @pytest.mark.parametrize(
     "config",
-    [LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), modules_to_save=("final_layer_norm",)),
-     DoRAConfig(r=4, alpha=8, target_modules=("q", "wo"))],
+    [
+        LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), modules_to_save=("final_layer_norm",)),
+        DoRAConfig(r=4, alpha=8, target_modules=("q", "wo")),
+    ],
     ids=["lora-with-a-trained-norm", "dora"],
 )
 def test_the_fast_parameters_are_peft_loraplus_ones(config):
     base = build_t5("t5-tiny")
     ours = inject(copy.deepcopy(base), config)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules), task_type="SEQ_2_SEQ_LM",
-        modules_to_save=list(config.modules_to_save) or None, use_dora=isinstance(config, DoRAConfig)))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            task_type="SEQ_2_SEQ_LM",
+            modules_to_save=list(config.modules_to_save) or None,
+            use_dora=isinstance(config, DoRAConfig),
+        ),
+    )
     optimizer = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
     names = {id(p): n for n, p in theirs.named_parameters()}
     expected = {peft_name(names[id(p)]): g["lr"] for g in optimizer.param_groups for p in g["params"]}

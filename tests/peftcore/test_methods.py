@@ -122,10 +122,18 @@ def test_peft_reads_ours_and_we_read_peft_with_equal_logits_and_gradients(name, 
 
     for model in (ours, theirs):  # eval mode: no dropout, so the two backward passes are comparable
         model.eval()(**batch).loss.backward()
-    ours_grads = grads_in_file_names(ours, lambda: (peftcore.save_adapter(ours, tmp_path / "g"),
-                                                    peftcore.checkpoint._read_tensors(tmp_path / "g"))[1])
+    ours_grads = grads_in_file_names(
+        ours,
+        lambda: (
+            peftcore.save_adapter(ours, tmp_path / "g"),
+            peftcore.checkpoint._read_tensors(tmp_path / "g"),
+        )[1],
+    )
     theirs_grads = grads_in_file_names(theirs, lambda: peft.get_peft_model_state_dict(theirs))
-    data, translator = to_peft_config(ours.peftcore_config, ours), peft_format.for_config(ours.peftcore_config)
+    data, translator = (
+        to_peft_config(ours.peftcore_config, ours),
+        peft_format.for_config(ours.peftcore_config),
+    )
     ours_grads = translator.read_file_tensors(ours_grads, data)
     theirs_grads = translator.read_file_tensors(theirs_grads, data)
     assert ours_grads.keys() == theirs_grads.keys()
@@ -195,8 +203,13 @@ def test_no_file_outside_a_methods_module_names_its_classes():
         if path.resolve() in own:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            found = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
-                     else None)
+            found = (
+                node.id
+                if isinstance(node, ast.Name)
+                else node.attr
+                if isinstance(node, ast.Attribute)
+                else None
+            )
             imported = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name}: {n}" for n in [found, *imported] if n in names]
     assert not offenders, offenders

@@ -37,7 +37,9 @@ def _eager_bitsandbytes():
 
 
 def bnb_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
-    packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    packed, state = BF.quantize_4bit(
+        w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
+    )
     return packed, state
 
 
@@ -129,7 +131,9 @@ def test_partial_last_block_is_divided_like_bitsandbytes_cpu():
     assert (torch.tensor(x) / torch.tensor(a)).item() != (torch.tensor(x) * (1 / torch.tensor(a))).item()
     pair = torch.tensor([x, a])
     full = torch.cat([pair, torch.zeros(62)])  # a full block: multiplied by the reciprocal -> code 14
-    partial = torch.cat([torch.randn(64, generator=torch.Generator().manual_seed(3)), pair])  # 66: divided -> 13
+    partial = torch.cat(
+        [torch.randn(64, generator=torch.Generator().manual_seed(3)), pair]
+    )  # 66: divided -> 13
     assert unpack(quantize_nf4(full, double_quant=False))[0] == 14
     assert unpack(quantize_nf4(partial, double_quant=False))[64] == 13
     for w in (full, partial):
@@ -148,8 +152,10 @@ def unpack(state) -> torch.Tensor:
 def test_dequantized_weights_match_bitsandbytes(shape, blocksize, dtype):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     packed, ref = bnb_quantize(w, blocksize)
-    assert torch.equal(dequantize_nf4(quantize_nf4(w, blocksize, double_quant=False), dtype),
-                       bnb_dequantize(packed, ref, dtype, w.shape))
+    assert torch.equal(
+        dequantize_nf4(quantize_nf4(w, blocksize, double_quant=False), dtype),
+        bnb_dequantize(packed, ref, dtype, w.shape),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -158,13 +164,17 @@ def test_dequantized_2d_matches_bitsandbytes_2d_kernel(dtype):
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(8))
     packed, ref = bnb_quantize(w, 64)
     ref.dtype = dtype
-    assert torch.equal(dequantize_nf4(quantize_nf4(w, double_quant=False), dtype), BF.dequantize_4bit(packed, ref))
+    assert torch.equal(
+        dequantize_nf4(quantize_nf4(w, double_quant=False), dtype), BF.dequantize_4bit(packed, ref)
+    )
 
 
 # ---------------------------------------------------------------- double quantization
 
 
-@pytest.mark.parametrize("shape,blocksize", [((768, 768), 64), ((3072, 64), 128), ((100, 30), 32), ((64, 64), 4096)])
+@pytest.mark.parametrize(
+    "shape,blocksize", [((768, 768), 64), ((3072, 64), 128), ((100, 30), 32), ((64, 64), 4096)]
+)
 def test_double_quantization_matches_bitsandbytes(shape, blocksize):
     w = 0.02 * torch.randn(shape, generator=torch.Generator().manual_seed(11))
     packed, ref = bnb_quantize(w, blocksize, double_quant=True)
@@ -225,14 +235,24 @@ def test_8bit_codes_follow_bitsandbytes_cuda_search_ties_included():
     code = DYNAMIC_MAP_8BIT.tolist()
     midpoints = (DYNAMIC_MAP_8BIT[:-1] + DYNAMIC_MAP_8BIT[1:]) / 2
     ulp = torch.finfo(torch.float32).eps * midpoints.abs().clamp(min=1e-6)
-    values = torch.cat([
-        midpoints, midpoints + ulp, midpoints - ulp, DYNAMIC_MAP_8BIT,
-        torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.tensor([-1.0, 0.0, 1.0]),
-    ]).float().clamp(-1, 1)
+    values = (
+        torch.cat(
+            [
+                midpoints,
+                midpoints + ulp,
+                midpoints - ulp,
+                DYNAMIC_MAP_8BIT,
+                torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                torch.tensor([-1.0, 0.0, 1.0]),
+            ]
+        )
+        .float()
+        .clamp(-1, 1)
+    )
     expected = torch.tensor([bnb_cuda_dquantize(code, float(v)) for v in values], dtype=torch.uint8)
     got = nearest_dynamic8_code(values)
     assert torch.equal(got, expected), values[got != expected][:5]
-    ties = (values[:255] == midpoints)  # exact midpoints: some go up, some down
+    ties = values[:255] == midpoints  # exact midpoints: some go up, some down
     assert ties.all() and 0 < int((got[:255] == torch.arange(255)).sum()) < 255
 
 
@@ -295,9 +315,15 @@ def test_forward_is_linear_with_the_dequantized_weight(compute_dtype, double_qua
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_input_grad_match_bitsandbytes_linear4bit(compute_dtype):
     linear = make_linear()
-    theirs = bnb.nn.Linear4bit(128, 64, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(
+        128, 64, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True
+    )
     theirs.weight = bnb.nn.Params4bit(
-        linear.weight.detach().clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+        linear.weight.detach().clone(),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+        blocksize=64,
     )
     theirs.bias = nn.Parameter(linear.bias.detach().clone())
     theirs = theirs.to("cpu").train()  # training mode: bitsandbytes' dequantize-then-matmul path
@@ -324,7 +350,9 @@ def test_output_dtype_follows_input():
 @pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
 def test_dtype_casts_leave_the_quantization_state_exact(cast):
     for double_quant in (False, True):
-        layer = NF4Linear.from_linear(make_linear(), NF4Config(compute_dtype=torch.float32, double_quant=double_quant))
+        layer = NF4Linear.from_linear(
+            make_linear(), NF4Config(compute_dtype=torch.float32, double_quant=double_quant)
+        )
         weight, dtypes = layer.dequantize(), {n: b.dtype for n, b in layer.named_buffers()}
         cast(layer)
         assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
@@ -374,7 +402,10 @@ def test_state_is_held_in_buffers_with_the_real_bytes():
     sizes = {name: b.numel() * b.element_size() for name, b in layer.named_buffers()}
     assert sizes == {"weight_packed": 64 * 128 // 2, "absmax": 128, "absmax2": 4, "absmax_offset": 4}
     plain = NF4Linear.from_linear(make_linear(128, 64), NF4Config(double_quant=False))
-    assert {n: b.dtype for n, b in plain.named_buffers()} == {"weight_packed": torch.uint8, "absmax": torch.float32}
+    assert {n: b.dtype for n, b in plain.named_buffers()} == {
+        "weight_packed": torch.uint8,
+        "absmax": torch.float32,
+    }
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -485,7 +516,9 @@ def test_non_float_linear_is_refused_and_nothing_is_swapped():
     bad = model.decoder.block[1].layer[0].SelfAttention.v
     bad.weight = nn.Parameter(torch.zeros(bad.weight.shape, dtype=torch.int8), requires_grad=False)
     modules = dict(model.named_modules())
-    with pytest.raises(ValueError, match=r"decoder\.block\.1\.layer\.0\.SelfAttention\.v.*torch\.int8.*skip_modules"):
+    with pytest.raises(
+        ValueError, match=r"decoder\.block\.1\.layer\.0\.SelfAttention\.v.*torch\.int8.*skip_modules"
+    ):
         quantize(model, NF4Config())
     assert dict(model.named_modules()) == modules
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
@@ -522,8 +555,15 @@ def test_cuda_quantization_matches_bitsandbytes_cuda(blocksize):
 @requires_cuda
 @pytest.mark.parametrize(
     "shape,blocksize,double_quant",
-    [((768, 768), 64, True), ((3072, 768), 64, False), ((7,), 64, True), ((33, 30), 32, False),
-     ((5, 4099), 4096, True), ((1000, 1001), 256, True), ((4096, 4096), 64, True)],
+    [
+        ((768, 768), 64, True),
+        ((3072, 768), 64, False),
+        ((7,), 64, True),
+        ((33, 30), 32, False),
+        ((5, 4099), 4096, True),
+        ((1000, 1001), 256, True),
+        ((4096, 4096), 64, True),
+    ],
 )
 def test_cuda_triton_kernel_equals_the_torch_path(shape, blocksize, double_quant):
     """Bit for bit, on fresh random weights of several scales, for every output dtype."""
@@ -556,10 +596,22 @@ def test_cuda_nf4linear_forward_and_backward():
 
 
 def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype, device: str) -> nn.Module:
-    theirs = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True, device="cpu")
-    theirs.weight = bnb.nn.Params4bit(linear.weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=True, blocksize=64)
+    theirs = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+        device="cpu",
+    )
+    theirs.weight = bnb.nn.Params4bit(
+        linear.weight.detach().cpu().clone(),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+        blocksize=64,
+    )
     if linear.bias is not None:
         theirs.bias = nn.Parameter(linear.bias.detach().cpu().clone(), requires_grad=False)
     return theirs.to(device).train()  # moving it to the device quantizes it there
@@ -575,7 +627,9 @@ def test_cuda_nf4linear_matches_bitsandbytes_linear4bit_bf16(tokens):
     (relative L2 error under 1e-2; one bf16 rounding is 2^-8 = 3.9e-3)."""
     torch.manual_seed(0)
     linear = nn.Linear(768, 3072).cuda()
-    ours = NF4Linear.from_linear(linear, NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16))
+    ours = NF4Linear.from_linear(
+        linear, NF4Config(blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+    )
     theirs = bnb_linear4bit(linear, torch.bfloat16, "cuda")
     assert torch.equal(ours.weight_packed, theirs.weight.data.view(-1))
     assert torch.equal(ours.absmax, theirs.weight.quant_state.absmax)

@@ -42,7 +42,11 @@ GROUPS = [
     (None, dict(weight_decay=0.0)),
     (None, dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
     (
-        [([0, 1], dict(lr=1e-2)), ([2], dict(weight_decay=0.0, betas=(0.5, 0.9))), ([3, 4], dict(lr=5e-3, eps=1e-5))],
+        [
+            ([0, 1], dict(lr=1e-2)),
+            ([2], dict(weight_decay=0.0, betas=(0.5, 0.9))),
+            ([3, 4], dict(lr=5e-3, eps=1e-5)),
+        ],
         dict(weight_decay=0.02),
     ),
 ]
@@ -94,7 +98,9 @@ def test_a_budget_smaller_than_one_page_still_trains_correctly():
 
 
 def test_budget_without_a_gpu_is_plain_adamw():
-    opt, _ = assert_same_trajectory(lambda p, **kw: PagedAdamW(p, gpu_budget_bytes=64, **kw), {}, None, steps=3)
+    opt, _ = assert_same_trajectory(
+        lambda p, **kw: PagedAdamW(p, gpu_budget_bytes=64, **kw), {}, None, steps=3
+    )
     assert opt.pool.page_ins == 0  # CPU parameters are not paged unless simulated
 
 
@@ -215,7 +221,9 @@ def test_cuda_without_a_budget_matches_adamw(spec, kwargs):
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_states_beyond_the_budget_stay_off_the_gpu():
-    params = [torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")) for _ in range(4)]  # 8 MiB of state each
+    params = [
+        torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")) for _ in range(4)
+    ]  # 8 MiB of state each
     budget = 2 * 8 * 2**20
     opt = PagedAdamW(params, gpu_budget_bytes=budget)
     for p in params:
@@ -282,6 +290,8 @@ def test_cuda_paging_lowers_the_peak_of_a_qlora_t5_base_step_by_the_states():
     adamw_peak, state_bytes = qlora_t5_base_peak(lambda p: torch.optim.AdamW(p, lr=1e-4))
     paged_peak, _ = qlora_t5_base_peak(lambda p: PagedAdamW(p, lr=1e-4, gpu_budget_bytes=budget))
     saved = adamw_peak - paged_peak
-    print(f"peak with AdamW {adamw_peak / 2**20:.1f} MiB, with PagedAdamW {paged_peak / 2**20:.1f} MiB: "
-          f"{saved / 2**20:.2f} MiB less; the states are {state_bytes / 2**20:.2f} MiB, the budget {budget / 2**20} MiB")
+    print(
+        f"peak with AdamW {adamw_peak / 2**20:.1f} MiB, with PagedAdamW {paged_peak / 2**20:.1f} MiB: "
+        f"{saved / 2**20:.2f} MiB less; the states are {state_bytes / 2**20:.2f} MiB, the budget {budget / 2**20} MiB"
+    )
     assert 0.9 * (state_bytes - budget) <= saved <= 1.1 * state_bytes

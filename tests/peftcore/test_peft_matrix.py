@@ -31,14 +31,26 @@ CASES = {
     "lora-all-linear": ("lora", dict(LORA, target_modules="all-linear"), False),
     "lora-patterns": (
         "lora",
-        dict(LORA, target_modules=["q", "k", "v", "o"], rank_pattern={"k": 2, r"decoder\.block\.1\.layer\.\d\.\w+\.q": 6},
-             alpha_pattern={"o": 3, "v": 32}),
+        dict(
+            LORA,
+            target_modules=["q", "k", "v", "o"],
+            rank_pattern={"k": 2, r"decoder\.block\.1\.layer\.\d\.\w+\.q": 6},
+            alpha_pattern={"o": 3, "v": 32},
+        ),
         False,
     ),
     "lora-layers-to-transform": ("lora", dict(LORA, layers_to_transform=[1]), False),
-    "lora-layers-pattern": ("lora", dict(LORA, target_modules=["q", "v", "wi"], layers_to_transform=0, layers_pattern="block"), False),
+    "lora-layers-pattern": (
+        "lora",
+        dict(LORA, target_modules=["q", "v", "wi"], layers_to_transform=0, layers_pattern="block"),
+        False,
+    ),
     "lora-exclude": ("lora", dict(LORA, target_modules=ALL_LINEAR, exclude_modules=["wo", "o"]), False),
-    "lora-exclude-regex": ("lora", dict(LORA, target_modules=ALL_LINEAR, exclude_modules=r"encoder\..*"), False),
+    "lora-exclude-regex": (
+        "lora",
+        dict(LORA, target_modules=ALL_LINEAR, exclude_modules=r"encoder\..*"),
+        False,
+    ),
     "lora-rslora": ("lora", dict(LORA, r=8, lora_alpha=4, use_rslora=True, target_modules=ALL_LINEAR), False),
     "lora-dropout": ("lora", dict(LORA, lora_dropout=0.1), False),
     "lora-lm-head": ("lora", dict(LORA, target_modules=["q", "lm_head"]), False),
@@ -56,11 +68,27 @@ CASES = {
     "lora-bias-lora-only": ("lora", dict(LORA, bias="lora_only"), False),  # T5's linears have no bias
     "lora-fan-in-fan-out": ("lora", dict(LORA, fan_in_fan_out=True), False),  # peft resets it for nn.Linear
     "ia3-defaults": ("ia3", dict(), False),
-    "ia3-all": ("ia3", dict(target_modules=ALL_LINEAR + ["lm_head"], feedforward_modules=["wo", "wi"]), False),
-    "ia3-gated": ("ia3", dict(target_modules=["k", "v", "wi_0", "wi_1", "wo"], feedforward_modules=["wi_0", "wi_1", "wo"]), True),
-    "ia3-feedforward-suffix": ("ia3", dict(target_modules=["k", "o", "wo"], feedforward_modules=["o"]), False),  # o and wo
+    "ia3-all": (
+        "ia3",
+        dict(target_modules=ALL_LINEAR + ["lm_head"], feedforward_modules=["wo", "wi"]),
+        False,
+    ),
+    "ia3-gated": (
+        "ia3",
+        dict(target_modules=["k", "v", "wi_0", "wi_1", "wo"], feedforward_modules=["wi_0", "wi_1", "wo"]),
+        True,
+    ),
+    "ia3-feedforward-suffix": (
+        "ia3",
+        dict(target_modules=["k", "o", "wo"], feedforward_modules=["o"]),
+        False,
+    ),  # o and wo
     "ia3-regex": ("ia3", dict(target_modules=r".*\.(k|v|wo)", feedforward_modules=r".*\.wo"), False),
-    "ia3-exclude": ("ia3", dict(target_modules=["k", "v", "wo"], feedforward_modules=["wo"], exclude_modules=r"decoder\..*"), False),
+    "ia3-exclude": (
+        "ia3",
+        dict(target_modules=["k", "v", "wo"], feedforward_modules=["wo"], exclude_modules=r"decoder\..*"),
+        False,
+    ),
     "ia3-save-lm-head": ("ia3", dict(modules_to_save=["lm_head"]), False),
 }
 
@@ -144,7 +172,9 @@ def test_a_bin_that_needs_pickle_is_refused(tmp_path):
     tensors = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
     torch.save({**tensors, "extra": Opaque()}, tmp_path / "adapter_model.bin")
     model = build_t5("t5-tiny")
-    with pytest.raises(ValueError, match=r"adapter_model.bin holds Python objects other than tensors.*weights_only=True"):
+    with pytest.raises(
+        ValueError, match=r"adapter_model.bin holds Python objects other than tensors.*weights_only=True"
+    ):
         load_adapter(model, tmp_path)
     assert not hasattr(model, "peftcore_config")
 
@@ -153,11 +183,15 @@ def test_layers_to_transform_of_peft_before_0_20(tmp_path):
     """peft <= 0.19 took the last number in a module's name as its layer: in T5 that is the
     sub-layer inside a block, so layers_to_transform=[0] meant every block's self-attention."""
     base = build_t5("t5-tiny")
-    names = [n for n, _ in base.named_modules() if n.endswith(("q", "v")) and ".layer.0." in n]  # what 0.19 selected
+    names = [
+        n for n, _ in base.named_modules() if n.endswith(("q", "v")) and ".layer.0." in n
+    ]  # what 0.19 selected
     theirs = peft_trained(base, "lora", dict(LORA, target_modules=names))
     theirs.save_pretrained(tmp_path)
     data = json.loads((tmp_path / CONFIG_NAME).read_text())
-    data.update(target_modules=["q", "v"], layers_to_transform=[0], layers_pattern=None, peft_version="0.19.1")
+    data.update(
+        target_modules=["q", "v"], layers_to_transform=[0], layers_pattern=None, peft_version="0.19.1"
+    )
     (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(ours, t5_batch()), logits(theirs, t5_batch()), atol=1e-5, rtol=1e-5)
@@ -169,7 +203,9 @@ def test_pissa_niter_is_saved_converted_for_the_original_base(tmp_path):
     from peftcore import LoRAConfig, inject
 
     base = build_t5("t5-tiny")
-    ours = inject(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, init="pissa_niter_2", target_modules=("q", "v")))
+    ours = inject(
+        copy.deepcopy(base), LoRAConfig(r=4, alpha=8, init="pissa_niter_2", target_modules=("q", "v"))
+    )
     perturb(ours, seed=3)
     save_adapter(ours, tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -219,13 +255,23 @@ def test_settings_peftcore_cannot_honour_are_refused_by_name(tmp_path, field, va
     data = saved_by_peft(tmp_path)
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**data, field: value}))
     model = build_t5("t5-tiny")
-    with pytest.raises(ValueError, match=rf"{field}={value!r}".replace("[", r"\[").replace("(", r"\(")) as info:
+    with pytest.raises(
+        ValueError, match=rf"{field}={value!r}".replace("[", r"\[").replace("(", r"\(")
+    ) as info:
         load_adapter(model, tmp_path)
     assert why in str(info.value) and not hasattr(model, "peftcore_config")
 
 
-@pytest.mark.parametrize("field, value", [("a_field_of_peft_0_99", None), ("megatron_core", "other"), ("eva_config", {"rho": 3.0}),
-                                          ("qalora_group_size", 32), ("runtime_config", {"ephemeral_gpu_offload": True})])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("a_field_of_peft_0_99", None),
+        ("megatron_core", "other"),
+        ("eva_config", {"rho": 3.0}),
+        ("qalora_group_size", 32),
+        ("runtime_config", {"ephemeral_gpu_offload": True}),
+    ],
+)
 def test_empty_new_fields_and_inert_settings_load(tmp_path, field, value):
     data = saved_by_peft(tmp_path)
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**data, field: value}))
@@ -243,7 +289,9 @@ def test_bias_all_is_refused_because_peft_trains_t5s_relative_attention_bias(tmp
     """peft's bias='all' trains every parameter whose name holds 'bias': T5's linears have none,
     but its relative_attention_bias embeddings match."""
     saved_by_peft(tmp_path, "lora", dict(LORA, bias="all"))
-    with pytest.raises(ValueError, match=r"bias='all', which trains 2 bias tensors .*relative_attention_bias"):
+    with pytest.raises(
+        ValueError, match=r"bias='all', which trains 2 bias tensors .*relative_attention_bias"
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path)
 
 
@@ -256,21 +304,27 @@ def test_a_copy_of_shared_is_refused_with_what_to_use(tmp_path):
 
 def test_a_feedforward_vector_never_fills_an_output_slot(tmp_path):
     """t5-tiny's k is square (64 x 64): a (1, 64) vector scales its input, a (64, 1) its output."""
-    theirs = peft_trained(build_t5("t5-tiny"), "ia3", dict(target_modules=["k", "wo"], feedforward_modules=["wo"]))
+    theirs = peft_trained(
+        build_t5("t5-tiny"), "ia3", dict(target_modules=["k", "wo"], feedforward_modules=["wo"])
+    )
     theirs.save_pretrained(tmp_path)
     tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
     key = "base_model.model.encoder.block.0.layer.0.SelfAttention.k.ia3_l"
     assert tensors[key].shape == (64, 1)
     tensors[key] = tensors[key].reshape(1, 64)
     safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME)
-    with pytest.raises(ValueError, match=r"SelfAttention\.k\.ia3_l' has shape \(1, 64\), the model expects \(64, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"SelfAttention\.k\.ia3_l' has shape \(1, 64\), the model expects \(64, 1\)"
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path)
 
 
 def test_a_key_that_does_not_fit_names_the_field_that_explains_it(tmp_path):
     data = saved_by_peft(tmp_path, "lora", dict(LORA, layers_to_transform=[0, 1]))
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**data, "layers_to_transform": [0]}))
-    with pytest.raises(ValueError, match=r"unexpected key .*block\.1.*layers_to_transform=\[0\] leaves out its layer 1"):
+    with pytest.raises(
+        ValueError, match=r"unexpected key .*block\.1.*layers_to_transform=\[0\] leaves out its layer 1"
+    ):
         load_adapter(build_t5("t5-tiny"), tmp_path)
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**data, "exclude_modules": ["v"]}))
     with pytest.raises(ValueError, match=r"exclude_modules=\['v'\] excludes it"):
@@ -285,14 +339,20 @@ def test_every_peft_field_is_in_exactly_one_table_and_in_the_readme():
     from peftcore.peft_format.lora import LoRAFormat
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Adapter files"):]
+    section = readme[readme.index("## Adapter files") :]
     for translator in FORMATS.values():
         tables = [set(translator.implemented), set(translator.at_default), set(translator.inert)]
         assert sum(len(t) for t in tables) == len(set().union(*tables)), type(translator).__name__
         missing = [f for f in set().union(*tables) if f"`{f}`" not in section]
         assert not missing, f"README's adapter section does not list {missing}"
-    own = set(peft.LoraConfig.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__) - {"runtime_config"}
+    own = (
+        set(peft.LoraConfig.__dataclass_fields__)
+        - set(peft.PeftConfig.__dataclass_fields__)
+        - {"runtime_config"}
+    )
     accounted = set(LoRAFormat.implemented) | set(LoRAFormat.at_default) | set(LoRAFormat.inert)
-    assert own <= accounted, f"fields of the installed peft's LoraConfig nobody accounts for: {own - accounted}"
+    assert own <= accounted, (
+        f"fields of the installed peft's LoraConfig nobody accounts for: {own - accounted}"
+    )
     own = set(peft.IA3Config.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__)
     assert own <= set(IA3Format.implemented) | set(IA3Format.inert)

@@ -32,13 +32,20 @@ def test_generation_equals_peft_on_the_same_prompt(tmp_path, beams):
     base = build_t5("t5-tiny")
     theirs = peft_prompt(base)
     with torch.no_grad():
-        theirs.prompt_encoder["default"].embedding.weight.normal_(std=2.0)  # far from anything random init gives
+        theirs.prompt_encoder["default"].embedding.weight.normal_(
+            std=2.0
+        )  # far from anything random init gives
     theirs.save_pretrained(tmp_path)
     ours = peftcore.load_adapter(copy.deepcopy(base), tmp_path).eval()
     theirs.eval()
     batch = padded_batch()
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=beams,
-                  max_new_tokens=10, do_sample=False)
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        num_beams=beams,
+        max_new_tokens=10,
+        do_sample=False,
+    )
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=1e-5)
         assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
@@ -49,15 +56,17 @@ def test_generation_equals_peft_on_the_same_prompt(tmp_path, beams):
 def test_text_init_is_the_embeddings_of_the_text_as_peft_makes_them():
     base = build_t5("t5-tiny")
     text = "Summarize the conversation:"
-    theirs = peft_prompt(base, prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=TOKENIZER)
+    theirs = peft_prompt(
+        base, prompt_tuning_init="TEXT", prompt_tuning_init_text=text, tokenizer_name_or_path=TOKENIZER
+    )
     ours = peftcore.inject(copy.deepcopy(base), PromptTuningConfig(6, "text", text, TOKENIZER))
-    (_, prompt), = adapter_layers(ours)
+    ((_, prompt),) = adapter_layers(ours)
     torch.testing.assert_close(prompt.embedding, theirs.prompt_encoder["default"].embedding.weight[:6])
 
 
 def test_vocab_init_takes_rows_of_the_vocabulary_and_only_the_prompt_trains():
     model = peftcore.inject(build_t5("t5-tiny"), PromptTuningConfig(num_virtual_tokens=5, init="vocab"))
-    (_, prompt), = adapter_layers(model)
+    ((_, prompt),) = adapter_layers(model)
     vocabulary = model.get_input_embeddings().weight
     assert all(any(torch.equal(row, v) for v in vocabulary) for row in prompt.embedding)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["peftcore_prompt.embedding"]
@@ -85,7 +94,10 @@ def test_a_prompt_file_for_another_width_or_task_is_refused(tmp_path):
     with pytest.raises(ValueError, match="token_dim=512; the model's d_model is 64"):
         peftcore.load_adapter(build_t5("t5-tiny"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "num_virtual_tokens": 4}))
-    with pytest.raises(ValueError, match=r"prompt_embeddings has 12 rows; num_virtual_tokens=4 x num_transformer_submodules=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt_embeddings has 12 rows; num_virtual_tokens=4 x num_transformer_submodules=2",
+    ):
         peftcore.load_adapter(build_t5("t5-tiny"), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "task_type": "CAUSAL_LM"}))
     with pytest.raises(ValueError, match="task_type='CAUSAL_LM'"):

@@ -7,7 +7,17 @@ import torch
 from conftest import build_t5, t5_batch
 
 import peftcore
-from peftcore import DoRAConfig, LoRAConfig, NF4Config, NF4Linear, count_parameters, inject, memory_footprint, quantize, unload
+from peftcore import (
+    DoRAConfig,
+    LoRAConfig,
+    NF4Config,
+    NF4Linear,
+    count_parameters,
+    inject,
+    memory_footprint,
+    quantize,
+    unload,
+)
 from peftcore.surgery import adapter_layers
 
 GIB = 2**30
@@ -38,7 +48,9 @@ def test_qlora_trains_with_paged_adamw():
     quantize(model, NF4Config(compute_dtype=torch.float32))
     inject(model, LoRAConfig(r=8, alpha=16, target_modules=("q", "k", "v", "o")))
     model.train()
-    optimizer = peftcore.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    optimizer = peftcore.PagedAdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0
+    )
     batch = t5_batch(batch=4, src=16, tgt=6)
     losses = []
     for _ in range(30):
@@ -48,7 +60,9 @@ def test_qlora_trains_with_paged_adamw():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
-    assert all(not p.requires_grad for m in model.modules() if isinstance(m, NF4Linear) for p in m.parameters())
+    assert all(
+        not p.requires_grad for m in model.modules() if isinstance(m, NF4Linear) for p in m.parameters()
+    )
 
 
 def test_lora_over_nf4_is_base_plus_update():
@@ -59,7 +73,9 @@ def test_lora_over_nf4_is_base_plus_update():
     assert isinstance(layer.base, NF4Linear)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
     x = torch.randn(3, layer.in_features)
-    expected = x @ layer.base.dequantize(torch.float32).T + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    expected = (
+        x @ layer.base.dequantize(torch.float32).T + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    )
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -120,22 +136,32 @@ def peft_qlora_as_users_build_it(model, directory, device: str, lora: LoRAConfig
 
     model.save_pretrained(directory)
     quantization = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     base = transformers.T5ForConditionalGeneration.from_pretrained(
         directory, quantization_config=quantization, dtype=torch.float32, device_map=device
     )
-    peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                  lora_dropout=0.0, task_type="SEQ_2_SEQ_LM", use_dora=isinstance(lora, DoRAConfig))
+    peft_config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=0.0,
+        task_type="SEQ_2_SEQ_LM",
+        use_dora=isinstance(lora, DoRAConfig),
+    )
     return peft.get_peft_model(base.train(), peft_config)
 
 
 @pytest.mark.parametrize("config_class", [LoRAConfig, DoRAConfig], ids=["qlora", "qdora"])
 @pytest.mark.parametrize(
     "shape,device,batch",
-    [("t5-tiny", "cpu", (2, 7, 5)),
-     pytest.param("t5-base", "cuda", (8, 512, 128), marks=[pytest.mark.gpu, requires_cuda])],
+    [
+        ("t5-tiny", "cpu", (2, 7, 5)),
+        pytest.param("t5-base", "cuda", (8, 512, 128), marks=[pytest.mark.gpu, requires_cuda]),
+    ],
 )
 def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_path, config_class):
     """Same fp32 weights, quantized by each library on ``device``; our adapter, perturbed away from
@@ -159,12 +185,17 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
                 layer.magnitude.mul_(1 + 0.1 * torch.randn(layer.magnitude.shape, generator=g))
     theirs = peft_qlora_as_users_build_it(model, tmp_path / "base", device, lora)
     peftcore.save_adapter(ours, tmp_path / "adapter")
-    loaded = peft.set_peft_model_state_dict(theirs, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    loaded = peft.set_peft_model_state_dict(
+        theirs, load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
     assert not loaded.unexpected_keys
 
     ours_nf4 = {n.removesuffix(".base"): m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
-    theirs_nf4 = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
-                  for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"}
+    theirs_nf4 = {
+        n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
+        for n, m in theirs.named_modules()
+        if type(m).__name__ == "Linear4bit"
+    }
     assert ours_nf4.keys() == theirs_nf4.keys() and ours_nf4
     # Each library quantized the fp32 weights itself: count the bytes that differ, then step on
     # bitsandbytes' 4-bit state in both, so the comparison below is on the same weights whatever the count.
@@ -184,16 +215,27 @@ def test_qlora_step_matches_peft_over_bitsandbytes(shape, device, batch, tmp_pat
     for model_ in (ours, theirs):
         loss = model_(**data).loss
         loss.backward()
-        grads = {n.removeprefix("base_model.model.").replace(".default", "").replace("lora_magnitude_vector.weight", "magnitude"): p.grad
-                 for n, p in model_.named_parameters() if p.requires_grad}
+        grads = {
+            n.removeprefix("base_model.model.")
+            .replace(".default", "")
+            .replace("lora_magnitude_vector.weight", "magnitude"): p.grad
+            for n, p in model_.named_parameters()
+            if p.requires_grad
+        }
         results.append((loss.item(), grads))
     (loss_ours, grads_ours), (loss_theirs, grads_theirs) = results
     print(f"{shape} on {device}: loss {loss_ours:.6f} (peft + bitsandbytes {loss_theirs:.6f})")
     assert abs(loss_ours - loss_theirs) <= 1e-3 * abs(loss_theirs)
     per_layer = 3 if config_class is DoRAConfig else 2
-    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == per_layer * len([n for n in ours_nf4 if n.endswith((".q", ".v"))])
-    worst = max(((grads_ours[k] - grads_theirs[k]).norm() / grads_theirs[k].norm()).item() for k in grads_ours)
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == per_layer * len(
+        [n for n in ours_nf4 if n.endswith((".q", ".v"))]
+    )
+    worst = max(
+        ((grads_ours[k] - grads_theirs[k]).norm() / grads_theirs[k].norm()).item() for k in grads_ours
+    )
     print(f"largest relative gradient difference: {worst:.2e}")
     assert worst <= 1e-2
-    print(f"4-bit bytes and absmax codes quantized differently: {sum(differing.values())} in {len(differing)} layers")
+    print(
+        f"4-bit bytes and absmax codes quantized differently: {sum(differing.values())} in {len(differing)} layers"
+    )
     assert not any(differing.values()), {k: v for k, v in differing.items() if v}  # bit-exact quantization

@@ -19,10 +19,17 @@ ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo", "lm_head")
 
 def peft_config_of(config):
     if isinstance(config, LoRAConfig):
-        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                               task_type="SEQ_2_SEQ_LM")
-    return peft.IA3Config(target_modules=list(config.target_modules),
-                          feedforward_modules=list(config.feedforward_modules), task_type="SEQ_2_SEQ_LM")
+        return peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            task_type="SEQ_2_SEQ_LM",
+        )
+    return peft.IA3Config(
+        target_modules=list(config.target_modules),
+        feedforward_modules=list(config.feedforward_modules),
+        task_type="SEQ_2_SEQ_LM",
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,10 +72,14 @@ def test_memory_footprint_counts_bytes_as_stored():
 
 
 def test_only_adapter_and_modules_to_save_train(tiny_t5):
-    inject(tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), modules_to_save=("final_layer_norm",)))
+    inject(
+        tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), modules_to_save=("final_layer_norm",))
+    )
     trainable = [n for n, p in tiny_t5.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.endswith("final_layer_norm.trained.weight") for n in trainable)
-    assert sum("final_layer_norm" in n for n in trainable) == 2  # encoder's and decoder's, each a trained copy
+    assert (
+        sum("final_layer_norm" in n for n in trainable) == 2
+    )  # encoder's and decoder's, each a trained copy
 
 
 def test_regex_targets_match_whole_name(tiny_t5):
@@ -87,7 +98,8 @@ ALL_BUT_TIED_HEAD = ALL_LINEAR[:-1]
 
 
 @pytest.mark.parametrize(
-    "config", [LoRAConfig(r=4, alpha=8, target_modules=ALL_BUT_TIED_HEAD), IA3Config(target_modules=ALL_BUT_TIED_HEAD)]
+    "config",
+    [LoRAConfig(r=4, alpha=8, target_modules=ALL_BUT_TIED_HEAD), IA3Config(target_modules=ALL_BUT_TIED_HEAD)],
 )
 def test_merge_unload_loads_into_a_fresh_model_with_identical_logits(tiny_t5, config):
     inject(tiny_t5, config)
@@ -119,7 +131,9 @@ def test_unload_without_merge_gives_back_the_base(tiny_t5):
 
 
 def state_of(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+    return {k: v.clone() for k, v in model.state_dict().items()}, [
+        p.requires_grad for p in model.parameters()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,8 +142,14 @@ def state_of(model):
         (LoRAConfig(target_modules=("q", "vv")), r"'vv' matches no module.*Closest match: 'v'"),
         (LoRAConfig(target_modules=r"decoder\.nothing"), "matches no module"),
         (LoRAConfig(target_modules=("SelfAttention",)), "must select linear layers"),
-        (LoRAConfig(target_modules=("q",), modules_to_save=("lm_haed",)), r"modules_to_save 'lm_haed'.*'lm_head'"),
-        (IA3Config(target_modules=r".*\.(k|v)", feedforward_modules=("wo",)), "feedforward_modules must be targets"),
+        (
+            LoRAConfig(target_modules=("q",), modules_to_save=("lm_haed",)),
+            r"modules_to_save 'lm_haed'.*'lm_head'",
+        ),
+        (
+            IA3Config(target_modules=r".*\.(k|v)", feedforward_modules=("wo",)),
+            "feedforward_modules must be targets",
+        ),
     ],
 )
 def test_bad_targets_raise_and_leave_the_model_alone(tiny_t5, config, message):
@@ -182,7 +202,9 @@ def test_a_trained_copy_of_the_tied_lm_head_leaves_the_embeddings_alone(tiny_t5)
     inject(tiny_t5, LoRAConfig(r=4, alpha=8, target_modules=("q",), modules_to_save=("lm_head",)))
     with torch.no_grad():
         tiny_t5.lm_head.trained.weight.mul_(2.0)
-    assert torch.equal(tiny_t5.shared.weight, embeddings) and torch.equal(tiny_t5.encoder.embed_tokens.weight, embeddings)
+    assert torch.equal(tiny_t5.shared.weight, embeddings) and torch.equal(
+        tiny_t5.encoder.embed_tokens.weight, embeddings
+    )
     batch = t5_batch()
     with torch.no_grad():
         adapted = tiny_t5(**batch).logits
@@ -200,7 +222,10 @@ def test_a_trained_copy_of_the_tied_lm_head_leaves_the_embeddings_alone(tiny_t5)
     "config, message",
     [
         (LoRAConfig(modules_to_save=("shared",)), r"'shared'.*never used in forward.*'embed_tokens'"),
-        (LoRAConfig(modules_to_save=("block.0", "layer_norm")), r"selects both 'encoder\.block\.0' and .*inside it"),
+        (
+            LoRAConfig(modules_to_save=("block.0", "layer_norm")),
+            r"selects both 'encoder\.block\.0' and .*inside it",
+        ),
         (LoRAConfig(target_modules=("q", "wo"), modules_to_save=("o",)), r"'o'.*selects .*wo.*adapts"),
         (IA3Config(target_modules=("k", "v"), feedforward_modules=()), None),
     ],
@@ -215,8 +240,9 @@ def test_ill_defined_copies_are_refused(tiny_t5, config, message):
 
 
 def test_rank_and_alpha_patterns_set_each_layers_rank_and_scale(tiny_t5):
-    config = LoRAConfig(r=4, alpha=8, target_modules=("q", "v"), rank_pattern={r"decoder\..*\.q": 2},
-                        alpha_pattern={"v": 2})
+    config = LoRAConfig(
+        r=4, alpha=8, target_modules=("q", "v"), rank_pattern={r"decoder\..*\.q": 2}, alpha_pattern={"v": 2}
+    )
     inject(tiny_t5, config)
     layers = dict(adapter_layers(tiny_t5))
     assert layers["decoder.block.0.layer.0.SelfAttention.q"].r == 2
@@ -231,13 +257,22 @@ def test_a_pattern_that_matches_no_target_warns(tiny_t5):
 
 
 def test_layers_and_exclusions_select_as_peft_does(tiny_t5):
-    inject(tiny_t5, LoRAConfig(target_modules=("q", "v", "wi"), layers_to_transform=(1,), layers_pattern="block",
-                               exclude_modules=r"decoder\..*\.EncDecAttention\..*"))
+    inject(
+        tiny_t5,
+        LoRAConfig(
+            target_modules=("q", "v", "wi"),
+            layers_to_transform=(1,),
+            layers_pattern="block",
+            exclude_modules=r"decoder\..*\.EncDecAttention\..*",
+        ),
+    )
     names = sorted(n for n, _ in adapter_layers(tiny_t5))
     assert names and all(".block.1." in n and "EncDecAttention" not in n for n in names)
     assert len(names) == 3 + 3  # q, v, wi in each stack's block 1
 
 
 def test_a_layer_filter_that_leaves_nothing_names_itself(tiny_t5):
-    with pytest.raises(ValueError, match=r"adapts no module.*layers_to_transform=\[7\] leaves out its layer 0"):
+    with pytest.raises(
+        ValueError, match=r"adapts no module.*layers_to_transform=\[7\] leaves out its layer 0"
+    ):
         inject(tiny_t5, LoRAConfig(layers_to_transform=(7,)))
