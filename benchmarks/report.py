@@ -11,6 +11,7 @@ A ratio whose spread over the interleaved repeats contains 1 is a tie, whatever 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +24,10 @@ HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BEGIN, END = "<!-- results: begin (python -m benchmarks.report writes this part) -->", "<!-- results: end -->"
 MAIN_README = HERE.parent / "README.md"
-TARGETS_BEGIN, TARGETS_END = "<!-- targets: begin (python -m benchmarks.report writes this part) -->", "<!-- targets: end -->"
+TARGETS_BEGIN, TARGETS_END = (
+    "<!-- targets: begin (python -m benchmarks.report writes this part) -->",
+    "<!-- targets: end -->",
+)
 STEP_TARGET = 0.95  # ours / peft, LoRA and IA3 training step
 END_TO_END_TARGET = 1.5  # ours / reference samples per second
 
@@ -40,7 +44,23 @@ def spread(r: dict) -> str:
 def where(data: dict) -> str:
     m = data["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    if "gpu" in m:
+        gpu = m["gpu"]
+        return f"{m['device']} ({gpu['name']}, {gpu['memory_gib']} GiB, CUDA {gpu['cuda']}; {versions})"
     return f"{m['device']} ({m['cpu']}, {m['threads']} threads; {versions})"
+
+
+def above_floor(r: dict) -> dict | None:
+    """Each library's cost above the floor, paired repeat by repeat (the three steps alternate):
+    the median of (ours_i - floor_i) / (peft_i - floor_i) with its range, or None without a floor
+    or when peft's cost is not clearly above it in every repeat (then no ratio means anything)."""
+    if "floor_ms" not in r:
+        return None
+    ours, peft, floor = (r[k]["samples"] for k in ("ours_ms", "peft_ms", "floor_ms"))
+    if min(b - f for b, f in zip(peft, floor)) <= 0:
+        return None
+    pairs = sorted((a - f) / (b - f) for a, b, f in zip(ours, peft, floor))
+    return dict(median=round(statistics.median(pairs), 3), low=round(pairs[0], 3), high=round(pairs[-1], 3))
 
 
 def mib(n: int) -> str:
@@ -48,99 +68,340 @@ def mib(n: int) -> str:
 
 
 def parity(data: dict) -> list[str]:
-    rows = [[r["case"], f"{r['adapter_effect_on_logits']:.2g}", f"{r['logits_max_abs_diff']:.1e}",
-             f"{r['peft_reads_ours_logits_max_abs_diff']:.1e}", f"{r['loss_abs_diff']:.1e}",
-             f"{r['grad_max_abs_diff']:.1e}", f"{r['grad_max_rel_diff']:.1e}",
-             f"{r['peft_to_ours_logits_max_abs_diff']:.1e}", f"{r['trainable_ours']:,} / {r['trainable_peft']:,}"]
-            for r in data["results"]]
+    rows = [
+        [
+            r["case"],
+            f"{r['adapter_effect_on_logits']:.2g}",
+            f"{r['logits_max_abs_diff']:.1e}",
+            f"{r['peft_reads_ours_logits_max_abs_diff']:.1e}",
+            f"{r['loss_abs_diff']:.1e}",
+            f"{r['grad_max_abs_diff']:.1e}",
+            f"{r['grad_max_rel_diff']:.1e}",
+            f"{r['peft_to_ours_logits_max_abs_diff']:.1e}",
+            f"{r['trainable_ours']:,} / {r['trainable_peft']:,}",
+        ]
+        for r in data["results"]
+    ]
     shape = data["results"][0]["shape"]
-    return [f"**Parity** on {shape}, batch {data['settings']['batch']}: " + where(data), "",
-            *table(["case", "adapter's effect on logits", "max abs diff logits", "peft reads our file",
-                    "abs diff loss", "max abs diff grads", "grads relative", "we read peft's file",
-                    "trainable ours / peft"], rows)]
+    return [
+        f"**Parity** on {shape}, batch {data['settings']['batch']}: " + where(data),
+        "",
+        *table(
+            [
+                "case",
+                "adapter's effect on logits",
+                "max abs diff logits",
+                "peft reads our file",
+                "abs diff loss",
+                "max abs diff grads",
+                "grads relative",
+                "we read peft's file",
+                "trainable ours / peft",
+            ],
+            rows,
+        ),
+    ]
 
 
 def train_step(data: dict) -> list[str]:
     s = data["settings"]
-    rows = [[r["shape"], r["method"], round(r["ours_ms"]["median"]), round(r["peft_ms"]["median"]),
-             round(r["floor_ms"]["median"]) if "floor_ms" in r else "",
-             f"{r['overhead_ms']['ours']:.0f} / {r['overhead_ms']['peft']:.0f}" if "overhead_ms" in r else "",
-             spread(r["ratio"]), r["ratio"]["verdict"], f"{r['parity']['loss_abs_diff']:.1e}",
-             f"{r['parity']['grad_rel_diff']:.1e}"]
-            for r in data["results"]]
-    header = ["shape", "method", "ours ms", "peft ms", "floor ms", "above floor ours / peft ms",
-              "ours / peft [range]", "verdict", "loss diff", "grad rel diff"]
+    rows = [
+        [
+            r["shape"],
+            r["method"],
+            round(r["ours_ms"]["median"]),
+            round(r["peft_ms"]["median"]),
+            round(r["floor_ms"]["median"]) if "floor_ms" in r else "",
+            f"{r['overhead_ms']['ours']:.0f} / {r['overhead_ms']['peft']:.0f}" if "overhead_ms" in r else "",
+            spread(r["ratio"]),
+            r["ratio"]["verdict"],
+            f"{r['parity']['loss_abs_diff']:.1e}",
+            f"{r['parity']['grad_rel_diff']:.1e}",
+        ]
+        for r in data["results"]
+    ]
+    header = [
+        "shape",
+        "method",
+        "ours ms",
+        "peft ms",
+        "floor ms",
+        "above floor ours / peft ms",
+        "ours / peft [range]",
+        "verdict",
+        "loss diff",
+        "grad rel diff",
+    ]
+    if any("peak_step_memory_mib" in r and r["peak_step_memory_mib"].get("ours") for r in data["results"]):
+        header += ["above floor ours / peft [range]", "step peak MiB ours / peft", "MFU"]
+        for row, r in zip(rows, data["results"]):
+            ratio_above = above_floor(r)
+            peak = r["peak_step_memory_mib"]
+            row += [
+                spread(ratio_above) if ratio_above else "",
+                f"{peak['ours']:,} / {peak['peft']:,}",
+                f"{r['mfu_vs_measured_bf16_peak']:.1%}" if "mfu_vs_measured_bf16_peak" in r else "",
+            ]
     if s.get("compile"):  # both compiled: the first step holds the compilation
         header.append("first step s ours / peft")
         for row, r in zip(rows, data["results"]):
             row.append(f"{r['first_step_s']['ours']} / {r['first_step_s']['peft']}")
-    return [f"**Training step** ({s['precision']}, batch {s['batch']} x {s['src']} / {s['tgt']}, "
-            f"{s['repeats']} interleaved repeats{', both compiled' if s.get('compile') else ''}; floor: the fp32 base "
-            "alone, gradient to its inputs): " + where(data), "", *table(header, rows)]
+    return [
+        f"**Training step** ({s['precision']}, batch {s['batch']} x {s['src']} / {s['tgt']}, "
+        f"{s['repeats']} interleaved repeats{', both compiled' if s.get('compile') else ''}; floor: the base "
+        "alone, gradient to its inputs"
+        + (
+            f"; MFU: the step's FLOPs over the bf16 matrix-product rate measured in the same run, "
+            f"{data['ceilings']['bf16_matmul_tflop_s']} TFLOP/s"
+            if data.get("ceilings", {}).get("bf16_matmul_tflop_s")
+            else ""
+        )
+        + "): "
+        + where(data),
+        "",
+        *table(header, rows),
+    ]
 
 
 def end_to_end(data: dict) -> list[str]:
     s, runs = data["settings"], data["runs"]
-    rows = [[name, [r["samples_per_s"] for r in runs[key]], runs[key][0]["padding_fraction"],
-             [r["mean_loss"] for r in runs[key]]]
-            for name, key in (("experiments fit", "ours"), ("Seq2SeqTrainer + peft", "reference"))]
+    rows = [
+        [
+            name,
+            [r["samples_per_s"] for r in runs[key]],
+            runs[key][0]["padding_fraction"],
+            [r["mean_loss"] for r in runs[key]],
+        ]
+        for name, key in (("experiments fit", "ours"), ("Seq2SeqTrainer + peft", "reference"))
+    ]
     epochs = f"{s['epochs']} epochs, the last timed" if s["epochs"] > 1 else "1 epoch"
-    return [f"**End to end** ({s['shape']}, the same {s['examples']} TweetSumm examples, {epochs}, batch 8, "
-            f"{s['rounds']} rounds{', compiled' if s.get('compile') else ''}): " + where(data), "",
-            *table(["", "samples/s per round", "padding fraction", "mean loss of the timed epoch"], rows), "",
-            f"Speed-up ours / reference: {spread(data['speedup'])}."]
+    return [
+        f"**End to end** ({s['shape']}, the same {s['examples']} TweetSumm examples, {epochs}, batch 8, "
+        f"{s['rounds']} rounds{', compiled' if s.get('compile') else ''}): " + where(data),
+        "",
+        *table(["", "samples/s per round", "padding fraction", "mean loss of the timed epoch"], rows),
+        "",
+        f"Speed-up ours / reference: {spread(data['speedup'])}.",
+    ]
 
 
 def memory(data: dict) -> list[str]:
-    rows = [[r["method"], f"{mib(r['ours']['footprint_bytes'])} / {mib(r['peft']['footprint_bytes'])}",
-             f"{mib(r['ours']['step_peak_bytes'])} / {mib(r['peft']['step_peak_bytes'])}", r["step_peak_ratio"]]
-            for r in data["results"]]
-    return [f"**Memory** ({data['results'][0]['shape']}, batch {data['settings']['batch']}; CPU: resident "
-            "memory, GPU: allocated): " + where(data), "",
-            *table(["method", "footprint MiB ours / peft", "step peak MiB ours / peft", "peak ours / peft"], rows)]
+    rows = [
+        [
+            r["method"],
+            f"{mib(r['ours']['footprint_bytes'])} / {mib(r['peft']['footprint_bytes'])}",
+            f"{mib(r['ours']['step_peak_bytes'])} / {mib(r['peft']['step_peak_bytes'])}",
+            r["step_peak_ratio"],
+        ]
+        for r in data["results"]
+    ]
+    return [
+        f"**Memory** ({data['results'][0]['shape']}, batch {data['settings']['batch']}; CPU: resident "
+        "memory, GPU: allocated): " + where(data),
+        "",
+        *table(
+            ["method", "footprint MiB ours / peft", "step peak MiB ours / peft", "peak ours / peft"], rows
+        ),
+    ]
 
 
 def inference(data: dict) -> list[str]:
     s = data["settings"]
     forms = ("ours unmerged", "ours merged", "peft unmerged", "peft merged")
-    rows = [[r["method"], form, r[form]["tokens_per_s"], spread(r[form]["ratio_to_peft_unmerged"]),
-             r[form]["same_tokens_as_peft_unmerged"]] for r in data["results"] for form in forms]
-    return [f"**Inference** (greedy generate, {s['batch']} x {s['src']} tokens in, {s['new_tokens']} out, "
-            f"{s['repeats']} rounds): " + where(data), "",
-            *table(["method", "form", "tokens/s", "time / peft unmerged [range]", "same tokens"], rows)]
+    rows = [
+        [
+            r["method"],
+            form,
+            r[form]["tokens_per_s"],
+            spread(r[form]["ratio_to_peft_unmerged"]),
+            r[form]["same_tokens_as_peft_unmerged"],
+        ]
+        for r in data["results"]
+        for form in forms
+    ]
+    return [
+        f"**Inference** (greedy generate, {s['batch']} x {s['src']} tokens in, {s['new_tokens']} out, "
+        f"{s['repeats']} rounds): " + where(data),
+        "",
+        *table(["method", "form", "tokens/s", "time / peft unmerged [range]", "same tokens"], rows),
+    ]
+
+
+def paged(data: dict) -> list[str]:
+    rows = [
+        [r["optimizer"], r["step_ms"]["median"], spread(r["ratio_to_bitsandbytes"]), r["peak_step_mib"]]
+        for r in data["results"]
+    ]
+    return [
+        f"**Paged AdamW** ({data['benchmark']}: {data['tensors']} tensors, {data['state_mib']} MiB of state, "
+        f"budget {data['budget_mib']} MiB, median of {data['repeats']}): " + where(data),
+        "",
+        *table(["optimizer", "step ms", "time / bitsandbytes [range]", "peak MiB of a QLoRA step"], rows),
+    ]
 
 
 def nf4(data: dict) -> list[str]:
-    rows = [[r["op"], r["weight"], r["ours_ms"], r["bitsandbytes_ms"], r["ratio"], r.get("identical", "")]
-            for r in data["results"]]
-    return [f"**NF4** ({data['device']}, {data['threads']} threads, median of {data['repeats']}; torch "
-            f"{data['torch']}, bitsandbytes {data['bitsandbytes']}):", "",
-            *table(["op", "weight", "ours ms", "bitsandbytes ms", "ratio", "identical"], rows)]
+    def ms(x) -> object:  # older files hold a bare median, newer ones a summary
+        return x["median"] if isinstance(x, dict) else x
+
+    def ratio_of(r: dict) -> object:
+        return spread(r["ratio"]) if isinstance(r["ratio"], dict) else r["ratio"]
+
+    copy_bw = data.get("ceilings", {}).get("copy_bandwidth_gb_s")
+    rows = [
+        [
+            r["op"],
+            r["weight"],
+            ms(r["ours_ms"]),
+            ms(r["bitsandbytes_ms"]),
+            ratio_of(r),
+            (f"{r['ours_gb_s']} / {r['bitsandbytes_gb_s']}" if "ours_gb_s" in r else ""),
+            r.get("identical", ""),
+        ]
+        for r in data["results"]
+    ]
+    if "machine" in data:
+        title = f"**NF4** (blocksize 64, double quantization, median of {data['repeats']}): {where(data)}"
+        if copy_bw:
+            title += f"; device-to-device copy measured in the same run: {copy_bw} GB/s"
+    else:
+        title = (
+            f"**NF4** ({data['device']}, {data['threads']} threads, median of {data['repeats']}; torch "
+            f"{data['torch']}, bitsandbytes {data['bitsandbytes']}):"
+        )
+    header = ["op", "weight", "ours ms", "bitsandbytes ms", "ratio [range]", "GB/s ours / bnb", "identical"]
+    return [title, "", *table(header, rows)]
+
+
+def verdict(r: dict, target: float) -> str:
+    """A ratio's verdict against an upper bound, from its range over the repeats."""
+    if r["high"] <= target:
+        return "met"
+    if r["low"] > target:
+        return "missed"
+    return f"tie: the range includes {target}"
+
+
+def gpu_step_targets(data: dict) -> list[list]:
+    """Issue 23's targets for a GPU training step: each method's cost above the floor <= peft's
+    (LoRA and DoRA <= 0.6x), QLoRA's whole step <= peft + bitsandbytes', and the MFU of LoRA."""
+    rows, device = [], data["machine"]["device"]
+    for r in data["results"]:
+        label = f"{r['shape']} {r['method']}"
+        ratio_above = above_floor(r)
+        target = 0.6 if r["method"].startswith(("lora", "dora")) else 1.0
+        if ratio_above:
+            measured = (
+                f"{spread(ratio_above)}; above the floor ours {r['overhead_ms']['ours']:.0f} ms, "
+                f"peft {r['overhead_ms']['peft']:.0f} ms (floor {r['floor_ms']['median']:.0f} ms)"
+            )
+            rows.append(
+                [
+                    f"cost above the floor ours/peft <= {target}, {label}",
+                    device,
+                    measured,
+                    verdict(ratio_above, target),
+                ]
+            )
+        if r["method"].startswith("qlora"):
+            rows.append(
+                [
+                    f"QLoRA step ours/(peft + bitsandbytes) <= 1.0, {label}",
+                    device,
+                    spread(r["ratio"]),
+                    verdict(r["ratio"], 1.0),
+                ]
+            )
+        if r["method"].startswith("lora") and "mfu_vs_measured_bf16_peak" in r:
+            rows.append(
+                [
+                    f"model FLOPs utilisation, {label}",
+                    device,
+                    f"{r['mfu_vs_measured_bf16_peak']:.1%} of {data['ceilings']['bf16_matmul_tflop_s']} TFLOP/s "
+                    f"({r['ours_tflop_s']} TFLOP/s)",
+                    "reported (no target)",
+                ]
+            )
+    return rows
+
+
+def gpu_nf4_targets(data: dict) -> list[list]:
+    """Issue 23's NF4 targets: dequantization (the kernel used on CUDA) at least as fast as
+    bitsandbytes', and at least 70% of the copy bandwidth measured in the same run."""
+    rows, device = [], data["machine"]["device"]
+    copy_bw = data["ceilings"]["copy_bandwidth_gb_s"]
+    for r in data["results"]:
+        if r["op"] != "dequantize nf4 -> bf16, Triton kernel":
+            continue
+        rows.append(
+            [
+                f"NF4 dequantize ours/bitsandbytes <= 1.0, {r['weight']}",
+                device,
+                spread(r["ratio"]),
+                verdict(r["ratio"], 1.0),
+            ]
+        )
+        share = r["ours_gb_s"] / copy_bw
+        rows.append(
+            [
+                f"NF4 dequantize >= 70% of copy bandwidth, {r['weight']}",
+                device,
+                f"{share:.0%} ({r['ours_gb_s']} of {copy_bw} GB/s; bitsandbytes {r['bitsandbytes_gb_s']})",
+                "met" if share >= 0.7 else "missed",
+            ]
+        )
+    return rows
 
 
 def targets(results: dict[str, dict]) -> list[str]:
     """The targets table: one row per target and result file, its verdict computed from the file."""
     rows = []
     for name, data in results.items():
-        if name.startswith("bench_train_step_") and not data["settings"].get("compile"):
+        if name.startswith("bench_train_step_cuda") and not data["settings"].get("compile"):
+            rows += gpu_step_targets(data)
+        elif name.startswith("bench_train_step_") and not data["settings"].get("compile"):
             for r in data["results"]:
                 if r["method"].startswith(("lora", "ia3")):
                     ok = r["ratio"]["median"] <= STEP_TARGET
                     sure = " (spread includes 1: not a clear win)" if r["ratio"]["verdict"] == "tie" else ""
-                    above = (f"; above the floor ours {r['overhead_ms']['ours']:.0f} ms, peft {r['overhead_ms']['peft']:.0f} ms"
-                             if "overhead_ms" in r else "")
-                    rows.append([f"training step ours/peft <= {STEP_TARGET}, {r['shape']} {r['method']}",
-                                 data["machine"]["device"], spread(r["ratio"]) + above, ("met" if ok else "missed") + sure])
+                    above = (
+                        f"; above the floor ours {r['overhead_ms']['ours']:.0f} ms, peft {r['overhead_ms']['peft']:.0f} ms"
+                        if "overhead_ms" in r
+                        else ""
+                    )
+                    rows.append(
+                        [
+                            f"training step ours/peft <= {STEP_TARGET}, {r['shape']} {r['method']}",
+                            data["machine"]["device"],
+                            spread(r["ratio"]) + above,
+                            ("met" if ok else "missed") + sure,
+                        ]
+                    )
+        if name.startswith("bench_nf4_cuda"):
+            rows += gpu_nf4_targets(data)
         if name.startswith("bench_end_to_end_") and not data["settings"].get("compile"):
             ok = data["speedup"]["median"] >= END_TO_END_TARGET
             padding = f"; padding {data['runs']['ours'][0]['padding_fraction']} vs {data['runs']['reference'][0]['padding_fraction']}"
-            rows.append([f"end-to-end samples/s ours/reference >= {END_TO_END_TARGET}, {data['settings']['shape']}",
-                         data["machine"]["device"], spread(data["speedup"]) + padding, "met" if ok else "missed"])
+            rows.append(
+                [
+                    f"end-to-end samples/s ours/reference >= {END_TO_END_TARGET}, {data['settings']['shape']}",
+                    data["machine"]["device"],
+                    spread(data["speedup"]) + padding,
+                    "met" if ok else "missed",
+                ]
+            )
     return table(["target", "device", "measured [range]", "verdict"], rows)
 
 
-SECTIONS = (("bench_parity_", parity), ("bench_train_step_", train_step), ("bench_end_to_end_", end_to_end),
-            ("bench_memory_", memory), ("bench_inference_", inference), ("bench_nf4_", nf4))
+SECTIONS = (
+    ("bench_parity_", parity),
+    ("bench_train_step_", train_step),
+    ("bench_end_to_end_", end_to_end),
+    ("bench_memory_", memory),
+    ("bench_inference_", inference),
+    ("bench_nf4_", nf4),
+    ("bench_paged_", paged),
+)
 
 
 def load(results_dir: Path) -> dict[str, dict]:
@@ -149,7 +410,14 @@ def load(results_dir: Path) -> dict[str, dict]:
 
 def render(results: dict[str, dict]) -> str:
     """benchmarks/README.md's generated part: the targets, then every result file's table."""
-    out = ["", "", "**Targets** (verdicts computed from the result files listed below):", "", *targets(results), ""]
+    out = [
+        "",
+        "",
+        "**Targets** (verdicts computed from the result files listed below):",
+        "",
+        *targets(results),
+        "",
+    ]
     for prefix, render_one in SECTIONS:
         for name, data in results.items():
             if name.startswith(prefix) and data.get("results", data.get("runs")):
@@ -161,7 +429,9 @@ def replace_between(path: Path, begin: str, end: str, body: str) -> None:
     """Rewrite what lies between the markers ``begin`` and ``end`` of ``path`` (atomically)."""
     text = path.read_text()
     if begin not in text or end not in text:
-        raise SystemExit(f"{path} lacks the markers {begin!r} ... {end!r}: put them where the generated part goes")
+        raise SystemExit(
+            f"{path} lacks the markers {begin!r} ... {end!r}: put them where the generated part goes"
+        )
     head, rest = text.split(begin, 1)
     write_atomically(path, head + begin + body + end + rest.split(end, 1)[1])
     print(f"wrote {path}")

@@ -595,6 +595,68 @@ def test_cuda_nf4linear_forward_and_backward():
     assert torch.equal(cpu.cuda().dequantize(), layer.dequantize())
 
 
+def quantization_differences(shape: str, device: str) -> dict[str, dict]:
+    """Every weight ``quantize`` quantizes in a random-init T5 of ``shape`` (seed 0, built on
+    ``device``, as test_qlora builds it), quantized by peftcore and by bitsandbytes on ``device``:
+    per layer with a difference, the packed bytes and 8-bit absmax codes that differ and, for the
+    first few, what each library stored and the scaled value it came from."""
+    transformers = pytest.importorskip("transformers")
+    from peftcore.nf4 import _inverse
+    from peftcore.t5 import t5_config
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.T5ForConditionalGeneration(t5_config(shape))
+    quantized = copy.deepcopy(model)
+    quantize(quantized, NF4Config(blocksize=64, double_quant=True))
+    found = {}
+    for name, layer in quantized.named_modules():
+        if not isinstance(layer, NF4Linear):
+            continue
+        weight = model.get_submodule(name).weight.detach()
+        packed, theirs = bnb_quantize(weight, 64, double_quant=True)
+        bytes_off = (layer.weight_packed != packed.view(-1)).nonzero().view(-1)
+        codes_off = (layer.absmax != theirs.absmax).nonzero().view(-1)
+        if bytes_off.numel() or codes_off.numel():
+            flat = weight.reshape(-1).float()
+            absmax = flat.view(-1, 64).abs().amax(dim=1)
+            scaled = flat * _inverse(absmax).repeat_interleave(64)
+            found[name] = dict(
+                bytes=[
+                    (
+                        int(i),
+                        int(layer.weight_packed[i]),
+                        int(packed.view(-1)[i]),
+                        scaled[2 * i : 2 * i + 2].tolist(),
+                    )
+                    for i in bytes_off[:4]
+                ],
+                absmax_codes=[(int(i), int(layer.absmax[i]), int(theirs.absmax[i])) for i in codes_off[:4]],
+                counts=(bytes_off.numel(), codes_off.numel()),
+            )
+    return found
+
+
+def test_quantization_of_every_t5_tiny_weight_matches_bitsandbytes_cpu():
+    assert quantization_differences("t5-tiny", "cpu") == {}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on an H200 on 2026-12-04 (bitsandbytes 0.50.2, torch 2.11 cu130): 4 of the 168 "
+    "t5-base layers differed from bitsandbytes' CUDA kernel in one packed byte or absmax code each; "
+    "cause not found yet. This test prints which and the values involved.",
+)
+def test_cuda_quantization_of_every_t5_base_weight_matches_bitsandbytes():
+    """About 170 M values: the 0.8 M weights of the test above miss differences this rare."""
+    found = quantization_differences("t5-base", "cuda")
+    for name, what in found.items():
+        print(name, what)
+    assert found == {}
+
+
 def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype, device: str) -> nn.Module:
     theirs = bnb.nn.Linear4bit(
         linear.in_features,
