@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-import experiments.data as data_mod
+import experiments.data.module as data_module
 from experiments.data import (
     BUNDLED_TOKENIZER,
     DataError,
@@ -80,7 +80,7 @@ def test_construction_reads_nothing(monkeypatch, tmp_path):
         raise AssertionError("constructing the data module read data or loaded a tokenizer")
 
     for name in ("load_tokenizer", "read_located_rows", "load_hub_dataset"):
-        monkeypatch.setattr(data_mod, name, refuse)
+        monkeypatch.setattr(data_module, name, refuse)  # where the data module looks them up
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
     DialogSummaryDataModule(batch_size=3)
     DialogSummaryDataModule(

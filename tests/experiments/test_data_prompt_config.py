@@ -11,7 +11,7 @@ from experiments.data import load_tokenizer
 from experiments.module import Seq2SeqFineTuner
 from peftcore import PromptTuningConfig
 
-PROMPT_TUNING_YAML = Path(data_mod.__file__).parent / "configs" / "prompt_tuning.yaml"
+PROMPT_TUNING_YAML = Path(data_mod.__file__).parents[1] / "configs" / "prompt_tuning.yaml"
 
 
 def test_prompt_tuning_yaml_tokenizer_resolves_outside_the_repository(monkeypatch, tmp_path):
