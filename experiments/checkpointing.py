@@ -146,6 +146,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_written_step: int | None = None
         self._stop_requested = False
         self._previous_handler: Any = None
+        self._batches_done = 0  # batches of the current epoch the training loop has finished
 
     # --- where, and never over another run ----------------------------------------------------
 
@@ -217,6 +218,9 @@ class RunCheckpoint(ModelCheckpoint):
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batches_done = 0
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
         signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
@@ -228,6 +232,7 @@ class RunCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._batches_done = batch_idx + 1  # of this epoch (a resumed epoch counts from its start)
         if not _at_step_boundary(trainer, done=batch_idx + 1):
             return
         due = self.save_every_n_steps and trainer.global_step % self.save_every_n_steps == 0
@@ -247,7 +252,7 @@ class RunCheckpoint(ModelCheckpoint):
             return  # a graceful stop saved already; a second Ctrl-C may have come mid-step
         if not self._due(trainer):
             return
-        if not _at_step_boundary(trainer, done=trainer.fit_loop.epoch_loop.batch_progress.current.processed):
+        if not _at_step_boundary(trainer, done=self._batches_done):
             rank_zero_info(
                 f"{type(exception).__name__} in the middle of a gradient accumulation: its partial gradients cannot be "
                 f"saved, so the last checkpoint ({self.last_model_path or 'none'}) is kept"

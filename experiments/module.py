@@ -23,11 +23,11 @@ from typing import Any, NoReturn, Union
 import lightning as L
 import torch
 import transformers
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import peftcore
-from experiments.data import ASSETS, skip_batches, tokenizer_path
+from experiments.callbacks import TrainingPlace
+from experiments.data import ASSETS, set_sampler_epoch, tokenizer_path
 from experiments.metrics import ROUGE_KEYS, Rouge
 from peftcore import methods
 from peftcore.config import NF4Config
@@ -278,16 +278,12 @@ class Seq2SeqFineTuner(L.LightningModule):
             "memory_footprint": peftcore.memory_footprint(self.model) / 2**30,
         }
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks that come with this module, whatever the Trainer is given."""
+        return [TrainingPlace()]
+
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter()
-        # A run resumed from a checkpoint written mid-epoch: Lightning continues that epoch without
-        # calling on_train_epoch_start and restarts the loader at the epoch's beginning; put the
-        # order on this epoch and start after the batches already done.
-        epoch_loop = self.trainer.fit_loop.epoch_loop
-        done = epoch_loop.batch_progress.current.processed
-        if epoch_loop.restarting and 0 < done < self.trainer.num_training_batches:
-            _set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
-            skip_batches(self.trainer.train_dataloader, done)
 
     def _runtime(self) -> float:
         running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
@@ -314,8 +310,9 @@ class Seq2SeqFineTuner(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Lightning seeds the sampler with its count of finished epochs, which is one short when a
         # run resumes from a checkpoint written at an epoch's end: the resumed epoch would replay
-        # the previous one's order. current_epoch is right in both cases.
-        _set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
+        # the previous one's order. current_epoch is right in both cases. (A run resumed inside an
+        # epoch continues it without this hook: its loader's load_state_dict places it.)
+        set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -34,7 +34,13 @@ from experiments.data.reading import (
     resolve_split,
     split_files,
 )
-from experiments.data.sampling import EpochShuffle, LengthGroupedBatchSampler, skip_batches
+from experiments.data.sampling import (
+    EpochShuffle,
+    LengthGroupedBatchSampler,
+    ResumableDataLoader,
+    set_sampler_epoch,
+    skip_batches,
+)
 from experiments.data.tokenizer import BUNDLED, BUNDLED_TOKENIZER, is_bundled, load_tokenizer, tokenizer_path
 
 __all__ = [
@@ -50,6 +56,7 @@ __all__ = [
     "EpochShuffle",
     "Example",
     "LengthGroupedBatchSampler",
+    "ResumableDataLoader",
     "Row",
     "check_count",
     "check_name",
@@ -63,6 +70,7 @@ __all__ = [
     "read_rows",
     "references_in",
     "resolve_split",
+    "set_sampler_epoch",
     "skip_batches",
     "split_files",
     "summary_fields_per_role",

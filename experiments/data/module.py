@@ -26,7 +26,7 @@ from experiments.data.reading import (
     resolve_split,
     split_files,
 )
-from experiments.data.sampling import EpochShuffle, LengthGroupedBatchSampler
+from experiments.data.sampling import EpochShuffle, LengthGroupedBatchSampler, ResumableDataLoader
 from experiments.data.tokenizer import load_tokenizer
 
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -143,6 +143,7 @@ class DialogSummaryDataModule(L.LightningDataModule):
         self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
         self.examples: dict[str, list[Example]] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._saved_place: dict[str, int] | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -284,8 +285,8 @@ class DialogSummaryDataModule(L.LightningDataModule):
 
     # -- loaders
 
-    def _loader(self, examples: list[Example], **kwargs: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(self, examples: list[Example], resumable: bool = False, **kwargs: Any) -> DataLoader:
+        return (ResumableDataLoader if resumable else DataLoader)(
             examples,
             collate_fn=Collator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
@@ -295,19 +296,49 @@ class DialogSummaryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
+        epoch, done = self._resume_place()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Shard ourselves so this is right under Trainer(use_distributed_sampler=False) too;
             # with the default True, Lightning swaps in its own equivalent DistributedSampler.
             order: Sampler[int] = DistributedSampler(examples, shuffle=True, seed=self.seed)
+            order.set_epoch(epoch)
+        elif self.group_by_length:
+            order = EpochShuffle(len(examples), seed=self.seed, epoch=epoch)
         else:
-            order = EpochShuffle(len(examples), seed=self.seed)
+            order = EpochShuffle(len(examples), seed=self.seed, epoch=epoch, skip=done * self.batch_size)
         if not self.group_by_length:
-            return self._loader(examples, batch_size=self.batch_size, sampler=order)
+            if done and not isinstance(order, EpochShuffle):
+                raise ValueError(
+                    f"cannot resume inside an epoch with a {type(order).__name__}: it cannot start after the "
+                    f"{done} batches already done. Resume from an epoch-end checkpoint, or use group_by_length: true"
+                )
+            return self._loader(examples, resumable=True, batch_size=self.batch_size, sampler=order)
         lengths = [len(e.input_ids) for e in examples]
         batches = LengthGroupedBatchSampler(
-            order, self.batch_size, drop_last=False, lengths=lengths, seed=self.seed
+            order, self.batch_size, drop_last=False, lengths=lengths, seed=self.seed, skip=done
         )
-        return self._loader(examples, batch_sampler=batches)
+        return self._loader(examples, resumable=True, batch_sampler=batches)
+
+    # -- the place inside an epoch, saved with checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved with each checkpoint: how far training got in the current epoch."""
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return {"train_place": loader.state_dict()} if isinstance(loader, ResumableDataLoader) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run's saved place: its training loader starts after the batches done."""
+        self._saved_place = state.get("train_place")
+
+    def _resume_place(self) -> tuple[int, int]:
+        """``(epoch, batches to skip)`` for the training loader about to be made: the saved place
+        once (inside an epoch; an epoch's end skips nothing), then ``(0, 0)``."""
+        place, self._saved_place = self._saved_place, None
+        if place is None:
+            return 0, 0
+        batches = -(-len(self.examples["train"]) // self.batch_size)  # per process without DDP
+        done = place["batches_done"]
+        return place["epoch"], done if 0 < done < batches else 0
 
     def _eval_loader(self, role: str, sort: bool) -> DataLoader:
         examples = self.examples[role]

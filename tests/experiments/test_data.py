@@ -29,6 +29,7 @@ from experiments.data import (
     clean_text,
     format_dialogue,
     load_tokenizer,
+    set_sampler_epoch,
 )
 
 
@@ -515,3 +516,32 @@ def test_references_from_several_columns_score_multi_reference(tmp_path):
         DialogSummaryDataModule(
             dataset=str(path), dialogue_field="dialogue", summary_field=["summary1", "summary4"]
         ).setup("test")
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["length-grouped", "shuffled"])
+def test_a_saved_place_inside_an_epoch_resumes_after_the_batches_done(grouped):
+    """The place a checkpoint saves (epoch 1, 3 batches done) gives a resumed run's loader the
+    rest of that epoch, in that epoch's order, then whole epochs again."""
+    options = dict(limit_train=40, batch_size=4, group_by_length=grouped)
+    dm = DialogSummaryDataModule(**options)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    set_sampler_epoch(loader, 1)
+    epoch_1 = [batch["ids"] for batch in loader]
+    set_sampler_epoch(loader, 2)
+    epoch_2 = [batch["ids"] for batch in loader]
+    loader.batch_done(1, 3)
+    saved = {"train_place": loader.state_dict()}  # what the data module saves with a checkpoint
+
+    resumed = DialogSummaryDataModule(**options)
+    resumed.setup("fit")
+    resumed.load_state_dict(saved)
+    again = resumed.train_dataloader()
+    assert [batch["ids"] for batch in again] == epoch_1[3:]
+    set_sampler_epoch(again, 2)
+    assert [batch["ids"] for batch in again] == epoch_2
+    # an epoch's end skips nothing
+    resumed.load_state_dict({"train_place": {"epoch": 1, "batches_done": len(epoch_1)}})
+    whole = resumed.train_dataloader()
+    set_sampler_epoch(whole, 1)
+    assert [batch["ids"] for batch in whole] == epoch_1
