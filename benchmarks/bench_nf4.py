@@ -130,7 +130,7 @@ def bench_shape(
 def sweep_triton(device: torch.device, repeats: int) -> list[dict]:
     """Time the Triton kernel over its launch settings (bytes per program, warps per program)."""
     from peftcore import nf4_triton
-    from peftcore.nf4 import _table
+    from peftcore.nf4_format import table
 
     rows = []
     for label, shape in {**SHAPES, **LARGE}.items():
@@ -147,8 +147,8 @@ def sweep_triton(device: torch.device, repeats: int) -> list[dict]:
                         s.absmax,
                         s.absmax2,
                         s.offset,
-                        _table("nf4", device),
-                        _table("dynamic8", device),
+                        table("nf4", device),
+                        table("dynamic8", device),
                         s.shape,
                         64,
                         torch.bfloat16,
@@ -176,7 +176,7 @@ def probe_reciprocals(device: torch.device) -> list[dict]:
     import bitsandbytes.functional as BF
 
     from peftcore import nf4_triton
-    from peftcore.nf4 import _table
+    from peftcore.nf4_format import table
 
     rows = []
     for blocksize in (64, 128, 256):
@@ -192,10 +192,10 @@ def probe_reciprocals(device: torch.device) -> list[dict]:
         absmax2 = centred.abs().amax(dim=1)
         for name in nf4_triton.RECIPROCALS:
             scaled = (blocks * nf4_triton.reciprocal(absmax, name).unsqueeze(1)).clamp(-1, 1).view(-1)
-            q = torch.bucketize(scaled, _table("nf4_midpoints", device)).to(torch.uint8)
+            q = torch.bucketize(scaled, table("nf4_midpoints", device)).to(torch.uint8)
             ours = (q[0::2] << 4) | q[1::2]
             scaled8 = (centred * nf4_triton.reciprocal(absmax2, name).unsqueeze(1)).clamp(-1, 1).view(-1)
-            q8 = torch.bucketize(scaled8, _table("dynamic8_midpoints", device)).to(torch.uint8)
+            q8 = torch.bucketize(scaled8, table("dynamic8_midpoints", device)).to(torch.uint8)
             rows.append(
                 dict(
                     blocksize=blocksize,

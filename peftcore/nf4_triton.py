@@ -1,4 +1,4 @@
-"""NF4 dequantization in one Triton kernel (CUDA): the same arithmetic as ``nf4.dequantize_nf4``.
+"""NF4 dequantization in one Triton kernel (CUDA): the arithmetic of ``nf4_format.dequantize_nf4``.
 
 Each program decodes ``BYTES`` packed bytes (``2 * BYTES`` weights). Per byte ``b`` of block ``j``::
 
@@ -20,7 +20,8 @@ intermediate of ``4 n`` bytes before the cast.
 with ``--use_fast_math``, so the ``1.0f / absmax`` of its blockwise quantization is the hardware's
 approximate reciprocal (``rcp.approx.ftz.f32``), not the correctly rounded quotient; the two differ
 in the last bit for some absmax values, and a weight lying that close to a code boundary then gets
-the neighbouring code. Quantizing on CUDA, ``nf4.py`` scales by this same instruction's result.
+the neighbouring code. Quantizing on CUDA, ``nf4_format`` scales by this same instruction's result
+(docs/nf4.md).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from peftcore.nf4 import (
     dequantize_absmax,
     dequantize_nf4,
     quantize_nf4,
+    reciprocal_of_absmax,
+    table,
 )
 from peftcore.surgery import quantize
 
@@ -531,6 +533,35 @@ def test_quantize_needs_a_model_and_an_nf4config():
         quantize(nn.Sequential(nn.Linear(64, 64)), {"blocksize": 64})
 
 
+# ---------------------------------------------------------------- the format module and the layer module
+
+
+def test_nf4_reexports_the_format_which_holds_no_module():
+    import peftcore.nf4 as layer_module
+    import peftcore.nf4_format as format_module
+
+    for name in format_module.__all__:
+        assert name in layer_module.__all__, name
+        assert getattr(layer_module, name) is getattr(format_module, name), name
+    assert all(hasattr(layer_module, name) for name in layer_module.__all__)
+    classes = [v for v in vars(format_module).values() if isinstance(v, type)]
+    assert not [c for c in classes if issubclass(c, (nn.Module, torch.autograd.Function))]
+
+
+def test_tables_are_shared_copies_by_name():
+    cpu = torch.device("cpu")
+    assert table("nf4", cpu) is table("nf4", cpu)
+    assert torch.equal(table("nf4", cpu), NF4_CODES)
+    assert torch.equal(table("dynamic8_midpoints", cpu), (DYNAMIC_MAP_8BIT[:-1] + DYNAMIC_MAP_8BIT[1:]) / 2)
+    with pytest.raises(ValueError, match="no NF4 table named 'nf5'"):
+        table("nf5", cpu)
+
+
+def test_reciprocal_of_absmax_on_cpu_is_the_quotient_and_finite_for_zero():
+    r = reciprocal_of_absmax(torch.tensor([2.0, 0.3, 0.0]))
+    assert r[0] == 0.5 and r[1] == 1.0 / torch.tensor(0.3) and torch.isfinite(r[2])
+
+
 # ---------------------------------------------------------------- CUDA (bitsandbytes' CUDA kernels)
 
 
@@ -601,7 +632,6 @@ def quantization_differences(shape: str, device: str) -> dict[str, dict]:
     per layer with a difference, the packed bytes and 8-bit absmax codes that differ and, for the
     first few, what each library stored and the scaled value it came from."""
     transformers = pytest.importorskip("transformers")
-    from peftcore.nf4 import _inverse
     from peftcore.t5 import t5_config
 
     torch.manual_seed(0)
@@ -620,7 +650,7 @@ def quantization_differences(shape: str, device: str) -> dict[str, dict]:
         if bytes_off.numel() or codes_off.numel():
             flat = weight.reshape(-1).float()
             absmax = flat.view(-1, 64).abs().amax(dim=1)
-            scaled = flat * _inverse(absmax).repeat_interleave(64)
+            scaled = flat * reciprocal_of_absmax(absmax).repeat_interleave(64)
             found[name] = dict(
                 bytes=[
                     (
