@@ -66,6 +66,10 @@ class DoRALinear(lora.LoRALinear):
         with torch.no_grad():
             return torch.linalg.norm(read_weight(self.base) + self.delta_weight(), dim=1)
 
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        """Never: DoRA's forward is its own (LoRA's ``FusedLoRA`` has no magnitude)."""
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.disabled or self.merged:

@@ -15,7 +15,10 @@ PiSSA and OLoRA move the principal part of W into the adapter, so the base is le
 residual and the layer's output is unchanged at step 0 (up to float rounding). ``pissa_niter_<N>``
 is randomised, so the layer keeps its starting factors (A0, B0): an adapter relative to the
 original base is then ``[A; A0]``, ``[B, -B0]`` of rank 2r (``s (B A - B0 A0)``), which is how
-it is saved.
+it is saved. The PiSSA and OLoRA factors are computed in ``peftcore.lora_init``.
+
+Over a dense base the layer runs as one autograd node, ``peftcore.kernels.lora.FusedLoRA``, with
+its own backward (and, while training on the CPU, dropout drawn by position).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from peftcore.config import (
     positive_number,
 )
 from peftcore.contract import AdapterLayer, LayerMethod
-from peftcore.dropout import apply_drop, dropped_positions
+from peftcore.kernels.dropout import dropped_positions
+from peftcore.kernels.lora import FusedLoRA
+from peftcore.lora_init import olora_factors, pissa_factors
 from peftcore.matching import TargetModules, pattern_key
 from peftcore.weights import adapter_device_dtype, read_weight, write_weight
 
@@ -148,56 +153,6 @@ def _is_lora_init(init: object) -> bool:
     return match is not None and int(match.group(1)) >= 0
 
 
-class FusedLoRA(torch.autograd.Function):
-    """``y = x W^T + b + s (d(x) A^T) B^T`` as one autograd node, for a dense frozen base.
-
-    ``d`` is LoRA's dropout: the identity, or (``drop`` given) ``x / (1 - p)`` with the elements
-    at the flat positions ``drop`` zeroed (see peftcore/dropout.py). Forward writes the update
-    into the base's output (``addmm_``) instead of materialising ``s B A d(x)`` and adding it;
-    backward computes only what trains and what flows on:
-
-        dB = s g^T (d(x) A^T),   dA = (s g B)^T d(x),   dx = g W + d'((s g B) A)
-
-    where ``d'`` zeroes the dropped positions and scales by ``1 / (1 - p)``. Autograd's version
-    of the same layer writes and reads two more (tokens x features) tensors each way and keeps
-    the dropped input and a float mask for backward; here ``d(x)`` is recomputed from ``x``
-    (kept anyway: q, k and v share it) and the int64 positions of the ~p n drops.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, drop=None, keep_scale: float = 1.0):
-        rows = x.reshape(-1, x.shape[-1])
-        adapter_in = rows if drop is None else apply_drop(rows, drop, keep_scale)
-        down = adapter_in @ lora_a.t()  # (tokens, r)
-        del adapter_in
-        out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
-        out.addmm_(down, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(rows, down, weight, lora_a, lora_b, drop)
-        ctx.scale, ctx.keep_scale, ctx.x_shape = scale, keep_scale, x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, down, weight, lora_a, lora_b, drop = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_down = (grad @ lora_b).mul_(ctx.scale)  # (tokens, r): the gradient reaching d(x) A^T
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            if drop is None:
-                grad_x = (grad @ weight).addmm_(grad_down, lora_a)
-            else:
-                through_adapter = grad_down @ lora_a
-                through_adapter.view(-1).index_fill_(0, drop, 0.0)
-                grad_x = torch.addmm(through_adapter, grad, weight, beta=ctx.keep_scale)
-            grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            adapter_in = rows if drop is None else apply_drop(rows, drop, ctx.keep_scale)
-            grad_a = grad_down.t() @ adapter_in
-        if ctx.needs_input_grad[4]:
-            grad_b = (grad.t() @ down).mul_(ctx.scale)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
 class LoRALinear(AdapterLayer):
     """Wraps ``base`` (kept as ``self.base``, frozen) with a rank-``r`` update."""
 
@@ -234,7 +189,7 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base(x)
-        if self._fusable(x):
+        if self.uses_fused_kernel(x):
             return self._fused_forward(x)
         result = self.base(x)
         # Under autocast the adapter's matmuls run in the autocast dtype whatever x's dtype is, so
@@ -246,9 +201,11 @@ class LoRALinear(AdapterLayer):
             return torch.add(result, update, alpha=self.scale)  # one kernel for the scale and the sum
         return result + (update * self.scale).to(result.dtype)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """A dense base, dropout only where it is drawn by position (the CPU; on accelerators
-        torch's own is cheap), and one dtype for everything (or autocast choosing it)."""
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` (adapter active, not merged) runs as one ``FusedLoRA`` node
+        (peftcore/kernels/lora.py): a dense base, dropout only where it is drawn by position (the
+        CPU; on accelerators torch's own is cheap), and one dtype for everything (or autocast
+        choosing it)."""
         if type(self.base) is not nn.Linear or (self._dropping() and x.device.type != "cpu"):
             return False
         return (
@@ -304,32 +261,16 @@ class LoRALinear(AdapterLayer):
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
             nn.init.zeros_(self.lora_B.weight)
         elif init.startswith("pissa"):
-            A, B = self._pissa_factors(init)
-            self._move_principal_part(A, B)
-            if init != "pissa":
+            niter = None if init == "pissa" else int(init.removeprefix("pissa_niter_"))
+            self._move_principal_part(*pissa_factors(read_weight(self.base), self.r, self.scale, niter))
+            if niter is not None:  # randomised: keep the starting factors (see the module docstring)
                 self.initial_A, self.initial_B = self.lora_A.weight.clone(), self.lora_B.weight.clone()
         elif init == "olora":
-            self._move_principal_part(*self._olora_factors())
+            self._move_principal_part(*olora_factors(read_weight(self.base), self.r))
         else:
             raise ValueError(
                 f"unknown LoRA init {init!r}; use kaiming, gaussian, pissa, pissa_niter_<N> or olora"
             )
-
-    def _pissa_factors(self, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = read_weight(self.base)
-        if init == "pissa":
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            U, S, Vh = U[:, : self.r], S[: self.r], Vh[: self.r]
-        else:
-            niter = int(init.removeprefix("pissa_niter_"))
-            U, S, V = torch.svd_lowrank(weight, q=self.r, niter=niter)
-            Vh = V.T
-        root = torch.sqrt(S / self.scale)
-        return root[:, None] * Vh, U * root[None, :]  # A, B: s * B @ A == U_r S_r V_r^T
-
-    def _olora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        Q, R = torch.linalg.qr(read_weight(self.base))
-        return R[: self.r], Q[:, : self.r]
 
     def _move_principal_part(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Set the adapter to (A, B) and leave the base holding W - s B A."""

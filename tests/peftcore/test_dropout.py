@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peftcore.dropout import apply_drop, dropped_positions
+from peftcore.kernels.dropout import apply_drop, dropped_positions
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])

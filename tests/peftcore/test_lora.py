@@ -10,6 +10,7 @@ from conftest import assert_merged_matches_peft, build_t5, t5_batch
 from torch import nn
 
 from peftcore import LoRAConfig, LoRALinear, disable_adapters, inject, merge, unmerge
+from peftcore.lora_init import olora_factors, pissa_factors
 from peftcore.surgery import adapter_layers
 
 PEFT_INIT = {
@@ -102,7 +103,7 @@ def test_the_fused_forward_and_backward_equal_autograds(bias, input_grad, alpha)
     layer = LoRALinear(nn.Linear(20, 12, bias=bias), r=3, alpha=alpha).train()
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 4, 20, requires_grad=input_grad)
-    assert layer._fusable(x)
+    assert layer.uses_fused_kernel(x)
     results = []
     for forward in (layer, lambda x: unfused(layer, x)):
         layer.zero_grad()
@@ -137,13 +138,13 @@ def test_mixed_dtypes_and_nf4_bases_take_the_unfused_path_and_dropout_only_on_th
     on_meta = LoRALinear(
         nn.Linear(8, 8, device="meta"), r=2, alpha=2, dropout=0.1
     )  # stands for an accelerator
-    assert not on_meta.train()._fusable(torch.empty(3, 8, device="meta"))
+    assert not on_meta.train().uses_fused_kernel(torch.empty(3, 8, device="meta"))
     x = torch.randn(3, 8)
     dropping = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.1)
-    assert dropping.train()._fusable(x) and dropping.eval()._fusable(x)
+    assert dropping.train().uses_fused_kernel(x) and dropping.eval().uses_fused_kernel(x)
     half_base = LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2, alpha=2)
     half_base.lora_A.float(), half_base.lora_B.float()
-    assert not half_base._fusable(x.bfloat16()) and half_base(x.bfloat16()).dtype == torch.bfloat16
+    assert not half_base.uses_fused_kernel(x.bfloat16()) and half_base(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_update_has_rank_at_most_r():
@@ -177,6 +178,25 @@ def test_principal_inits_keep_the_output_at_step_zero(init):
     expected = base(x).detach()
     layer = LoRALinear(base, r=8, alpha=16, init=init)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_principal_factors_are_the_docstrings_equations():
+    """pissa_factors: s B A = U_r S_r V_r^T, A and B sharing sqrt(S_r / s); olora_factors: B A = Q_r R_r
+    with B's columns orthonormal."""
+    torch.manual_seed(0)
+    r, scale = 4, 2.5
+    weight = torch.randn(30, r) @ torch.randn(r, 40) + 0.01 * torch.randn(30, 40)  # a clear top-r part
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    A, B = pissa_factors(weight, r, scale)
+    assert A.shape == (r, 40) and B.shape == (30, r)
+    torch.testing.assert_close(scale * B @ A, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])
+    torch.testing.assert_close(A.norm(dim=1), torch.sqrt(S[:r] / scale))
+    A, B = pissa_factors(weight, r, scale, niter=2)  # randomised: close to the top-r part
+    torch.testing.assert_close(scale * B @ A, U[:, :r] @ torch.diag(S[:r]) @ Vh[:r], atol=1e-3, rtol=0)
+    A, B = olora_factors(weight, r)
+    Q, R = torch.linalg.qr(weight)
+    torch.testing.assert_close(B @ A, Q[:, :r] @ R[:r])
+    torch.testing.assert_close(B.T @ B, torch.eye(r), atol=1e-5, rtol=0)
 
 
 def test_disable_adapters_runs_the_base_alone(tiny_t5):
@@ -260,14 +280,14 @@ def test_principal_inits_match_peft(init):
 def test_the_fused_dropout_path_equals_the_equation_with_the_same_mask(input_grad):
     """Training with dropout on the CPU: y = W x + b + s B A (m * x / (1 - p)), m the mask drawn
     by position; output and every gradient against autograd on the equation with that mask."""
-    from peftcore.dropout import dropped_positions
+    from peftcore.kernels.dropout import dropped_positions
 
     torch.manual_seed(0)
     p = 0.2
     layer = LoRALinear(nn.Linear(20, 12), r=3, alpha=5.0, dropout=p).train()
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 4, 20, requires_grad=input_grad)
-    assert layer._fusable(x)
+    assert layer.uses_fused_kernel(x)
     torch.manual_seed(7)
     out = layer(x)
     torch.manual_seed(7)
