@@ -1,80 +1,96 @@
 """``python -m experiments <command> ...``: every command of the project in one table.
 
-fit / validate / test / predict are LightningCLI's (experiments/cli.py); the others are this
-project's own. ``python -m experiments <command> --help`` documents a command's options.
+fit / validate / test / predict are LightningCLI's (experiments/cli.py); each other command is a
+plain function whose signature and docstring jsonargparse turns into its options. A command's
+expected failures (bad input, a missing file, nothing completed) print as one ``error:`` line
+instead of a traceback. ``python -m experiments <command> --help`` documents a command's options.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 
 
-def _lightning(argv: list[str]) -> None:
-    from experiments.cli import lightning_cli
+@dataclass(frozen=True)
+class Command:
+    """A command: the function it runs (``module:name``, imported only when it runs), one line of
+    help, and the exceptions (``module:name``) that mean bad input and print without a traceback.
+    ``lightning``: the function is the LightningCLI and takes the whole argument list."""
 
-    lightning_cli(argv)
-
-
-def _evaluate(argv: list[str]) -> None:
-    from experiments.evaluate import evaluate_cli
-
-    evaluate_cli(argv[1:])
-
-
-def _report(argv: list[str]) -> None:
-    from experiments.evaluate import report_cli
-
-    report_cli(argv[1:])
+    function: str
+    help: str
+    expected: tuple[str, ...] = ("builtins:ValueError",)
+    lightning: bool = False
 
 
-def _sweep(argv: list[str]) -> None:
-    from experiments.sweep import sweep_cli
+LIGHTNING = "experiments.cli:lightning_cli"
+MISSING_FILE = "builtins:FileNotFoundError"
+SWEEP_FAILED = "experiments.sweep:SweepFailed"
 
-    sweep_cli(argv[1:])
-
-
-def _study(argv: list[str]) -> None:
-    from experiments.study import study_cli
-
-    study_cli(argv[1:])
-
-
-def _pretrain(argv: list[str]) -> None:
-    from experiments.pretrain import pretrain_cli
-
-    pretrain_cli(argv[1:])
-
-
-# name -> (function of the whole argument list, one line of help)
-COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
-    "fit": (
-        _lightning,
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        LIGHTNING,
         "train (or resume with --ckpt_path last) from a config: --config, --model.*, --data.*, --trainer.*",
+        lightning=True,
     ),
-    "validate": (_lightning, "score a checkpoint on the validation split"),
-    "test": (_lightning, "score a checkpoint on the test split (loss and ROUGE)"),
-    "predict": (_lightning, "write a checkpoint's summaries of the test split to predictions.jsonl"),
-    "evaluate": (
-        _evaluate,
+    "validate": Command(LIGHTNING, "score a checkpoint on the validation split", lightning=True),
+    "test": Command(LIGHTNING, "score a checkpoint on the test split (loss and ROUGE)", lightning=True),
+    "predict": Command(
+        LIGHTNING, "write a checkpoint's summaries of the test split to predictions.jsonl", lightning=True
+    ),
+    "evaluate": Command(
+        "experiments.evaluate:evaluate",
         "one run on the test split: ROUGE, BERTScore, G-Eval, parameters, runtime, memory",
+        ("builtins:ValueError", MISSING_FILE, "experiments.bertscore:ModelUnavailable"),
     ),
-    "report": (_report, "tables (metrics, change against a base run) and plots from evaluated runs"),
-    "sweep": (
-        _sweep,
+    "report": Command(
+        "experiments.report:report",
+        "tables (metrics, change against a base run) and plots from evaluated runs",
+        ("builtins:ValueError", MISSING_FILE),
+    ),
+    "sweep": Command(
+        "experiments.sweep:sweep",
         "a hyperparameter search with Optuna over any fit option: --config experiments/sweeps/lora.yaml",
+        ("builtins:ValueError", SWEEP_FAILED),
     ),
-    "study": (
-        _study,
+    "study": Command(
+        "experiments.study:study",
         "the whole comparison: the base, each method's sweep or run, the test split, the report",
+        ("builtins:ValueError", SWEEP_FAILED),
     ),
-    "pretrain": (_pretrain, "pretrain a small T5 with span corruption on the bundled dialogues (offline)"),
+    "pretrain": Command(
+        "experiments.pretrain:pretrain",
+        "pretrain a small T5 with span corruption on the bundled dialogues (offline)",
+    ),
 }
+
+
+def _resolve(path: str) -> object:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run(name: str, argv: list[str]) -> None:
+    """Run command ``name`` with the options ``argv`` (the arguments after the command's name)."""
+    command = COMMANDS[name]
+    function = _resolve(command.function)
+    if command.lightning:
+        function([name, *argv])
+        return
+    from jsonargparse import CLI
+
+    expected = tuple(_resolve(path) for path in command.expected)
+    try:
+        CLI(function, args=argv)
+    except expected as err:  # bad input: the message, not a traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
     return (
         "usage: python -m experiments <command> [options]\n\ncommands:\n"
         + "\n".join(lines)
@@ -90,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    COMMANDS[argv[0]][0](argv)
+    run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
-"""``python -m experiments evaluate`` and ``python -m experiments report``.
-
-evaluate: one run (a checkpoint, an exported adapter, or the untuned base model) on the test
+"""``python -m experiments evaluate``: one run (a checkpoint, an exported adapter, or the untuned base model) on the test
 split: generate summaries, then ROUGE, BERTScore, G-Eval (when an API is configured) and the
 efficiency figures, written as ``<output_dir>/eval_record.json`` next to the predictions, stage
 by stage; the record says which stages completed, and ``--resume true`` computes only the rest.
-report: several such records -> tables (+ % change against a base run) and plots; records of
-different test examples are refused unless ``--allow_mixed true``.
+``python -m experiments report`` (experiments/report.py) compares such records.
 """
 
 from __future__ import annotations
@@ -19,15 +16,13 @@ from typing import NoReturn
 import lightning as L
 import torch
 import yaml
-from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import peftcore
-from experiments.bertscore import ModelUnavailable, bert_scores
+from experiments.bertscore import bert_scores
 from experiments.bertscore import check_available as check_bertscore_model
 from experiments.geval import GEvalConfig, GEvalUnavailable, check_judge, geval_available, geval_scores
 from experiments.metrics import rouge_scores
-from experiments.report import write_report
 from peftcore.files import write_atomically
 
 RECORD_NAME = "eval_record.json"
@@ -346,45 +341,3 @@ def _model_and_data_config(train_config: str, out: Path) -> Path:
         )
     kept = {k: v for k, v in config.items() if k not in COMMAND_KEYS}
     return write_atomically(out / "train_config.yaml", yaml.safe_dump(kept, sort_keys=False))
-
-
-def report(
-    records: list[str] | None = None,
-    out_dir: str = "runs/report",
-    base_run: str | None = None,
-    allow_mixed: bool = False,
-) -> None:
-    """Tables (Markdown, CSV), % change against ``base_run`` and plots from evaluation records.
-
-    Args:
-        records: ``eval_record.json`` files or the run directories holding them.
-        out_dir: where report.md, metrics.csv, change.csv and the PNGs go.
-        base_run: the run (by name) the % change table compares against.
-        allow_mixed: report records scored on different test examples (another test set, split
-            or number of examples) or BERTScore models, marked as mixed; by default they are refused.
-    """
-    if not records:
-        raise ValueError("--records is required: a list of eval_record.json files or run directories")
-    written = write_report(records, out_dir, base_run=base_run, allow_mixed=allow_mixed)
-    print(Path(written["markdown"]).read_text() if "markdown" in written else written)
-
-
-def evaluate_cli(argv: list[str]) -> None:
-    try:
-        CLI(evaluate, args=argv)
-    except (
-        ValueError,
-        FileNotFoundError,
-        ModelUnavailable,
-    ) as err:  # bad input: the message, not a traceback
-        raise SystemExit(f"error: {err}") from None
-
-
-def report_cli(argv: list[str]) -> None:
-    try:
-        CLI(report, args=argv)
-    except (
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # records that do not compare or are not there: the message
-        raise SystemExit(f"error: {err}") from None

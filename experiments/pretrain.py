@@ -235,9 +235,3 @@ def _save(model, record: dict, output: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"wrote {output}")
-
-
-def pretrain_cli(argv: list[str]) -> None:
-    from jsonargparse import CLI
-
-    CLI(pretrain, args=argv)

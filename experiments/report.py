@@ -1,4 +1,5 @@
-"""One table across runs: Markdown + CSV, % change against a base run, plots, TensorBoard.
+"""``python -m experiments report``: one table across runs: Markdown + CSV, % change against a
+base run, plots, TensorBoard.
 
 Input: the run records that ``evaluate`` writes, one ``eval_record.json`` per run::
 
@@ -352,3 +353,24 @@ def _write_tensorboard(
 
 def _safe_name(run: str) -> str:
     return re.sub(r"[^\w.-]+", "_", run) or "_"
+
+
+def report(
+    records: list[str] | None = None,
+    out_dir: str = "runs/report",
+    base_run: str | None = None,
+    allow_mixed: bool = False,
+) -> None:
+    """Tables (Markdown, CSV), % change against ``base_run`` and plots from evaluation records.
+
+    Args:
+        records: ``eval_record.json`` files or the run directories holding them.
+        out_dir: where report.md, metrics.csv, change.csv and the PNGs go.
+        base_run: the run (by name) the % change table compares against.
+        allow_mixed: report records scored on different test examples (another test set, split
+            or number of examples) or BERTScore models, marked as mixed; by default they are refused.
+    """
+    if not records:
+        raise ValueError("--records is required: a list of eval_record.json files or run directories")
+    written = write_report(records, out_dir, base_run=base_run, allow_mixed=allow_mixed)
+    print(Path(written["markdown"]).read_text() if "markdown" in written else written)

@@ -38,7 +38,8 @@ import yaml
 
 from experiments import evaluate as evaluation
 from experiments.geval import GEvalConfig
-from experiments.sweep import SweepFailed, sweep
+from experiments.report import report
+from experiments.sweep import sweep
 from peftcore.files import write_atomically
 
 
@@ -92,7 +93,7 @@ def study(
                 options,
             )
         )
-    evaluation.report(records=records, out_dir=str(root / "report"), base_run="base")
+    report(records=records, out_dir=str(root / "report"), base_run="base")
     return {"records": records, "report": str(root / "report" / "report.md")}
 
 
@@ -195,12 +196,3 @@ def _evaluated(root: Path, name: str, source: dict, options: dict) -> str:
         **{**options, "overrides": [*run_overrides, *options["overrides"]]},
     )
     return str(root / "eval" / name)
-
-
-def study_cli(argv: list[str]) -> None:
-    from jsonargparse import CLI
-
-    try:
-        CLI(study, args=argv)
-    except (ValueError, SweepFailed) as err:
-        raise SystemExit(f"error: {err}") from None

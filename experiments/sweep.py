@@ -718,15 +718,3 @@ def _failure_summary(name: str, finished: list[FrozenTrial], table: Path) -> str
     return f"no trial of sweep {name!r} completed ({len(finished)} finished); see {table}\n" + "\n".join(
         lines
     )
-
-
-def sweep_cli(argv: list[str]) -> None:
-    from jsonargparse import CLI
-
-    try:
-        CLI(sweep, args=argv)
-    except (
-        ValueError,
-        SweepFailed,
-    ) as err:  # a bad space or file, or nothing completed: the message, not a traceback
-        raise SystemExit(f"error: {err}") from None
