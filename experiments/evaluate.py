@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import peftcore
 from experiments.bertscore import bert_scores
 from experiments.bertscore import check_available as check_bertscore_model
+from experiments.callbacks import recorded_runtime
 from experiments.geval import GEvalConfig, GEvalUnavailable, check_judge, geval_available, geval_scores
 from experiments.metrics import rouge_scores
 from peftcore.files import write_atomically
@@ -117,7 +118,7 @@ def evaluate(
         print(f"evaluate: {run_name}: evaluated already ({out / RECORD_NAME})")
         return record
     if record is None:
-        record = _predict(
+        record, rows = _predict(
             train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens, overrides
         )
         record["completed"] = {"predictions": wanted["predictions"]}
@@ -125,11 +126,28 @@ def evaluate(
         print(
             f"evaluate: {run_name}: resuming {out / RECORD_NAME}: {', '.join(_missing(record, wanted))} still to do"
         )
+        rows = [json.loads(line) for line in Path(record["predictions"]).read_text().splitlines()]
+    # a finished G-Eval keeps its own settings (judge, method, failures)
+    if "geval" not in record["completed"]:
+        record["settings"]["geval"] = geval_note
+    _score(record, rows, wanted, out, bertscore_model, bertscore_layers, geval, geval_on, geval_note)
+    rank_zero_info(f"wrote {out / RECORD_NAME}")
+    return record
+
+
+def _score(
+    record: dict,
+    rows: list[dict],
+    wanted: dict[str, dict],
+    out: Path,
+    bertscore_model: str | None,
+    bertscore_layers: int | None,
+    geval: GEvalConfig,
+    geval_on: bool,
+    geval_note: str,
+) -> None:
+    """Compute the metric stages the record still lacks, rewriting it after each one."""
     metrics, settings = record["metrics"], record["settings"]
-    if (
-        "geval" not in record["completed"]
-    ):  # a finished G-Eval keeps its own settings (judge, method, failures)
-        settings["geval"] = geval_note
 
     def done(stage: str | None = None) -> None:
         if stage is not None:
@@ -138,7 +156,6 @@ def evaluate(
         write_atomically(out / RECORD_NAME, json.dumps(record, indent=2))
 
     done()
-    rows = [json.loads(line) for line in Path(record["predictions"]).read_text().splitlines()]
     predictions = [row["prediction"] for row in rows]
     references = [
         row["reference"] if isinstance(row["reference"], list) else [row["reference"]] for row in rows
@@ -167,8 +184,6 @@ def evaluate(
         done("geval")
     elif not geval_on:
         rank_zero_info(geval_note)
-    rank_zero_info(f"wrote {out / RECORD_NAME}")
-    return record
 
 
 def _wanted_stages(
@@ -236,8 +251,9 @@ def _predict(
     num_beams: int | None,
     max_new_tokens: int | None,
     overrides: list[str] | None,
-) -> dict:
-    """Build the run, write its summaries of the test split; a record with the efficiency figures."""
+) -> tuple[dict, list[dict]]:
+    """Build the run and generate its summaries of the test split (written to the predictions
+    file by the module's PredictionWriter): a record with the efficiency figures, and the rows."""
     from experiments.checkpointing import read_checkpoint
     from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of, same_model
 
@@ -246,7 +262,7 @@ def _predict(
     args += [f"--model.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
     cli = lightning_cli(args, run=False)
     module, data = cli.model, cli.datamodule
-    module.hparams.predictions_path = str(out / "predictions.jsonl")
+    module.hparams.predictions_path = str(out / "predictions.jsonl")  # PredictionWriter's file
     epoch: int | None = 0  # the untuned base trained for 0 epochs; an exported adapter does not say
     runtime: float | None = 0.0
     if ckpt_path in NAMED_CHECKPOINTS:
@@ -263,7 +279,7 @@ def _predict(
         same_model(cli.config.model, checkpoint.get("hyper_parameters") or {}, ckpt_path, _refuse)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
-        epoch, runtime = checkpoint.get("epoch", 0) + 1, round(module.train_runtime, 1)
+        epoch, runtime = checkpoint.get("epoch", 0) + 1, round(recorded_runtime(checkpoint), 1)
     elif adapter is not None:
         _load_adapter(module.model, adapter, train_config)
         epoch = runtime = None
@@ -276,8 +292,7 @@ def _predict(
     trainer = L.Trainer(
         accelerator=cli.trainer.accelerator, devices=1, logger=False, enable_progress_bar=False
     )
-    trainer.predict(module, datamodule=data)
-    examples = len(Path(module.hparams.predictions_path).read_text().splitlines())
+    rows = [row for batch in trainer.predict(module, datamodule=data) for row in batch]
     metrics: dict = {**module.efficiency(), "epoch": epoch, "train_runtime": runtime}
     if torch.cuda.is_available():
         metrics["peak_accelerator_memory"] = torch.cuda.max_memory_allocated() / 2**30
@@ -286,7 +301,7 @@ def _predict(
         "ckpt_path": ckpt_path,
         "adapter": adapter,
         "base_model": base_model,
-        "examples": examples,
+        "examples": len(rows),
         "test_set": _test_set(cli.config.as_dict().get("data") or {}),
         "num_beams": module.hparams.num_beams,
         "max_new_tokens": module.hparams.max_new_tokens,
@@ -294,12 +309,13 @@ def _predict(
             "NoneType", "full or none"
         ),
     }
-    return {
+    record = {
         "run": run_name,
         "metrics": metrics,
         "settings": settings,
         "predictions": module.hparams.predictions_path,
     }
+    return record, rows
 
 
 def _test_set(data: dict) -> dict:

@@ -1,113 +1,44 @@
-"""Seq2SeqFineTuner: one LightningModule for every method (full, LoRA, QLoRA, IA3).
+"""Seq2SeqFineTuner: one LightningModule for every method (full, LoRA, QLoRA, IA3, ...).
 
-The model is built, optionally quantized, then given an adapter, all in ``__init__``:
+The model is built (experiments/model.py), optionally quantized, then given an adapter, all in
+``__init__``:
 
     from_pretrained(name | path)  or  T5 config of a named shape with random weights (explicit)
     -> peftcore.quantize(model, NF4Config)      (QLoRA)
     -> peftcore.inject(model, the method's config)   (any of peftcore.methods.METHODS)
 
-Checkpoints hold only what trains (plus optimizer, scheduler and loop state), so a t5-base LoRA
-checkpoint is megabytes; the frozen base is rebuilt from the same settings on resume.
+The module holds the steps, generation and the optimizer; what is not a step comes with it as
+callbacks (experiments/callbacks.py: the place inside an epoch for resuming, step timing, the
+best adapter's export, the predictions file). Checkpoints hold only what trains (plus optimizer,
+scheduler, loop and callback state), so a t5-base LoRA checkpoint is megabytes; the frozen base
+is rebuilt from the same settings on resume.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
 import math
-import time
-from pathlib import Path
-from typing import Any, NoReturn, Union
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
-import transformers
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 import peftcore
-from experiments.callbacks import TrainingPlace
-from experiments.data import ASSETS, set_sampler_epoch, tokenizer_path
+from experiments.callbacks import BestAdapterExport, PredictionWriter, StepTimer, TrainingPlace
+from experiments.data import set_sampler_epoch
 from experiments.metrics import ROUGE_KEYS, Rouge
-from peftcore import methods
+from experiments.model import (
+    MethodConfig,
+    build_model,
+    check_model_source,
+    method_fields,
+    with_tokenizer_path,
+)
 from peftcore.config import NF4Config
-from peftcore.files import write_atomically
 from peftcore.loraplus import param_groups
-from peftcore.t5 import SHAPES, t5_config
 
 OPTIMIZERS = ("adamw", "paged_adamw")
-
-# Checkpoints store the hyperparameters, method configs included; torch.load(weights_only=True)
-# (Lightning's default on resume) unpickles only allow-listed classes. These are plain dataclasses.
-torch.serialization.add_safe_globals([*methods.config_classes(), NF4Config])
-# The method option: any method's config (the CLI then knows their fields).
-MethodConfig = Union[methods.config_classes()]  # noqa: UP007 (a Union of a runtime tuple)
-
-
-def method_fields() -> str:
-    """One line per method: its config class and its fields (for ``fit --help``)."""
-    return "; ".join(
-        f"{cls.__name__} ({', '.join(f.name for f in dataclasses.fields(cls))})"
-        for cls in methods.config_classes()
-    )
-
-
-BUNDLED = "bundled:"  # pretrained: bundled:t5-tiny-dialogue names a model shipped in experiments/assets
-
-
-def _bundled_model(name: str) -> Path:
-    path = ASSETS / name
-    if not (path / "config.json").is_file():
-        shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
-        raise ValueError(f"no bundled model {name!r}; the bundled models are {shipped}")
-    return path
-
-
-def check_model_source(pretrained: str | None, shape: str | None, random_init: bool) -> None:
-    """Exactly one of: real weights from ``pretrained``, or a named shape with ``random_init``."""
-    if pretrained and shape:
-        raise ValueError(f"give either pretrained ({pretrained!r}) or shape ({shape!r}), not both")
-    if pretrained:
-        if pretrained.startswith(BUNDLED):
-            _bundled_model(pretrained.removeprefix(BUNDLED))
-        return
-    if not shape:
-        raise ValueError("set pretrained (a hub name such as google-t5/t5-base, or a local path) or shape")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known shapes: {sorted(SHAPES)}")
-    if not random_init:
-        raise ValueError(
-            f"shape={shape!r} builds a model with random weights; set random_init: true to ask for that explicitly, "
-            "or set pretrained to load real weights"
-        )
-
-
-def build_model(
-    pretrained: str | None, shape: str | None, random_init: bool, gated: bool, dropout_rate: float | None
-) -> transformers.T5ForConditionalGeneration:
-    """The model ``check_model_source`` allows: real weights, or a named shape's random ones."""
-    check_model_source(pretrained, shape, random_init)
-    overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
-    if pretrained:
-        if pretrained.startswith(BUNDLED):
-            pretrained = str(_bundled_model(pretrained.removeprefix(BUNDLED)))
-        # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
-        # precision setting decides the compute dtype.
-        return transformers.T5ForConditionalGeneration.from_pretrained(
-            pretrained, dtype=torch.float32, **overrides
-        )
-    config = t5_config(shape, gated=gated)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return transformers.T5ForConditionalGeneration(config)
-
-
-def with_tokenizer_path(peft: MethodConfig) -> MethodConfig:
-    """``peft`` with its ``tokenizer`` (prompt tuning's text init) as a hub name or a path: a
-    bundled name (``bundled:t5-tokenizer``) becomes the shipped tokenizer's path, found from any
-    working directory (the saved hyperparameters keep the portable name)."""
-    tokenizer = getattr(peft, "tokenizer", None)
-    return peft if tokenizer is None else dataclasses.replace(peft, tokenizer=tokenizer_path(tokenizer))
 
 
 def _check_training(
@@ -239,12 +170,6 @@ class Seq2SeqFineTuner(L.LightningModule):
         self._loss = torch.compile(self._model_loss, dynamic=True) if compile else self._model_loss
         self.strict_loading = False  # checkpoints hold only the trainable part
         self.val_rouge, self.test_rouge = Rouge(), Rouge()
-        self.best_val_loss = math.inf
-        self._predictions: list[dict] = []
-        self._step_started = 0.0
-        self.first_step_seconds: float | None = None  # of this process's fit
-        self.train_runtime = 0.0  # seconds of fit, summed over resumed runs
-        self._fit_started: float | None = None
 
     @classmethod
     def check_settings(cls, **settings: Any) -> None:
@@ -279,15 +204,12 @@ class Seq2SeqFineTuner(L.LightningModule):
         }
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks that come with this module, whatever the Trainer is given."""
-        return [TrainingPlace()]
-
-    def on_train_start(self) -> None:
-        self._fit_started = time.perf_counter()
-
-    def _runtime(self) -> float:
-        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
-        return self.train_runtime + running
+        """What comes with this module, whatever the Trainer is given: the resumable place inside
+        an epoch, step timing, the best adapter's export (for a method) and the predictions file."""
+        callbacks: list[L.Callback] = [TrainingPlace(), StepTimer(compiled=self.hparams.compile)]
+        if self.hparams.export_best_adapter and self.hparams.peft is not None:
+            callbacks.append(BestAdapterExport())
+        return [*callbacks, PredictionWriter(self.hparams.predictions_path)]
 
     def on_fit_start(self) -> None:
         stats = self.efficiency()
@@ -314,29 +236,12 @@ class Seq2SeqFineTuner(L.LightningModule):
         # epoch continues it without this hook: its loader's load_state_dict places it.)
         set_sampler_epoch(self.trainer.train_dataloader, self.current_epoch)
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         size = len(batch["ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/padding_fraction", batch["padding_fraction"], batch_size=size)
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        elapsed = max(time.perf_counter() - self._step_started, 1e-9)
-        if self.first_step_seconds is None:  # it holds the compilation (and lazy initialisation)
-            self.first_step_seconds = elapsed
-            rank_zero_info(
-                f"first training step: {elapsed:.1f} s"
-                + (" (compilation included)" if self.hparams.compile else "")
-            )
-            if self.logger is not None:  # straight to the logger: self.log would wait for log_every_n_steps
-                self.logger.log_metrics({"train/first_step_s": elapsed}, step=self.global_step)
-        self.log("train/tokens_per_s", tokens / elapsed, batch_size=len(batch["ids"]))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["ids"]))
 
     def _evaluate(self, batch: dict, stage: str, rouge: Rouge, generate: bool) -> None:
         size = len(batch["ids"])
@@ -360,11 +265,6 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_rouge("val", self.val_rouge)
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None and not self.trainer.sanity_checking and float(loss) < self.best_val_loss:
-            self.best_val_loss = float(loss)
-            if self.hparams.export_best_adapter and self.hparams.peft is not None:
-                self._export_adapter(Path(self._log_dir()) / "best_adapter")
 
     def on_test_epoch_end(self) -> None:
         self._log_rouge("test", self.test_rouge)
@@ -384,28 +284,13 @@ class Seq2SeqFineTuner(L.LightningModule):
         return self.trainer.datamodule.tokenizer
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        rows = [
+        """One row per dialogue (written to a JSONL file by ``PredictionWriter``)."""
+        return [
             {"id": i, "dialogue": src, "reference": refs[0] if len(refs) == 1 else refs, "prediction": pred}
             for i, src, refs, pred in zip(
                 batch["ids"], batch["sources"], batch["references"], self.generate_summaries(batch)
             )
         ]
-        self._predictions.extend(rows)
-        return rows
-
-    def on_predict_epoch_end(self) -> None:
-        path = (
-            Path(self.hparams.predictions_path)
-            if self.hparams.predictions_path
-            else _unused(Path(self._log_dir()))
-        )
-        if self.trainer.world_size > 1:
-            path = path.with_suffix(f".rank{self.global_rank}.jsonl")
-        write_atomically(
-            path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self._predictions)
-        )
-        rank_zero_info(f"wrote {len(self._predictions)} predictions to {path}")
-        self._predictions = []
 
     # --- optimisation -------------------------------------------------------------------------
 
@@ -448,8 +333,6 @@ class Seq2SeqFineTuner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["best_val_loss"] = self.best_val_loss
-        checkpoint["train_runtime"] = self._runtime()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
@@ -459,28 +342,6 @@ class Seq2SeqFineTuner(L.LightningModule):
                 f"the checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]!r}); "
                 "was it written with another peft method, target_modules or model?"
             )
-        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
-        self.train_runtime = checkpoint.get("train_runtime", 0.0)
-
-    @rank_zero_only
-    def _export_adapter(self, path: Path) -> None:
-        if not self.trainer.fast_dev_run:  # fast_dev_run writes nothing, as Lightning promises
-            peftcore.save_adapter(self.model, path)
-
-    def _log_dir(self) -> str:
-        logger = self.trainer.logger
-        return (
-            logger.log_dir if logger is not None and logger.log_dir else None
-        ) or self.trainer.default_root_dir
-
-
-def _unused(run_dir: Path) -> Path:
-    """``predictions.jsonl`` in the run's directory, or for a later predict on the same run
-    ``predictions-2.jsonl``, ``-3``...: one command's output never replaces another's."""
-    path, k = run_dir / "predictions.jsonl", 2
-    while path.exists():
-        path, k = run_dir / f"predictions-{k}.jsonl", k + 1
-    return path
 
 
 # fit --help shows the docstring: the method list in it comes from peftcore.methods.

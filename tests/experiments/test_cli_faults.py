@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import peftcore
 from experiments import cli as cli_module
+from experiments.callbacks import BestAdapterExport
 from experiments.checkpointing import DamagedCheckpoint, LocalCheckpointIO, RunCheckpoint, read_checkpoint
 from experiments.cli import lightning_cli
 
@@ -60,8 +61,9 @@ def test_best_ckpt_is_written_when_a_periodic_save_lands_on_a_validation_step(tm
     checkpoints = tmp_path / RUN / "checkpoints"
     assert {"best.ckpt", "last.ckpt"} <= {p.name for p in checkpoints.iterdir()}
     best = read_checkpoint(checkpoints / "best.ckpt")
-    state = next(iter(best["callbacks"].values()))
-    assert float(state["best_model_score"]) == pytest.approx(cli.model.best_val_loss)
+    state = next(v for k, v in best["callbacks"].items() if k.startswith("RunCheckpoint"))
+    exporter = next(c for c in cli.trainer.callbacks if isinstance(c, BestAdapterExport))
+    assert float(state["best_model_score"]) == pytest.approx(exporter.best_val_loss)
     # best.ckpt and best_adapter/ hold the same tensors: the adapter saved from best.ckpt's state is the exported one
     cli.model.load_state_dict(best["state_dict"], strict=False)
     peftcore.save_adapter(cli.model.model, tmp_path / "from_best")

@@ -8,7 +8,7 @@ import pytest
 
 import peftcore
 from experiments.__main__ import main
-from experiments.module import build_model
+from experiments.model import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")

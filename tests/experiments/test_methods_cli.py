@@ -11,7 +11,7 @@ import torch
 import peftcore
 from experiments.__main__ import main
 from experiments.cli import lightning_cli
-from experiments.module import build_model
+from experiments.model import build_model
 from peftcore import methods
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,9 +15,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import peftcore
+from experiments.callbacks import StepTimer
 from experiments.cli import lightning_cli
 from experiments.data import DialogSummaryDataModule
-from experiments.module import Seq2SeqFineTuner, build_model
+from experiments.model import build_model
+from experiments.module import Seq2SeqFineTuner
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
@@ -297,7 +299,8 @@ def test_compiled_fit_trains_like_the_eager_one_and_reports_its_first_step(tmp_p
 
     eager, _, _ = tiny_run(tmp_path / "a", max_epochs=1)
     counters.clear()
-    compiled, _, module = tiny_run(tmp_path / "b", max_epochs=1, compile=True)
+    compiled, trainer, _ = tiny_run(tmp_path / "b", max_epochs=1, compile=True)
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo compiled the loss, not fell back to eager
     assert compiled == pytest.approx(eager, rel=1e-4)
-    assert module.first_step_seconds > 0
+    timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    assert timer.compiled and timer.first_step_seconds > 0
