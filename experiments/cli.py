@@ -13,8 +13,8 @@ builds Seq2SeqFineTuner (``model:``), DialogSummaryDataModule (``data:``) and th
 - The method section ``model.peft`` is typed with the config classes: a typo names the key,
   the valid ones and, for peft's names, the peftcore one; a bad value shows the config's own
   message; ``fit --model.peft.help LoRAConfig`` lists a method's fields.
-- One way to choose the optimizer: ``model.optimizer`` (with ``model.lr``, ``weight_decay``,
-  ``betas``, ``warmup_ratio``). Lightning's ``--optimizer`` / ``--lr_scheduler`` are refused.
+- One way to choose the optimizer: the section ``model.optimizer`` (``name``, ``lr``,
+  ``weight_decay``, ``betas``, ``warmup_ratio``, ...). Lightning's ``--optimizer`` / ``--lr_scheduler`` are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from experiments.checkpointing import LAST, read_checkpoint
 from experiments.data import DialogSummaryDataModule
 from experiments.module import Seq2SeqFineTuner
+from experiments.settings import GenerationSettings, OptimizerSettings
 from peftcore import methods
 from peftcore.peft_format import peft_names
 
@@ -94,7 +95,7 @@ class ProjectParser(LightningArgumentParser):
     before it); errors about ``model.peft`` say what to write instead."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        message = explain_method_error(message)
+        message = explain_moved_option(explain_method_error(message))
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)
         command = getattr(getattr(ex, "subcommand_parser", None), "prog", self.prog).replace(" [options]", "")
@@ -111,7 +112,7 @@ class ProjectCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's version of this hook loads the checkpoint's hyperparameters over the parsed
-        config, so ``--ckpt_path FILE`` silently undid ``--model.num_beams 4`` (and it shows a
+        config, so ``--ckpt_path FILE`` silently undid ``--model.generation.num_beams 4`` (and it shows a
         damaged file as a raw traceback); LightningCLI offers no public switch for it. Here what
         the command gives wins; the base and the method, which a trained checkpoint cannot
         change, are checked against the checkpoint and refused by name when they differ."""
@@ -204,6 +205,31 @@ def config_class(class_path: str) -> type:
     return getattr(importlib.import_module(module or "peftcore"), name)
 
 
+# Options that moved into the model's groups: the flat name -> where it is now.
+MOVED_OPTIONS = {
+    **{name: f"optimizer.{name}" for name in (f.name for f in dataclasses.fields(OptimizerSettings))},
+    **{name: f"generation.{name}" for name in (f.name for f in dataclasses.fields(GenerationSettings))},
+}
+
+
+def explain_moved_option(message: str) -> str:
+    """An unknown flat ``model.lr`` (or ``model.num_beams``...), or a string given for the
+    ``model.optimizer`` section: the message says where the option is now."""
+    flat = re.search(r"model\.(\w+)", message) if re.search(r"unrecognized|not accept", message) else None
+    if flat and flat.group(1) in MOVED_OPTIONS and flat.group(1) != "name":
+        moved = MOVED_OPTIONS[flat.group(1)]
+        return (
+            f"model.{flat.group(1)} is now model.{moved} (the optimizer and generation options have their "
+            f"own sections: model: {{{moved.split('.')[0]}: {{{flat.group(1)}: ...}}}}, or --model.{moved})"
+        )
+    if '"model.optimizer"' in message and "Unable to load config" in message:
+        return (
+            "model.optimizer is a section now: give the optimizer's name as model.optimizer.name "
+            "(--model.optimizer.name paged_adamw, or model: {optimizer: {name: paged_adamw}})"
+        )
+    return message
+
+
 def explain_method_error(message: str) -> str:
     """jsonargparse's error for an unknown key under model.peft, said plainly: the key, the
     config's fields and, for a peft name, the peftcore field to use."""
@@ -242,8 +268,8 @@ def _refuse_lightning_optimizer(name: str):
     def refuse(value: object) -> NoReturn:
         raise argparse.ArgumentTypeError(
             f"Lightning's --{name} is not used here: it would replace the project's AdamW with its weight-decay "
-            "groups and warm-up. Choose with --model.optimizer (adamw | paged_adamw), --model.lr, "
-            "--model.weight_decay, --model.betas and --model.warmup_ratio"
+            "groups and warm-up. Choose with --model.optimizer.name (adamw | paged_adamw), --model.optimizer.lr, "
+            "--model.optimizer.weight_decay, --model.optimizer.betas and --model.optimizer.warmup_ratio"
         )
 
     refuse.__name__ = f"refused_{name}"

@@ -258,8 +258,8 @@ def _predict(
     from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of, same_model
 
     args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
-    args += [f"--model.num_beams={num_beams}"] * (num_beams is not None)
-    args += [f"--model.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
+    args += [f"--model.generation.num_beams={num_beams}"] * (num_beams is not None)
+    args += [f"--model.generation.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
     cli = lightning_cli(args, run=False)
     module, data = cli.model, cli.datamodule
     module.hparams.predictions_path = str(out / "predictions.jsonl")  # PredictionWriter's file
@@ -303,8 +303,8 @@ def _predict(
         "base_model": base_model,
         "examples": len(rows),
         "test_set": _test_set(cli.config.as_dict().get("data") or {}),
-        "num_beams": module.hparams.num_beams,
-        "max_new_tokens": module.hparams.max_new_tokens,
+        "num_beams": module.generation.num_beams,
+        "max_new_tokens": module.generation.max_new_tokens,
         "method": type(getattr(module.model, "peftcore_config", None)).__name__.replace(
             "NoneType", "full or none"
         ),

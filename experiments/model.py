@@ -18,13 +18,16 @@ import torch
 import transformers
 
 from experiments.data import ASSETS, tokenizer_path
+from experiments.settings import GenerationSettings, OptimizerSettings
 from peftcore import methods
 from peftcore.config import NF4Config
 from peftcore.t5 import SHAPES, t5_config
 
 # Checkpoints store the hyperparameters, method configs included; torch.load(weights_only=True)
 # (Lightning's default on resume) unpickles only allow-listed classes. These are plain dataclasses.
-torch.serialization.add_safe_globals([*methods.config_classes(), NF4Config])
+torch.serialization.add_safe_globals(
+    [*methods.config_classes(), NF4Config, OptimizerSettings, GenerationSettings]
+)
 # The method option: any method's config (the CLI then knows their fields).
 MethodConfig = Union[methods.config_classes()]  # noqa: UP007 (a Union of a runtime tuple)
 

@@ -17,8 +17,7 @@ is rebuilt from the same settings on resume.
 from __future__ import annotations
 
 import inspect
-import math
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,54 +34,9 @@ from experiments.model import (
     method_fields,
     with_tokenizer_path,
 )
+from experiments.settings import GenerationSettings, OptimizerSettings, settings_of
 from peftcore.config import NF4Config
 from peftcore.loraplus import param_groups
-
-OPTIMIZERS = ("adamw", "paged_adamw")
-
-
-def _check_training(
-    optimizer: str,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    warmup_ratio: float,
-    loraplus_lr_ratio: float | None,
-    num_beams: int,
-    max_new_tokens: int,
-    dropout_rate: float | None,
-    gpu_budget_bytes: int | None,
-) -> None:
-    """Refuse, by the option's name, values that torch or generate would take with a confusing
-    error (``num_beams: 0`` divides by zero) or without one (a negative weight decay)."""
-
-    def refuse(name: str, value: object, allowed: str) -> NoReturn:
-        raise ValueError(f"model.{name} must be {allowed}, got {value!r}")
-
-    if optimizer not in OPTIMIZERS:
-        refuse("optimizer", optimizer, f"one of {OPTIMIZERS}")
-    if not 0.0 <= warmup_ratio < 1.0:
-        refuse("warmup_ratio", warmup_ratio, "in [0, 1)")
-    if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
-        refuse("loraplus_lr_ratio", loraplus_lr_ratio, "a positive number (about 16 in the paper), or null")
-    if not (math.isfinite(lr) and lr > 0):
-        refuse("lr", lr, "a positive number (the peak learning rate, e.g. 1e-3)")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        refuse("weight_decay", weight_decay, "a number >= 0 (0 turns weight decay off)")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        refuse("betas", list(betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if num_beams < 1:
-        refuse("num_beams", num_beams, "an integer >= 1 (1 is greedy decoding)")
-    if max_new_tokens < 1:
-        refuse("max_new_tokens", max_new_tokens, "an integer >= 1 (the longest generated summary, in tokens)")
-    if dropout_rate is not None and not 0.0 <= dropout_rate < 1.0:
-        refuse("dropout_rate", dropout_rate, "in [0, 1), or null to keep the model's own")
-    if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
-        refuse(
-            "gpu_budget_bytes",
-            gpu_budget_bytes,
-            "a number of bytes >= 0, or null (all optimizer state on the device)",
-        )
 
 
 class Seq2SeqFineTuner(L.LightningModule):
@@ -98,23 +52,14 @@ class Seq2SeqFineTuner(L.LightningModule):
             None trains every weight (full fine-tuning). The methods and their fields:
             {method_fields}. ``--model.peft.help <config>`` describes each field.
         quantization: an NF4Config to quantize the frozen base first (QLoRA); None keeps it as loaded.
-        optimizer: ``adamw`` (torch) or ``paged_adamw`` (peftcore.PagedAdamW).
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay, applied to matrices only (not to biases, norms,
-            or IA3 vectors, which decay toward a meaningless zero).
-        betas: AdamW betas.
-        warmup_ratio: fraction of the training steps with linear warm-up; then linear decay to 0.
-        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the B factors and the 1-D adapter
-            parameters train at ``lr * loraplus_lr_ratio`` (as peft's create_loraplus_optimizer);
-            None (the default) is plain training. peft requires the ratio; so does this: no
-            default ratio is assumed (the paper uses about 16).
-        gpu_budget_bytes: PagedAdamW's device budget for optimizer state (None: all on device).
+        optimizer: the optimizer and its schedule (``OptimizerSettings``: name, lr, weight_decay,
+            betas, warmup_ratio, loraplus_lr_ratio, gpu_budget_bytes).
         gradient_checkpointing: recompute activations in backward to save memory.
         compile: ``torch.compile`` the loss (forward and backward; generation stays eager), with
             dynamic shapes so that batches of new lengths do not recompile. The first training
             step includes the compilation: its seconds are logged as ``train/first_step_s``.
-        num_beams: beams for generation in validation/test/predict.
-        max_new_tokens: longest generated summary.
+        generation: how summaries are generated in validation, test and predict
+            (``GenerationSettings``: num_beams, max_new_tokens).
         generate_in_validation: score ROUGE on generated summaries in validation (slower).
         export_best_adapter: after each validation with a new best loss, save the adapter in
             peft's format to ``<log_dir>/best_adapter``.
@@ -132,29 +77,20 @@ class Seq2SeqFineTuner(L.LightningModule):
         dropout_rate: float | None = None,
         peft: MethodConfig | None = None,
         quantization: NF4Config | None = None,
-        optimizer: str = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_ratio: float = 0.0,
-        loraplus_lr_ratio: float | None = None,
-        gpu_budget_bytes: int | None = None,
+        optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008 (frozen: one shared default is safe)
         gradient_checkpointing: bool = False,
         compile: bool = False,
-        num_beams: int = 1,
-        max_new_tokens: int = 64,
+        generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
         generate_in_validation: bool = True,
         export_best_adapter: bool = True,
         predictions_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optimizer_settings = settings_of(OptimizerSettings, optimizer, "optimizer")
+        self.generation = settings_of(GenerationSettings, generation, "generation")
         self.check_settings(
-            **{
-                key: self.hparams[key]
-                for key in inspect.signature(type(self).__init__).parameters
-                if key in self.hparams
-            }
+            pretrained=pretrained, shape=shape, random_init=random_init, dropout_rate=dropout_rate
         )
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
@@ -179,18 +115,12 @@ class Seq2SeqFineTuner(L.LightningModule):
         given.apply_defaults()
         a = given.arguments
         check_model_source(a["pretrained"], a["shape"], a["random_init"])
-        _check_training(
-            a["optimizer"],
-            a["lr"],
-            a["weight_decay"],
-            a["betas"],
-            a["warmup_ratio"],
-            a["loraplus_lr_ratio"],
-            a["num_beams"],
-            a["max_new_tokens"],
-            a["dropout_rate"],
-            a["gpu_budget_bytes"],
-        )
+        if a["dropout_rate"] is not None and not 0.0 <= a["dropout_rate"] < 1.0:
+            raise ValueError(
+                f"model.dropout_rate must be in [0, 1), or null to keep the model's own, got {a['dropout_rate']!r}"
+            )
+        settings_of(OptimizerSettings, a["optimizer"], "optimizer")  # a group checks itself when made
+        settings_of(GenerationSettings, a["generation"], "generation")
 
     # --- reports ------------------------------------------------------------------------------
 
@@ -274,8 +204,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         tokens = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            num_beams=self.hparams.num_beams,
-            max_new_tokens=self.hparams.max_new_tokens,
+            num_beams=self.generation.num_beams,
+            max_new_tokens=self.generation.max_new_tokens,
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
@@ -295,22 +225,21 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
-        groups = param_groups(
-            self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.loraplus_lr_ratio
-        )
-        if self.hparams.optimizer == "paged_adamw":
+        settings = self.optimizer_settings
+        groups = param_groups(self.model, settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
+        if settings.name == "paged_adamw":
             optimizer = peftcore.PagedAdamW(
                 groups,
-                lr=self.hparams.lr,
-                betas=tuple(self.hparams.betas),
-                gpu_budget_bytes=self.hparams.gpu_budget_bytes,
+                lr=settings.lr,
+                betas=tuple(settings.betas),
+                gpu_budget_bytes=settings.gpu_budget_bytes,
             )
         else:
             optimizer = torch.optim.AdamW(
-                groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), **self._adamw_kernel()
+                groups, lr=settings.lr, betas=tuple(settings.betas), **self._adamw_kernel()
             )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * self.hparams.warmup_ratio)
+        warmup = int(total * settings.warmup_ratio)
 
         def linear_warmup_then_decay(step: int) -> float:
             if step < warmup:

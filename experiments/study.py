@@ -16,7 +16,7 @@ A study file:
     evaluate:                                      # evaluate's options for every run
       bertscore_model: roberta-large
       overrides: ["--data.limit_test=64"]          # the test examples and generation only (--data.*
-                                                   # of the test split, --model.num_beams, --model.max_new_tokens)
+                                                   # of the test split, --model.generation.num_beams, --model.generation.max_new_tokens)
     overrides: []                                  # fit options for every run (a demo's small limits)
 
 Every stage skips what is done: a finished sweep is not rerun (an interrupted one resumes), a
@@ -58,7 +58,7 @@ def study(
         output_dir: where everything goes.
         evaluate: evaluate's options for every run (``bertscore_model``, ``geval``, ...), and its
             ``overrides``: options of the test examples and generation only (``--data.limit_test=64``,
-            ``--model.num_beams=4``), added after the run's own.
+            ``--model.generation.num_beams=4``), added after the run's own.
         overrides: fit options added to every run and trial.
     """
     if not base_config or not methods:
@@ -163,7 +163,7 @@ def _evaluate_options(evaluate: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluation_overrides(overrides: Any) -> list[str]:
     """evaluate.overrides: options of the test examples (``--data.*``) and of generation
-    (``--model.num_beams``, ``--model.max_new_tokens``); anything else would train or build
+    (``--model.generation.num_beams``, ``--model.generation.max_new_tokens``); anything else would train or build
     another model than the run's, or be ignored, so it is refused."""
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError(
@@ -172,13 +172,13 @@ def _evaluation_overrides(overrides: Any) -> list[str]:
     for option in (o for o in overrides if o.startswith("--")):
         key = option[2:].split("=", 1)[0]
         section, _, field = key.partition(".")
-        generation = key in ("model.num_beams", "model.max_new_tokens")
+        generation = key in ("model.generation.num_beams", "model.generation.max_new_tokens")
         if not (
             generation or (section == "data" and field and field.split(".")[0] not in NOT_FOR_EVALUATION)
         ):
             raise ValueError(
                 f"evaluate.overrides has {option!r}: it takes the test examples' --data.* options "
-                f"(not {', '.join(NOT_FOR_EVALUATION)}) and --model.num_beams, --model.max_new_tokens; "
+                f"(not {', '.join(NOT_FOR_EVALUATION)}) and --model.generation.num_beams, --model.generation.max_new_tokens; "
                 "training options go in the study's or the method's overrides"
             )
     return list(overrides)

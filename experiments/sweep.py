@@ -9,9 +9,9 @@ dotted key; each trial is an ordinary ``fit`` run of the base config with one po
     pruner: none                    # none | median | hyperband (on the per-epoch objective)
     objective: val/rougeL           # a validation metric, maximised by default
     space:
-      model.lr: {choices: [5.0e-4, 1.0e-4, 1.0e-3]}
-      model.weight_decay: {low: 0.0, high: 0.1}                  # uniform
-      model.warmup_ratio: {low: 0.01, high: 0.2, log: true}      # log-uniform
+      model.optimizer.lr: {choices: [5.0e-4, 1.0e-4, 1.0e-3]}
+      model.optimizer.weight_decay: {low: 0.0, high: 0.1}                  # uniform
+      model.optimizer.warmup_ratio: {low: 0.01, high: 0.2, log: true}      # log-uniform
       model.peft.init_args.r: {low: 4, high: 32, int: true}      # integers (step, log allowed)
       model.peft.init_args.target_modules: {choices: [[q, v], [q, k, v, o, wi, wo]]}
 
@@ -20,7 +20,7 @@ model logs in validation (``val/loss``; ``val/rouge1|rouge2|rougeL|rougeLsum`` w
 in validation) in the direction that makes sense; every key must be a fit option; and every value
 of the space (each choice, both ends of a range) must pass the config's parsing, the method
 config's checks, the data module's and the model's own checks of their settings (those it makes
-before it builds the network): ``data.batch_size: 0`` or ``model.lr: 0`` is refused, not found by a
+before it builds the network): ``data.batch_size: 0`` or ``model.optimizer.lr: 0`` is refused, not found by a
 trial. What only building shows (a target name no module has) fails that trial.
 
 Optuna runs it on a storage: by default the SQLite file ``<output_dir>/<study_name>.db``, or any

@@ -73,7 +73,7 @@ def test_two_fits_from_one_config_keep_both_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit("--trainer.max_epochs=1")
     first = (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").read_bytes()
-    fit("--trainer.max_epochs=1", "--model.lr=0.01")
+    fit("--trainer.max_epochs=1", "--model.optimizer.lr=0.01")
     assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").read_bytes() == first
     for version in ("version_0", "version_1"):
         run = tmp_path / "runs/demo" / version
@@ -150,7 +150,7 @@ def test_test_and_predict_land_in_the_run_they_come_from(tmp_path, monkeypatch):
             DEMO,
             *SMALL,
             "--data.limit_test=2",
-            "--model.max_new_tokens=4",
+            "--model.generation.max_new_tokens=4",
             "--ckpt_path",
             "last",
         ]
@@ -162,7 +162,7 @@ def test_test_and_predict_land_in_the_run_they_come_from(tmp_path, monkeypatch):
             DEMO,
             *SMALL,
             "--data.limit_test=2",
-            "--model.max_new_tokens=4",
+            "--model.generation.max_new_tokens=4",
             "--ckpt_path",
             "best",
         ]
@@ -224,16 +224,29 @@ def test_lightnings_model_checkpoint_is_refused_for_what_it_would_lose(tmp_path,
         ),
         (
             "--optimizer=SGD",
-            r"Lightning's --optimizer is not used here.*--model.optimizer \(adamw \| paged_adamw\)",
+            r"Lightning's --optimizer is not used here.*--model.optimizer.name \(adamw \| paged_adamw\)",
         ),
         ("--lr_scheduler=StepLR", r"Lightning's --lr_scheduler is not used here"),
         # values torch or generate would take with a confusing error, or without one
-        ("--model.lr=-1", r"model\.lr must be a positive number .*got -1\.0"),
-        ("--model.num_beams=0", r"model\.num_beams must be an integer >= 1 .*got 0"),
-        ("--model.max_new_tokens=-5", r"model\.max_new_tokens must be an integer >= 1 .*got -5"),
-        ("--model.betas=[0.9, 1.5]", r"model\.betas must be two numbers in \[0, 1\).*got \[0\.9, 1\.5\]"),
-        ("--model.weight_decay=-0.5", r"model\.weight_decay must be a number >= 0 .*got -0\.5"),
+        ("--model.optimizer.lr=-1", r"model\.optimizer\.lr must be a positive number .*got -1\.0"),
+        ("--model.generation.num_beams=0", r"model\.generation\.num_beams must be an integer >= 1 .*got 0"),
+        (
+            "--model.generation.max_new_tokens=-5",
+            r"model\.generation\.max_new_tokens must be an integer >= 1 .*got -5",
+        ),
+        (
+            "--model.optimizer.betas=[0.9, 1.5]",
+            r"model\.optimizer\.betas must be two numbers in \[0, 1\).*got \[0\.9, 1\.5\]",
+        ),
+        (
+            "--model.optimizer.weight_decay=-0.5",
+            r"model\.optimizer\.weight_decay must be a number >= 0 .*got -0\.5",
+        ),
         ("--model.dropout_rate=1.0", r"model\.dropout_rate must be in \[0, 1\).*got 1\.0"),
+        # the options grouped in model.optimizer and model.generation, given the old flat way
+        ("--model.lr=0.01", r"model\.lr is now model\.optimizer\.lr"),
+        ("--model.num_beams=4", r"model\.num_beams is now model\.generation\.num_beams"),
+        ("--model.optimizer=paged_adamw", r"model\.optimizer is a section now.*--model\.optimizer\.name"),
     ],
 )
 def test_a_mistake_is_named(argument, message, capsys, tmp_path, monkeypatch):
@@ -294,9 +307,9 @@ def test_loraplus_from_the_command_line(tmp_path, monkeypatch, optimizer):
     monkeypatch.chdir(tmp_path)
     cli = fit(
         "--trainer.max_epochs=1",
-        "--model.loraplus_lr_ratio=16",
-        f"--model.optimizer={optimizer}",
-        "--model.lr=0.002",
+        "--model.optimizer.loraplus_lr_ratio=16",
+        f"--model.optimizer.name={optimizer}",
+        "--model.optimizer.lr=0.002",
     )
     model = cli.model.model
     names = {id(p): n for n, p in model.named_parameters()}
@@ -304,4 +317,4 @@ def test_loraplus_from_the_command_line(tmp_path, monkeypatch, optimizer):
     assert {lr for n, lr in lrs.items() if ".lora_B." in n} == {0.032}
     assert {lr for n, lr in lrs.items() if ".lora_A." in n} == {0.002}
     with pytest.raises(SystemExit):
-        fit("--model.loraplus_lr_ratio=0")
+        fit("--model.optimizer.loraplus_lr_ratio=0")

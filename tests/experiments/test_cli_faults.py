@@ -115,14 +115,14 @@ def test_an_explicit_checkpoint_file_keeps_the_commands_settings(fitted, tmp_pat
             str(DEMO),
             *SMALL,
             "--data.limit_test=2",
-            "--model.max_new_tokens=4",
-            "--model.num_beams=2",
+            "--model.generation.max_new_tokens=4",
+            "--model.generation.num_beams=2",
             f"--model.predictions_path={out}",
             "--ckpt_path",
             ckpt,
         ]
     )
-    assert cli.model.hparams.num_beams == 2 and cli.model.hparams.max_new_tokens == 4
+    assert cli.model.generation.num_beams == 2 and cli.model.generation.max_new_tokens == 4
     assert len(out.read_text().splitlines()) == 2
 
 
@@ -163,7 +163,7 @@ def test_a_command_naming_no_model_takes_the_checkpoints(fitted):
             "test",
             "--data.limit_test=2",
             "--data.max_source_length=64",
-            "--model.max_new_tokens=4",
+            "--model.generation.max_new_tokens=4",
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             "--ckpt_path",
@@ -173,7 +173,7 @@ def test_a_command_naming_no_model_takes_the_checkpoints(fitted):
     assert cli.model.hparams.pretrained == "bundled:t5-tiny-dialogue"
     injected = cli.model.model.peftcore_config
     assert isinstance(injected, peftcore.LoRAConfig) and injected.r == 16
-    assert cli.model.hparams.max_new_tokens == 4  # the command's own settings still win
+    assert cli.model.generation.max_new_tokens == 4  # the command's own settings still win
 
 
 def test_evaluate_reads_a_checkpoint_as_the_cli_does(fitted, tmp_path):
@@ -212,7 +212,7 @@ def test_predict_keeps_every_commands_output(fitted):
                 str(DEMO),
                 *SMALL,
                 "--data.limit_test=2",
-                "--model.max_new_tokens=4",
+                "--model.generation.max_new_tokens=4",
                 "--ckpt_path",
                 "last",
             ]

@@ -12,7 +12,7 @@ from experiments.model import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
-SMALL = '["--data.limit_test=4", "--model.max_new_tokens=6"]'
+SMALL = '["--data.limit_test=4", "--model.generation.max_new_tokens=6"]'
 
 
 def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
@@ -166,7 +166,7 @@ def test_a_record_cut_short_is_resumed_with_only_its_missing_metrics(tmp_path, m
         base_model=True,
         output_dir=str(tmp_path / "eval"),
         bertscore_model="a-bertscore-model",
-        overrides=["--data.limit_test=2", "--model.max_new_tokens=4"],
+        overrides=["--data.limit_test=2", "--model.generation.max_new_tokens=4"],
     )
 
     def killed(*args, **kwargs):
@@ -195,7 +195,8 @@ def test_a_record_cut_short_is_resumed_with_only_its_missing_metrics(tmp_path, m
     evaluation.evaluate(**options, resume=True)
     assert path.stat().st_mtime_ns == stamp and "evaluated already" in capsys.readouterr().out
     evaluation.evaluate(
-        **{**options, "overrides": ["--data.limit_test=1", "--model.max_new_tokens=4"]}, resume=True
+        **{**options, "overrides": ["--data.limit_test=1", "--model.generation.max_new_tokens=4"]},
+        resume=True,
     )
     assert json.loads(path.read_text())["settings"]["examples"] == 1  # other settings: evaluated afresh
 
@@ -229,7 +230,11 @@ def test_an_adapter_of_another_shape_than_the_config_says_gives_the_command_line
         and """--overrides '["--model.peft=null"]'""" in message
     )
     main(
-        [*command, "--overrides", '["--data.limit_test=2", "--model.max_new_tokens=4", "--model.peft=null"]']
+        [
+            *command,
+            "--overrides",
+            '["--data.limit_test=2", "--model.generation.max_new_tokens=4", "--model.peft=null"]',
+        ]
     )
     record = json.loads((tmp_path / "eval/r4/eval_record.json").read_text())
     assert record["metrics"]["trainable_params"] == sum(

@@ -20,6 +20,7 @@ from experiments.cli import lightning_cli
 from experiments.data import DialogSummaryDataModule
 from experiments.model import build_model
 from experiments.module import Seq2SeqFineTuner
+from experiments.settings import OptimizerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
@@ -73,7 +74,7 @@ def test_fit_through_the_cli_entry_point(tmp_path, monkeypatch):
             "--data.limit_train=12",
             "--data.limit_val=4",
             "--data.batch_size=4",
-            "--model.max_new_tokens=8",
+            "--model.generation.max_new_tokens=8",
         ]
     )
     assert cli.trainer.global_step == 3
@@ -127,7 +128,7 @@ def tiny_run(
         random_init=True,
         dropout_rate=0.0,
         peft=module_kwargs.pop("peft", LORA),
-        lr=module_kwargs.pop("lr", 1e-2),
+        optimizer=OptimizerSettings(lr=module_kwargs.pop("lr", 1e-2)),
         generate_in_validation=False,
         **module_kwargs,
     )
@@ -217,7 +218,10 @@ def test_gradient_checkpointing_keeps_adapter_gradients(lora):
         (dict(), "set pretrained"),
         (dict(pretrained="google-t5/t5-base", shape="t5-tiny"), "not both"),
         (dict(shape="t5-huge", random_init=True), "unknown shape 't5-huge'"),
-        (dict(shape="t5-tiny", random_init=True, optimizer="sgd"), "optimizer must be one of"),
+        (
+            dict(shape="t5-tiny", random_init=True, optimizer="sgd"),
+            "model.optimizer must be OptimizerSettings",
+        ),
     ],
 )
 def test_bad_model_settings_are_refused(kwargs, message):
@@ -243,7 +247,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             "--data.limit_train=16",
             "--data.limit_val=4",
             "--data.batch_size=4",
-            "--model.max_new_tokens=4",
+            "--model.generation.max_new_tokens=4",
         ],
         cwd=tmp_path,
         env=env,

@@ -18,7 +18,7 @@ TINY = [
     "--data.limit_test=2",
     "--data.batch_size=4",
     "--data.max_source_length=48",
-    "--model.max_new_tokens=4",
+    "--model.generation.max_new_tokens=4",
     "--trainer.max_epochs=1",
     "--trainer.limit_val_batches=1",
     "--trainer.enable_model_summary=false",
@@ -30,14 +30,17 @@ def run(tmp_path):
         base_config=DEMO,
         output_dir=str(tmp_path / "study"),
         overrides=TINY,
-        evaluate={"bertscore_model": None, "overrides": ["--data.limit_test=1", "--model.max_new_tokens=3"]},
+        evaluate={
+            "bertscore_model": None,
+            "overrides": ["--data.limit_test=1", "--model.generation.max_new_tokens=3"],
+        },
         methods={
             "full": {"config": DEMO, "overrides": ["--model.peft=null"]},
             "lora": {
                 "sweep": {
                     "base_config": DEMO,
                     "n_trials": 2,
-                    "space": {"model.lr": {"choices": [0.005, 0.01]}},
+                    "space": {"model.optimizer.lr": {"choices": [0.005, 0.01]}},
                 }
             },
         },
@@ -95,7 +98,7 @@ def test_a_study_needs_a_sweep_or_a_config_per_method(tmp_path):
             r"evaluate.overrides has '--trainer.max_epochs=3': it takes the test",
         ),
         ({"overrides": ["--data.limit_train=8"]}, r"has '--data.limit_train=8'.*not train_split"),
-        ({"overrides": ["--model.lr=0.1"]}, r"has '--model.lr=0.1'"),
+        ({"overrides": ["--model.optimizer.lr=0.1"]}, r"has '--model.optimizer.lr=0.1'"),
         ({"ckpt_path": "x.ckpt"}, r"evaluate has \['ckpt_path'\]: the study sets those itself"),
     ],
 )

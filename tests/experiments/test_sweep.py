@@ -29,16 +29,16 @@ TINY = [
     "--data.limit_val=2",
     "--data.batch_size=4",
     "--data.max_source_length=48",
-    "--model.max_new_tokens=4",
+    "--model.generation.max_new_tokens=4",
     "--trainer.max_epochs=1",
     "--trainer.limit_val_batches=1",
     "--trainer.enable_model_summary=false",
     "--trainer.enable_progress_bar=true",
 ]
 SPACE = {
-    "model.lr": {"choices": [0.003, 0.001]},
+    "model.optimizer.lr": {"choices": [0.003, 0.001]},
     "model.peft.init_args.r": {"choices": [4, 8]},
-    "model.weight_decay": {"low": 0.0, "high": 0.1},
+    "model.optimizer.weight_decay": {"low": 0.0, "high": 0.1},
 }
 
 
@@ -68,7 +68,7 @@ def test_a_random_sweep_writes_the_table_and_a_best_config_that_runs(tmp_path, m
     assert result["trials"] == 3 and (out / "trials.md").exists() and (out / "trials.csv").exists()
     table = (out / "trials.md").read_text()
     assert table.count("| complete |") == 3 and "model.peft.init_args.r" in table
-    assert {t.user_attrs["values"]["model.lr"] for t in trials(tmp_path)} <= {0.003, 0.001}
+    assert {t.user_attrs["values"]["model.optimizer.lr"] for t in trials(tmp_path)} <= {0.003, 0.001}
     for n in range(3):  # each trial is an ordinary run with its own directory
         assert (out / f"trial_{n}/checkpoints/best.ckpt").exists() and (
             out / f"trial_{n}/config.yaml"
@@ -106,11 +106,11 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     assert first.stat().st_mtime_ns == stamp and trials(tmp_path)[1].user_attrs.get("interrupted")
 
 
-GRID = {"model.lr": {"choices": [0.003, 0.002, 0.001]}}
+GRID = {"model.optimizer.lr": {"choices": [0.003, 0.002, 0.001]}}
 
 
 def points(tmp_path, state="COMPLETE") -> list[float]:
-    return [t.user_attrs["values"]["model.lr"] for t in trials(tmp_path) if t.state.name == state]
+    return [t.user_attrs["values"]["model.optimizer.lr"] for t in trials(tmp_path) if t.state.name == state]
 
 
 def test_an_interrupted_grid_sweep_runs_every_point_exactly_once(tmp_path, monkeypatch):
@@ -128,7 +128,9 @@ def test_an_interrupted_grid_sweep_runs_every_point_exactly_once(tmp_path, monke
     assert [t.state.name for t in trials(tmp_path)] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     table = (tmp_path / "sweeps/s/trials.md").read_text()
     assert table.count("| complete |") == 3 and "| interrupted |" in table
-    rerun = next(t for t in trials(tmp_path)[2:] if t.user_attrs["values"]["model.lr"] == interrupted)
+    rerun = next(
+        t for t in trials(tmp_path)[2:] if t.user_attrs["values"]["model.optimizer.lr"] == interrupted
+    )
     assert f"not counted: interrupted (Ctrl-C); its point ran again as trial {rerun.number}" in table
 
 
@@ -163,7 +165,7 @@ def worker_command(tmp_path, name: str, **options) -> tuple[list[str], dict]:
 
 def test_a_trial_whose_worker_was_killed_is_failed_at_once_and_its_point_runs_again(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    grid = {"model.lr": {"choices": [0.003, 0.001]}}
+    grid = {"model.optimizer.lr": {"choices": [0.003, 0.001]}}
     kill = "--trainer.callbacks+=" + json.dumps(
         {"class_path": "test_sweep.KillWorker", "init_args": {"version": "trial_0"}}
     )
@@ -227,24 +229,27 @@ def test_workers_racing_to_create_a_new_database_all_get_it(tmp_path):
     "space, message",
     [
         ({"model.lrr": {"choices": [0.1]}}, r"does not parse.*model\.lrr"),
-        ({"model.lr": {"choices": []}}, r"space\['model\.lr'\]\.choices must be a non-empty list"),
+        (
+            {"model.optimizer.lr": {"choices": []}},
+            r"space\['model\.optimizer\.lr'\]\.choices must be a non-empty list",
+        ),
         (
             {"model.peft.init_args.r": {"choices": [8, 0]}},
             r"value 0 is refused: LoRAConfig\.r must be a positive integer",
         ),
-        ({"model.lr": {"low": 0.0, "high": 1.0, "log": True}}, r"log-uniform, so low must be > 0"),
-        ({"model.lr": {"between": [1, 2]}}, r"has \['between'\]"),
+        ({"model.optimizer.lr": {"low": 0.0, "high": 1.0, "log": True}}, r"log-uniform, so low must be > 0"),
+        ({"model.optimizer.lr": {"between": [1, 2]}}, r"has \['between'\]"),
         (
             {"data.batch_size": {"choices": [4, 0]}},
             r"'data\.batch_size'\] value 0 is refused: batch_size must be a positive",
         ),
         (
-            {"model.warmup_ratio": {"choices": [0.1, 1.5]}},
-            r"value 1\.5 is refused: model\.warmup_ratio must be in \[0, 1\)",
+            {"model.optimizer.warmup_ratio": {"choices": [0.1, 1.5]}},
+            r"value 1\.5 is refused: model\.optimizer\.warmup_ratio must be in \[0, 1\)",
         ),
         (
-            {"model.lr": {"low": 0.0, "high": 0.01}},
-            r"'model\.lr'\] value 0\.0 is refused: model\.lr must be a positive number",
+            {"model.optimizer.lr": {"low": 0.0, "high": 0.01}},
+            r"'model\.optimizer\.lr'\] value 0\.0 is refused: model\.optimizer\.lr must be a positive number",
         ),
     ],
 )
