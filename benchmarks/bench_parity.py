@@ -43,7 +43,8 @@ from benchmarks import common
 from benchmarks.bench_train_step import build_base
 from benchmarks.common import machine, print_table, swap_to_bitsandbytes_nf4, write_result
 from peftcore import peft_format
-from peftcore.checkpoint import _read_tensors, to_peft_config
+from peftcore.checkpoint import read_adapter_tensors, to_peft_config
+from peftcore.testing import move_off_init
 
 ALL_LINEAR = ("q", "k", "v", "o", "wi", "wo")
 CASES: dict[str, dict] = {
@@ -61,15 +62,6 @@ CASES: dict[str, dict] = {
     "QLoRA (NF4, double quant)": dict(config=peftcore.LoRAConfig(r=16, alpha=32), nf4=True),
     "QDoRA": dict(config=peftcore.DoRAConfig(r=16, alpha=32), nf4=True),
 }
-
-
-def perturb(model: nn.Module, seed: int = 1) -> None:
-    """Every trainable tensor moved off its init by 5% noise (a DoRA magnitude, IA3's ones, B's zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_((0.05 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
 
 
 def batch_on(device: torch.device, batch: int, src: int, tgt: int, seed: int = 2) -> dict:
@@ -121,8 +113,7 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
     with torch.no_grad():
         base_logits = ours_base().eval()(**batch).logits  # for the adapter's effect: proof it does something
     ours = peftcore.inject(ours_base(), config)
-    perturb(ours)
-    ours.eval()
+    move_off_init(ours, seed=1)  # every adapter tensor off its init: an adapter doing nothing proves nothing
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,13 +125,14 @@ def run_case(name: str, shape: str, device: torch.device, batch_shape: tuple[int
         # the same file into a trainable peft model, for the gradients (peft loads prompts frozen only)
         data = {**to_peft_config(ours.peftcore_config, ours), "inference_mode": False}
         theirs = peft.get_peft_model(peft_base(), peft.PeftConfig.from_peft_type(**data)).eval()
-        peft.set_peft_model_state_dict(theirs, _read_tensors(Path(tmp) / "ours"))
+        peft.set_peft_model_state_dict(theirs, read_adapter_tensors(Path(tmp) / "ours"))
         results = [model(**batch) for model in (ours, theirs)]
         for result in results:
             result.loss.backward()
         grads = [
             gradients_as_saved(
-                ours, lambda: (peftcore.save_adapter(ours, f"{tmp}/g"), _read_tensors(Path(tmp) / "g"))[1]
+                ours,
+                lambda: (peftcore.save_adapter(ours, f"{tmp}/g"), read_adapter_tensors(Path(tmp) / "g"))[1],
             ),
             gradients_as_saved(theirs, lambda: peft.get_peft_model_state_dict(theirs)),
         ]

@@ -100,7 +100,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         _check_one_save(directory, data)
         translator = peft_format.for_file(data)
         config = translator.config_from_peft(data, model)
-        saved = translator.read_file_tensors(_read_tensors(directory), data)
+        saved = translator.read_file_tensors(read_adapter_tensors(directory), data)
     except ValueError as err:
         raise ValueError(f"cannot load the adapter in {directory}: {err}") from None
 
@@ -156,7 +156,7 @@ def _check_one_save(directory: Path, peft_config: dict) -> None:
         with safe_open(path, "pt") as weights:
             written = (weights.metadata() or {}).get(SAVED_WITH)
     except (SafetensorError, OSError, ValueError):
-        return  # _read_tensors names the damaged file
+        return  # read_adapter_tensors names the damaged file
     if written is None:
         return
     saved_with, now = json.loads(written), _what_it_computes(peft_config)
@@ -173,7 +173,7 @@ def _check_one_save(directory: Path, peft_config: dict) -> None:
         )
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """adapter_model.safetensors, or peft's pickled adapter_model.bin when that is all there is."""
     if (directory / WEIGHTS_NAME).exists() or not (directory / PICKLED_WEIGHTS_NAME).exists():
         try:

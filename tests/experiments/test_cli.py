@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from experiments.__main__ import COMMANDS, main
 from experiments.cli import lightning_cli
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 # 4 batches an epoch, no generation: a run of 2 epochs is 8 steps in seconds.

@@ -22,6 +22,8 @@ from experiments.callbacks import BestAdapterExport
 from experiments.checkpointing import DamagedCheckpoint, LocalCheckpointIO, RunCheckpoint, read_checkpoint
 from experiments.cli import lightning_cli
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments/configs/demo.yaml"
 # 4 batches an epoch, no generation (as in test_cli.py).

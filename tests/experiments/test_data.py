@@ -11,9 +11,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
-from lightning.fabric.utilities.data import _replace_dunder_methods, _set_sampler_epoch
-from lightning.pytorch.utilities.data import _update_dataloader
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 import experiments
 from experiments import data as data_mod
@@ -234,25 +232,6 @@ def test_length_grouping_cuts_padding_on_tweetsumm(tweetsumm):
     finally:
         tweetsumm.group_by_length = True
     assert grouped < 0.5 * random_batches, (grouped, random_batches)
-
-
-def test_lightning_injects_distributed_sampler_into_grouped_batches():
-    """Lightning's own re-instantiation path (use_distributed_sampler=True) under 2 ranks."""
-    dm = DialogSummaryDataModule(limit_train=100, batch_size=4)
-    dm.setup("fit")
-    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
-        loader = dm.train_dataloader()  # what Lightning does around the hook, to record init args
-    shards = []
-    for rank in range(2):
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        ranked = _update_dataloader(loader, sampler)
-        _set_sampler_epoch(ranked, 2)
-        assert isinstance(ranked.batch_sampler, LengthGroupedBatchSampler)
-        assert ranked.batch_sampler.sampler is sampler and sampler.epoch == 2
-        assert len(ranked) == 13
-        shards.append([i for b in ranked.batch_sampler for i in b])
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == list(range(100))
 
 
 def test_train_loader_shards_itself_when_distributed(monkeypatch):

@@ -10,6 +10,8 @@ import peftcore
 from experiments.__main__ import main
 from experiments.model import build_model
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 SMALL = '["--data.limit_test=4", "--model.generation.max_new_tokens=6"]'

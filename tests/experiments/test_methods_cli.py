@@ -14,6 +14,8 @@ from experiments.cli import lightning_cli
 from experiments.model import build_model
 from peftcore import methods
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 SMALL = [

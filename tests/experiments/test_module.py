@@ -2,6 +2,7 @@
 adapter, the exported adapter loads, bad settings are refused, DDP runs on 2 CPU processes."""
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -21,6 +22,8 @@ from experiments.data import DialogSummaryDataModule
 from experiments.model import build_model
 from experiments.module import Seq2SeqFineTuner
 from experiments.settings import OptimizerSettings
+
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
@@ -230,7 +233,9 @@ def test_bad_model_settings_are_refused(kwargs, message):
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """Two gloo processes: Lightning re-creates the length-grouped batch sampler over its own
+    DistributedSampler, and the two ranks train on disjoint shards."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
     result = subprocess.run(
         [
             sys.executable,
@@ -248,6 +253,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             "--data.limit_val=4",
             "--data.batch_size=4",
             "--model.generation.max_new_tokens=4",
+            "--trainer.callbacks+=rank_recorder.RankRecorder",
         ],
         cwd=tmp_path,
         env=env,
@@ -258,6 +264,11 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "runs/demo/version_0/checkpoints/last.ckpt").exists()
     assert "distributed_backend=gloo" in result.stderr + result.stdout
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert (rank["batch_sampler"], rank["sampler"]) == ("LengthGroupedBatchSampler", "DistributedSampler")
+        assert len(rank["ids"]) == 8  # 2 batches of 4: each rank's half of the 16 dialogues
+    assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
 
 
 @pytest.mark.gpu

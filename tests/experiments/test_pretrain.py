@@ -18,6 +18,8 @@ from experiments.pretrain import (
     pretrain,
 )
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 
 def test_noise_is_15_percent_in_spans_of_mean_3_and_starts_kept():
     g = torch.Generator().manual_seed(0)

@@ -10,6 +10,8 @@ import pytest
 
 from experiments.study import study
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 TINY = [

@@ -22,6 +22,8 @@ from experiments.__main__ import main
 from experiments.cli import lightning_cli
 from experiments.sweep import TrialReporter, sweep
 
+pytestmark = pytest.mark.e2e  # whole commands: `pytest -m "not e2e"` skips them
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/configs/demo.yaml")
 TINY = [

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-from conftest import build_t5, move_off_init, t5_batch
+from helpers import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import IA3Config, LoRAConfig, inject, load_adapter, save_adapter

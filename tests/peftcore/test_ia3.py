@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import assert_merged_matches_peft, t5_batch
+from helpers import assert_merged_matches_peft, t5_batch
 from torch import nn
 
 from peftcore import IA3Config, IA3Scaler, inject, unmerge

@@ -6,7 +6,7 @@ import math
 import peft
 import pytest
 import torch
-from conftest import assert_merged_matches_peft, build_t5, t5_batch
+from helpers import assert_merged_matches_peft, build_t5, t5_batch
 from torch import nn
 
 from peftcore import LoRAConfig, LoRALinear, disable_adapters, inject, merge, unmerge

@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import build_t5
+from helpers import build_t5
 from peft.optimizers import create_loraplus_optimizer
 
 from peftcore import DoRAConfig, IA3Config, LoRAConfig, inject

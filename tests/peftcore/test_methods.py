@@ -18,7 +18,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build_t5, move_off_init, t5_batch
+from helpers import build_t5, move_off_init, t5_batch
 
 import peftcore
 from peftcore import methods, peft_format
@@ -117,7 +117,7 @@ def test_peft_reads_ours_and_we_read_peft_with_equal_logits_and_gradients(name, 
         # the same file into a trainable peft model, for the gradients
         data = {**to_peft_config(ours.peftcore_config, ours), "inference_mode": False}
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.PeftConfig.from_peft_type(**data))
-        peft.set_peft_model_state_dict(theirs, peftcore.checkpoint._read_tensors(tmp_path / "ours"))
+        peft.set_peft_model_state_dict(theirs, peftcore.checkpoint.read_adapter_tensors(tmp_path / "ours"))
     torch.testing.assert_close(logits(theirs, batch), logits(ours, batch), atol=1e-5, rtol=1e-5)  # it loaded
 
     for model in (ours, theirs):  # eval mode: no dropout, so the two backward passes are comparable
@@ -126,7 +126,7 @@ def test_peft_reads_ours_and_we_read_peft_with_equal_logits_and_gradients(name, 
         ours,
         lambda: (
             peftcore.save_adapter(ours, tmp_path / "g"),
-            peftcore.checkpoint._read_tensors(tmp_path / "g"),
+            peftcore.checkpoint.read_adapter_tensors(tmp_path / "g"),
         )[1],
     )
     theirs_grads = grads_in_file_names(theirs, lambda: peft.get_peft_model_state_dict(theirs))

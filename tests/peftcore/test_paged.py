@@ -258,7 +258,7 @@ def test_cuda_resume_continues_identically():
 def qlora_t5_base_peak(make_optimizer) -> tuple[int, int]:
     """Peak CUDA memory of the third step of a QLoRA t5-base step (batch 8 x 512 / 128), and the
     bytes of AdamW state (exp_avg + exp_avg_sq) that its trainable parameters need."""
-    from conftest import build_t5, t5_batch
+    from helpers import build_t5, t5_batch
 
     import peftcore
 

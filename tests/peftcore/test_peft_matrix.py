@@ -14,7 +14,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import build_t5, t5_batch
+from helpers import build_t5, t5_batch
 
 from peftcore import count_parameters, load_adapter, save_adapter
 from peftcore.checkpoint import CONFIG_NAME, WEIGHTS_NAME

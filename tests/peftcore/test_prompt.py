@@ -7,7 +7,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build_t5, t5_batch
+from helpers import build_t5, t5_batch
 
 import peftcore
 from peftcore import PromptTuningConfig

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_t5, t5_batch
+from helpers import build_t5, t5_batch
 
 import peftcore
 from peftcore import (

@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import build_t5, t5_batch
+from helpers import build_t5, t5_batch
 
 import peftcore
 from peftcore import IA3Config, LoRAConfig, count_parameters, inject, memory_footprint, merge, unload
