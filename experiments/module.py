@@ -35,6 +35,7 @@ from experiments.model import (
     with_tokenizer_path,
 )
 from experiments.settings import GenerationSettings, OptimizerSettings, settings_of
+from peftcore import peft_format
 from peftcore.config import NF4Config
 from peftcore.loraplus import param_groups
 
@@ -137,8 +138,15 @@ class Seq2SeqFineTuner(L.LightningModule):
         """What comes with this module, whatever the Trainer is given: the resumable place inside
         an epoch, step timing, the best adapter's export (for a method) and the predictions file."""
         callbacks: list[L.Callback] = [TrainingPlace(), StepTimer(compiled=self.hparams.compile)]
-        if self.hparams.export_best_adapter and self.hparams.peft is not None:
-            callbacks.append(BestAdapterExport())
+        method = getattr(self.model, "peftcore_config", None)
+        if self.hparams.export_best_adapter and method is not None:
+            if peft_format.holds(method):
+                callbacks.append(BestAdapterExport())
+            elif self.trainer is not None and self.trainer.state.fn == "fit":
+                rank_zero_info(
+                    f"best_adapter/ is not exported: peft's files cannot hold {type(method).__name__} "
+                    "(no translator in peftcore.peft_format); best.ckpt holds the best state"
+                )
         return [*callbacks, PredictionWriter(self.hparams.predictions_path)]
 
     def on_fit_start(self) -> None:

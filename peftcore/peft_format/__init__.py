@@ -41,6 +41,7 @@ PREFIX = "base_model.model."  # peft's name for the model inside its PeftModel
 
 __all__ = [
     "FORMATS",
+    "holds",
     "Format",
     "PREFIX",
     "adapter_tensors",
@@ -50,6 +51,11 @@ __all__ = [
     "for_file",
     "peft_names",
 ]
+
+
+def holds(config: object) -> bool:
+    """Whether peft's files can hold the method of ``config`` (it has a translator here)."""
+    return type(methods.for_config(config)) in FORMATS
 
 
 def for_config(config: object) -> Format:

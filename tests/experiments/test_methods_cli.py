@@ -76,3 +76,16 @@ def test_fit_checkpoint_adapter_and_evaluate(name, tmp_path, monkeypatch):
     record = json.loads((tmp_path / "eval" / name / "eval_record.json").read_text())
     assert record["settings"]["method"] == type(method.config()).__name__
     assert record["metrics"]["trainable_params"] == peftcore.count_parameters(cli.model.model).trainable
+
+
+def test_a_method_peft_files_cannot_hold_trains_without_the_adapter_export(tmp_path, monkeypatch, caplog):
+    """A method with no translator (here LoRA's taken away) fits and checkpoints; best_adapter/,
+    which only peft's format could hold, is not written, and the run says so."""
+    from peftcore import peft_format
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(peft_format.FORMATS, methods.LoRA)
+    lightning_cli(["fit", "--config", DEMO, *SMALL])
+    run = tmp_path / "runs/demo/version_0"
+    assert (run / "checkpoints/best.ckpt").exists() and not (run / "best_adapter").exists()
+    assert "best_adapter/ is not exported: peft's files cannot hold LoRAConfig" in caplog.text
