@@ -140,8 +140,13 @@ def run_reference(args, device: torch.device, workdir: Path) -> dict:
     from peftcore.t5 import t5_config
 
     clock = _Clock(timed_from(args), device)
-    data = DialogSummaryDataModule(
-        batch_size=BATCH, max_source_length=512, max_target_length=128, limit_train=args.examples
+    data = DialogSummaryDataModule(  # the same examples as the CLI gives ours: T5's prefix, the T5 tokenizer
+        batch_size=BATCH,
+        max_source_length=512,
+        max_target_length=128,
+        limit_train=args.examples,
+        prefix="summarize: ",
+        tokenizer="bundled",
     )
     data.setup("fit")
     train = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.examples["train"]]

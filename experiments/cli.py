@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from experiments.checkpointing import LAST, read_checkpoint
 from experiments.data import DialogSummaryDataModule
+from experiments.model import summarisation_defaults
 from experiments.module import Seq2SeqFineTuner
 from experiments.settings import GenerationSettings, OptimizerSettings
 from peftcore import methods
@@ -135,6 +136,7 @@ class ProjectCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_method(self.parser, config)
+        _data_from_model(self.parser, config)
         _run_directory(config)
         _default_callbacks(self.parser, config)
 
@@ -203,6 +205,25 @@ def _check_method(parser: LightningArgumentParser, config: Namespace) -> None:
 def config_class(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module or "peftcore"), name)
+
+
+def _data_from_model(parser: LightningArgumentParser, config: Namespace) -> None:
+    """The data settings a config leaves to the model (``prefix``, ``tokenizer``: null), set from
+    the model's settings; a model the summarisation CLI cannot train is refused here by name."""
+    data, model = config.get("data"), config.get("model")
+    if (
+        data is None
+        or model is None
+        or (data.get("prefix") is not None and data.get("tokenizer") is not None)
+    ):
+        return
+    try:
+        defaults = summarisation_defaults(model.get("pretrained"), model.get("shape"))
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    for key, value in defaults.items():
+        if data.get(key) is None:
+            data[key] = value
 
 
 # Options that moved into the model's groups: the flat name -> where it is now.

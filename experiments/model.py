@@ -16,10 +16,13 @@ from typing import Union
 
 import torch
 import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 from experiments.data import ASSETS, tokenizer_path
+from experiments.data.tokenizer import BUNDLED as BUNDLED_TOKENIZER_NAME
+from experiments.data.tokenizer import holds_tokenizer
 from experiments.settings import GenerationSettings, OptimizerSettings
-from peftcore import methods
+from peftcore import families, methods
 from peftcore.config import NF4Config
 from peftcore.t5 import SHAPES, t5_config
 
@@ -70,24 +73,84 @@ def check_model_source(pretrained: str | None, shape: str | None, random_init: b
         )
 
 
+def weights_path(pretrained: str) -> str:
+    """Where ``from_pretrained`` reads ``pretrained``: a bundled model's directory, else as given."""
+    return (
+        str(bundled_model(pretrained.removeprefix(BUNDLED))) if pretrained.startswith(BUNDLED) else pretrained
+    )
+
+
+def seq2seq_config(pretrained: str) -> transformers.PretrainedConfig:
+    """The config of ``pretrained``, refused by name unless transformers builds it as a
+    sequence-to-sequence LM (``AutoModelForSeq2SeqLM``): summarisation here is text in, text out."""
+    config = transformers.AutoConfig.from_pretrained(weights_path(pretrained))
+    if config.model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+        kind = (
+            "a causal (decoder-only) language model" if causal else "no sequence-to-sequence language model"
+        )
+        raise ValueError(
+            f"{pretrained} is a {config.model_type!r} model ({', '.join(config.architectures or [])}), {kind}: the "
+            "summarisation CLI trains encoder-decoder models, those transformers' AutoModelForSeq2SeqLM builds "
+            "(T5, flan-T5, mT5, UMT5, BART, mBART, Pegasus, ...). peftcore's library adapts any model in Python: "
+            "peftcore.inject(model, config)"
+        )
+    return config
+
+
+def dropout_fields(config: transformers.PretrainedConfig, dropout_rate: float) -> dict[str, float]:
+    """The config fields one ``dropout_rate`` sets in the model's family (T5: ``dropout_rate``;
+    BART and Pegasus: ``dropout``, ``attention_dropout``, ``activation_dropout``)."""
+    family = families.FAMILIES.get(config.model_type)
+    names = (
+        family.dropout if family else tuple(n for n in ("dropout_rate", "dropout") if hasattr(config, n))[:1]
+    )
+    if not names:
+        raise ValueError(
+            f"model.dropout_rate cannot be set for model type {config.model_type!r}: its config has no dropout_rate "
+            "or dropout field; leave dropout_rate null to keep the model's own"
+        )
+    return {name: dropout_rate for name in names}
+
+
 def build_model(
     pretrained: str | None, shape: str | None, random_init: bool, gated: bool, dropout_rate: float | None
-) -> transformers.T5ForConditionalGeneration:
-    """The model ``check_model_source`` allows: real weights, or a named shape's random ones."""
+) -> transformers.PreTrainedModel:
+    """The model ``check_model_source`` allows: real weights of any sequence-to-sequence family, in
+    the class their config names (``AutoModelForSeq2SeqLM``), or a named T5 shape's random ones."""
     check_model_source(pretrained, shape, random_init)
-    overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
     if pretrained:
-        if pretrained.startswith(BUNDLED):
-            pretrained = str(bundled_model(pretrained.removeprefix(BUNDLED)))
+        config = seq2seq_config(pretrained)
+        overrides = {} if dropout_rate is None else dropout_fields(config, dropout_rate)
         # float32 whatever the file stores (the shipped tiny base is bfloat16 on disk): Lightning's
         # precision setting decides the compute dtype.
-        return transformers.T5ForConditionalGeneration.from_pretrained(
-            pretrained, dtype=torch.float32, **overrides
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(
+            weights_path(pretrained), dtype=torch.float32, **overrides
         )
     config = t5_config(shape, gated=gated)
-    for key, value in overrides.items():
+    for key, value in ({} if dropout_rate is None else dropout_fields(config, dropout_rate)).items():
         setattr(config, key, value)
     return transformers.T5ForConditionalGeneration(config)
+
+
+def summarisation_defaults(pretrained: str | None, shape: str | None) -> dict[str, str]:
+    """The data settings the model decides when a config leaves them unset: the task ``prefix``
+    (the checkpoint's ``task_specific_params.summarization.prefix``, else its family's: T5's
+    ``"summarize: "``, none for the others) and the ``tokenizer`` (the model directory's own, else
+    the bundled T5 tokenizer for T5 models, else the model's hub name)."""
+    if not pretrained:
+        return {"prefix": families.FAMILIES["t5"].task_prefix, "tokenizer": BUNDLED_TOKENIZER_NAME}
+    config = seq2seq_config(pretrained)
+    summarisation = (getattr(config, "task_specific_params", None) or {}).get("summarization") or {}
+    family = families.FAMILIES.get(config.model_type, families.UNKNOWN)
+    path = Path(weights_path(pretrained))
+    if holds_tokenizer(path):
+        tokenizer = str(path)
+    elif config.model_type == "t5":
+        tokenizer = BUNDLED_TOKENIZER_NAME
+    else:
+        tokenizer = pretrained
+    return {"prefix": summarisation.get("prefix", family.task_prefix), "tokenizer": tokenizer}
 
 
 def with_tokenizer_path(peft: MethodConfig) -> MethodConfig:

@@ -15,12 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import methods
+from peftcore import families, methods
 from peftcore.config import NF4Config
 from peftcore.contract import AdapterLayer, InputMethod
 from peftcore.matching import matches, select_copies, select_targets
 from peftcore.nf4 import QUANTIZABLE_DTYPES, NF4Linear
-from peftcore.t5 import KEEP_IN_FULL_PRECISION
 from peftcore.trained_copy import TrainedCopy
 from peftcore.weights import is_linear
 
@@ -100,8 +99,9 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place.
 
     Linears matched by ``config.skip_modules`` (target_modules' rule: a dotted suffix, or one
-    regex) stay as they are; ``skip_modules=None`` means ``peftcore.t5.KEEP_IN_FULL_PRECISION``
-    plus the model's own ``_keep_in_fp32_modules``. Everything is validated and quantized before
+    regex) stay as they are; ``skip_modules=None`` means the model family's
+    ``keep_in_full_precision`` (``peftcore.families``: ``lm_head``, and T5's ``wo``) plus the model's
+    own ``_keep_in_fp32_modules``. Everything is validated and quantized before
     the first swap, so an error leaves the model unchanged.
     """
     if not isinstance(config, NF4Config):
@@ -141,7 +141,7 @@ def _skip_list(model: nn.Module, config: NF4Config) -> Sequence[str] | str:
     if config.skip_modules is not None:
         return config.skip_modules
     own = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return tuple(dict.fromkeys((*KEEP_IN_FULL_PRECISION, *own)))
+    return tuple(dict.fromkeys((*families.of(model).keep_in_full_precision, *own)))
 
 
 def merge(model: nn.Module) -> None:

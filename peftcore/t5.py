@@ -1,4 +1,5 @@
-"""Everything peftcore knows about T5 in one place; the layers themselves work on any nn.Linear.
+"""T5's shapes and the rule about its ``shared`` embedding; T5's defaults (peft's targets, the
+modules kept in full precision, the task prefix) are its entry in ``peftcore.families``.
 
 Module names inside a T5 block (transformers):
   attention  ``SelfAttention`` / ``EncDecAttention`` with ``q k v o``
@@ -9,15 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import T5Config
-
-# peft's defaults for the T5 family.
-LORA_TARGETS = ("q", "v")
-IA3_TARGETS = ("k", "v", "wo")
-IA3_FEEDFORWARD = ("wo",)
-
-# transformers keeps T5's output projection of the feed-forward in fp32 when loading in 4/8 bit
-# (T5ForConditionalGeneration._keep_in_fp32_modules); lm_head stays unquantized too.
-KEEP_IN_FULL_PRECISION = ("wo", "lm_head")
 
 
 def unused_in_forward(model: nn.Module, name: str) -> str | None:

@@ -27,7 +27,7 @@ from experiments.data.reading import (
     split_files,
 )
 from experiments.data.sampling import EpochShuffle, LengthGroupedBatchSampler, ResumableDataLoader
-from experiments.data.tokenizer import load_tokenizer
+from experiments.data.tokenizer import BUNDLED, load_tokenizer
 
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -78,14 +78,20 @@ class DialogSummaryDataModule(L.LightningDataModule):
         text_key: Key of the text in a turn dict.
         rename_speakers: Speaker names to replace, e.g. Customer -> user; {} keeps them.
         strip_mentions_and_links: Remove @mentions and http(s) links, collapse whitespace.
-        prefix: Text put before every dialogue (T5's task prefix); "" for none.
+        prefix: Text put before every dialogue (T5's task prefix "summarize: "); "" for none;
+            None (the default): the model's, which the CLI sets from the model (its checkpoint's
+            summarization prefix, else its family's: T5's "summarize: ", none for BART, Pegasus,
+            mT5...); a data module made alone then uses none.
         max_source_length: Truncate prefix + dialogue to this many tokens.
         max_target_length: Truncate summaries to this many tokens.
         target_summaries: Training targets: "first" reference only, or "all" (one example
             per reference). Validation/test always keep all references for ROUGE, and use the
             first as the label for the loss.
         tokenizer: "bundled" (the T5 SentencePiece tokenizer shipped here, found from any
-            working directory; also "bundled:t5-tokenizer"), a hub name or a path.
+            working directory; also "bundled:t5-tokenizer"), a hub name or a path; None (the
+            default): the model's, which the CLI sets (the model directory's own tokenizer, else
+            the bundled one for T5, else the model's hub name); a data module made alone then
+            uses the bundled one.
         batch_size: Training batch size.
         eval_batch_size: Validation/test/predict batch size; None means batch_size.
         num_workers: DataLoader worker processes (0: load in the main process).
@@ -111,11 +117,11 @@ class DialogSummaryDataModule(L.LightningDataModule):
         text_key: str = "text",
         rename_speakers: dict[str, str] = {"Customer": "user", "Agent": "agent"},  # noqa: B006 - copied below
         strip_mentions_and_links: bool = True,
-        prefix: str = "summarize: ",
+        prefix: str | None = None,
         max_source_length: int = 512,
         max_target_length: int = 128,
         target_summaries: Literal["first", "all"] = "first",
-        tokenizer: str = "bundled",
+        tokenizer: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -135,10 +141,10 @@ class DialogSummaryDataModule(L.LightningDataModule):
         self.summary_fields = summary_fields_per_role(summary_field, self.splits)
         self.speaker_key, self.text_key = speaker_key, text_key
         self.rename_speakers = dict(rename_speakers or {})
-        self.strip_mentions_and_links, self.prefix = strip_mentions_and_links, prefix
+        self.strip_mentions_and_links, self.prefix = strip_mentions_and_links, prefix or ""
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.target_summaries = target_summaries
-        self.tokenizer_name = tokenizer
+        self.tokenizer_name = tokenizer or BUNDLED
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.group_by_length, self.seed = num_workers, group_by_length, seed
         self.examples: dict[str, list[Example]] = {}

@@ -96,15 +96,17 @@ def check_options(options: dict[str, Any]) -> None:
         "dialogue_field",
         "speaker_key",
         "text_key",
-        "tokenizer",
     ):
         check_name(name, options[name])
+    check_name("tokenizer", options["tokenizer"], none_means="the model's")
     check_name("id_field", options["id_field"], none_means="made-up ids")
     for name in ("strip_mentions_and_links", "group_by_length"):
         if not isinstance(options[name], bool):
             raise ValueError(f"{name} must be true or false, got {options[name]!r}")
-    if not isinstance(options["prefix"], str):
-        raise ValueError(f'prefix must be a string ("" for none), got {options["prefix"]!r}')
+    if options["prefix"] is not None and not isinstance(options["prefix"], str):
+        raise ValueError(
+            f'prefix must be a string ("" for none), or null for the model\'s, got {options["prefix"]!r}'
+        )
     if options["target_summaries"] not in ("first", "all"):
         raise ValueError(f"target_summaries must be 'first' or 'all', got {options['target_summaries']!r}")
     renames = options["rename_speakers"]
@@ -124,4 +126,5 @@ def check_options(options: dict[str, Any]) -> None:
             f"data_files must map split names to file paths, e.g. {{train: a.jsonl, valid: b.jsonl}}, "
             f"got {files!r}"
         )
-    tokenizer_path(options["tokenizer"])  # an unknown bundled name fails now; nothing is loaded
+    if options["tokenizer"] is not None:
+        tokenizer_path(options["tokenizer"])  # an unknown bundled name fails now; nothing is loaded

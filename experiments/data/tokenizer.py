@@ -30,8 +30,8 @@ def tokenizer_path(name_or_path: str | Path) -> str:
         return str(name_or_path)
     asset = str(name_or_path).removeprefix(BUNDLED).removeprefix(":") or BUNDLED_TOKENIZER.name
     path = ASSETS / asset
-    if not _holds_tokenizer(path):
-        shipped = sorted(p.name for p in ASSETS.iterdir() if _holds_tokenizer(p))
+    if not holds_tokenizer(path):
+        shipped = sorted(p.name for p in ASSETS.iterdir() if holds_tokenizer(p))
         raise DataError(
             f"no bundled tokenizer {asset!r} (from {str(name_or_path)!r}); the bundled tokenizers are "
             f"{shipped}, named 'bundled:<name>' ('bundled' alone is {BUNDLED_TOKENIZER.name})"
@@ -39,7 +39,8 @@ def tokenizer_path(name_or_path: str | Path) -> str:
     return str(path)
 
 
-def _holds_tokenizer(path: Path) -> bool:
+def holds_tokenizer(path: Path) -> bool:
+    """Whether the directory ``path`` holds a tokenizer (its tokenizer.json, spiece.model or config)."""
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 

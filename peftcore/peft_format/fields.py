@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from torch import nn
+
+from peftcore import families
+
 # The peft release whose file format and matching rules peftcore follows when it writes.
 PEFT_FORMAT_VERSION = "0.21.2"
 
@@ -72,3 +76,15 @@ def peft_version(data: Mapping[str, object]) -> tuple[int, int]:
     text = str(data.get("peft_version") or "0.17").partition("@")[0]
     parts = [int(p) if p.isdigit() else 0 for p in text.split(".")[:2]] + [0, 0]
     return parts[0], parts[1]
+
+
+def default_targets(model: nn.Module, field: str, method: str) -> tuple[str, ...]:
+    """peft's default modules (``field`` of the model family's entry in ``peftcore.families``) for
+    a file that names none; refused by name for a family peft has no default for, as peft does."""
+    targets = getattr(families.of(model), field)
+    if targets is None:
+        raise ValueError(
+            f"the {method} adapter_config.json names no target_modules, and peft has no default for model type "
+            f"{families.model_type(model)!r}: add target_modules to the file"
+        )
+    return targets

@@ -7,10 +7,10 @@ import warnings
 import torch
 from torch import nn
 
-from peftcore import t5
 from peftcore.ia3 import IA3Config, IA3Scaler
 from peftcore.matching import shown
 from peftcore.peft_format.base import Format
+from peftcore.peft_format.fields import default_targets
 
 
 class IA3Format(Format):
@@ -27,9 +27,10 @@ class IA3Format(Format):
 
     def config_from_peft(self, data: dict, model: nn.Module) -> IA3Config:
         self.check_fields(data)
-        targets = data.get("target_modules") or t5.IA3_TARGETS
+        targets = data.get("target_modules") or default_targets(model, "ia3_targets", "IA3")
         feedforward = data.get("feedforward_modules")
-        feedforward = t5.IA3_FEEDFORWARD if feedforward is None else feedforward  # peft's default for T5
+        if feedforward is None:  # peft's default for the family
+            feedforward = default_targets(model, "ia3_feedforward", "IA3")
         if data.get("fan_in_fan_out"):
             warnings.warn(
                 "fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does",

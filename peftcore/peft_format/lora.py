@@ -16,11 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from peftcore import t5
 from peftcore.lora import LoRAConfig, LoRALinear
 from peftcore.matching import select_targets, shown
 from peftcore.peft_format.base import Format
-from peftcore.peft_format.fields import peft_version
+from peftcore.peft_format.fields import default_targets, peft_version
 
 # init_lora_weights values whose saved adapter is a plain LoRA over the untouched base (the init
 # only decides where training starts; the file's A and B replace it).
@@ -90,7 +89,7 @@ class LoRAFormat(Format):
 
     def config_from_peft(self, data: dict, model: nn.Module) -> LoRAConfig:
         self.check_fields(data)
-        targets = data.get("target_modules") or t5.LORA_TARGETS
+        targets = data.get("target_modules") or default_targets(model, "lora_targets", self.label)
         layers = data.get("layers_to_transform")
         config = self.config_class(
             r=data.get("r", 8),

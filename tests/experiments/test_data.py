@@ -43,7 +43,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tweetsumm() -> DialogSummaryDataModule:
-    dm = DialogSummaryDataModule()
+    dm = DialogSummaryDataModule(prefix="summarize: ")  # what the CLI sets for a T5 model
     dm.setup()
     return dm
 
@@ -524,3 +524,10 @@ def test_a_saved_place_inside_an_epoch_resumes_after_the_batches_done(grouped):
     whole = resumed.train_dataloader()
     set_sampler_epoch(whole, 1)
     assert [batch["ids"] for batch in whole] == epoch_1
+
+
+def test_left_to_the_model_a_data_module_alone_uses_no_prefix_and_the_bundled_tokenizer():
+    dm = DialogSummaryDataModule(limit_train=1, limit_val=1, limit_test=1)
+    assert (dm.prefix, dm.tokenizer_name) == ("", "bundled")
+    dm.setup("fit")
+    assert not dm.tokenizer.decode(dm.examples["train"][0].input_ids).startswith("summarize:")

@@ -36,7 +36,7 @@ from experiments.data import (
         ("strip_mentions_and_links", 1, "true or false"),
         ("dialogue_field", "", "a non-empty string"),
         ("id_field", 3, "a non-empty string (or null for made-up ids)"),
-        ("prefix", None, 'a string ("" for none)'),
+        ("prefix", 5, 'a string ("" for none), or null for the model\'s'),
         ("target_summaries", "best", "'first' or 'all'"),
     ],
 )
