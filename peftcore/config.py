@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from peftcore.matching import TargetModules
 
 
-def fail(cls: str, name: str, value: object, allowed: str) -> None:
+def fail(cls: str, name: str, value: object, allowed: str) -> NoReturn:
     raise ValueError(f"{cls}.{name} must be {allowed}, got {value!r}")
 
 
