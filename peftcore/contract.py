@@ -13,7 +13,7 @@ and ``fold_into_base()``.
 from __future__ import annotations
 
 from abc import ABC, ABCMeta, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 from torch import nn
@@ -121,5 +121,5 @@ class InputMethod(Method):
         """Take out what ``install`` added."""
         ...
 
-    def refuse_merge(self) -> None:
+    def refuse_merge(self) -> NoReturn:
         raise ValueError(f"{self.not_a_weight}: it cannot be merged; unload(model, merge=False) removes it")
