@@ -25,7 +25,6 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import t5
 from peftcore.weights import is_linear, is_quantized
 
 # A tuple of names matched against the end of a module's dotted name, or one regex string
@@ -146,6 +145,31 @@ def select_targets(model: nn.Module, config: Any, layer_rule: LayerIndex = layer
     return selected
 
 
+def never_called(model: nn.Module, name: str) -> str | None:
+    """Why a trained copy of module ``name`` would never run, or None.
+
+    An encoder-decoder's shared token embedding (T5's ``shared``, BART's ``model.shared``, and
+    mT5, UMT5, mBART, Pegasus ...) is never called by that name: the encoder and the decoder look
+    tokens up through their own ``embed_tokens``, which is the same module (BART) or shares its
+    weight (T5). A copy put in its place therefore trains nothing (peft accepts it and does just
+    that).
+    """
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = getattr(parent, attribute, None)
+    if attribute == "embed_tokens" or not isinstance(module, nn.Embedding):
+        return None
+    stacks = [getattr(getattr(parent, side, None), "embed_tokens", None) for side in ("encoder", "decoder")]
+    if not any(e is not None and (e is module or e.weight is module.weight) for e in stacks):
+        return None
+    return (
+        f"a copy of the shared embedding {name!r} is never used in forward (the encoder and decoder look tokens "
+        "up through their own embed_tokens, which share its weight), so it would train nothing (peft accepts it "
+        "and does just that). Name 'embed_tokens' to train the input embeddings (the encoder and decoder each "
+        "get a copy, as in peft) and/or 'lm_head' for the output projection"
+    )
+
+
 def select_copies(model: nn.Module, config: Any, targets: list[str]) -> list[str]:
     """Dotted names of the modules_to_save (peft's plain-suffix rule); refuses the ones whose copy
     would be ill-defined or never used."""
@@ -156,7 +180,7 @@ def select_copies(model: nn.Module, config: Any, targets: list[str]) -> list[str
     found = [name for name in names if ends_with(name, config.modules_to_save)]
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in found:
-        trap = t5.unused_in_forward(model, name)
+        trap = never_called(model, name)
         if trap:
             raise ValueError(f"modules_to_save={list(config.modules_to_save)} selects {name!r}: {trap}")
         outer = next((other for other in found if name.startswith(other + ".")), None)

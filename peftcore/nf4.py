@@ -12,6 +12,8 @@ The guide, with bitsandbytes' CPU and CUDA rounding and the edge cases: docs/nf4
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +43,7 @@ from peftcore.nf4_format import (
 __all__ = [
     # the layer
     "NF4Linear",
+    "QuantizedWeight",
     # the format, from peftcore.nf4_format
     "DEQUANTIZE_BACKENDS",
     "DOUBLE_QUANT_BLOCKSIZE",
@@ -81,14 +84,28 @@ class _DequantizingLinear(torch.autograd.Function):
         return grad_output @ ctx.layer.dequantize().to(grad_output.dtype), None, None
 
 
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized layer's weight as model code sees it: ``shape`` (out, in), ``dtype`` (the dtype
+    the layer computes in) and ``device``. Not a tensor: code that would cast its input to a
+    linear layer's weight dtype (T5's ``isinstance(wo.weight, torch.Tensor)`` check) leaves the
+    input alone, and the layer casts it itself."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4: ``y = x W^T + b`` with ``W = dequant(NF4 state)``.
 
     The packed weight and its quantization state are buffers (``weight_packed``, ``absmax`` and,
     with double quantization, ``absmax2`` and ``absmax_offset``), so ``state_dict()`` carries them
-    and a parameter+buffer count sees the real bytes. There is deliberately no ``weight``
-    attribute: use :meth:`dequantize`. The forward pass runs in ``compute_dtype`` and returns in
-    the input's dtype (as bitsandbytes' ``Linear4bit``); the weight and bias never get gradients.
+    and a parameter+buffer count sees the real bytes. ``weight`` answers what model code reads
+    from a linear layer (its ``shape``, ``dtype``: the compute dtype, ``device``) as a
+    :class:`QuantizedWeight`, which is no tensor (so T5's feed-forward does not cast its input to
+    it); the values are :meth:`dequantize`'s. The forward pass runs in ``compute_dtype`` and returns
+    in the input's dtype (as bitsandbytes' ``Linear4bit``); the weight and bias never get gradients.
     """
 
     def __init__(
@@ -143,6 +160,13 @@ class NF4Linear(nn.Module):
             self.blocksize,
             self.absmax2,
             self.absmax_offset,
+        )
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """What model code reads from a linear layer's weight; the values are ``dequantize()``'s."""
+        return QuantizedWeight(
+            (self.out_features, self.in_features), self.compute_dtype, self.weight_packed.device
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -1,5 +1,5 @@
-"""T5's shapes and the rule about its ``shared`` embedding; T5's defaults (peft's targets, the
-modules kept in full precision, the task prefix) are its entry in ``peftcore.families``.
+"""T5's shapes, for building models with random weights offline; T5's defaults (peft's targets,
+the modules kept in full precision, the task prefix) are its entry in ``peftcore.families``.
 
 Module names inside a T5 block (transformers):
   attention  ``SelfAttention`` / ``EncDecAttention`` with ``q k v o``
@@ -8,28 +8,7 @@ Module names inside a T5 block (transformers):
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import T5Config
-
-
-def unused_in_forward(model: nn.Module, name: str) -> str | None:
-    """Why a trained copy of module ``name`` would never run, or None.
-
-    T5's ``shared`` embedding is never called in forward: each stack looks tokens up through its
-    own ``embed_tokens``, which shares ``shared``'s weight. peft's copy of ``shared`` therefore
-    trains nothing and changes nothing.
-    """
-    encoder = getattr(model, "encoder", None)
-    embed = getattr(encoder, "embed_tokens", None)
-    if name == "shared" and embed is not None and embed is not getattr(model, "shared", None):
-        return (
-            "a copy of T5's 'shared' embedding is never used in forward (the encoder and decoder call their own "
-            "embed_tokens, which share its weight), so it would train nothing (peft accepts it and does just that). "
-            "Name 'embed_tokens' to train the input embeddings (the encoder and decoder each get a copy, as in "
-            "peft) and/or 'lm_head' for the output projection"
-        )
-    return None
-
 
 # Shapes of the public checkpoints, for building models with random weights offline.
 SHAPES: dict[str, dict[str, int]] = {

@@ -1,13 +1,16 @@
 """peftcore/families.py: what depends on the model family follows the model in hand."""
 
+import copy
+
 import pytest
+import torch
 import transformers
 from torch import nn
 
 import peftcore
 from peftcore import families, peft_format
 from peftcore.nf4 import NF4Linear
-from peftcore.testing import random_t5
+from peftcore.testing import random_t5, t5_batch
 
 
 def tiny_bart() -> transformers.BartForConditionalGeneration:
@@ -70,3 +73,35 @@ def test_a_peft_file_naming_no_targets_is_refused_for_a_family_peft_has_no_defau
     data = {"peft_type": "LORA", "target_modules": None, "task_type": "SEQ_2_SEQ_LM"}
     with pytest.raises(ValueError, match=r"peft has no default for model type 'pegasus': add target_modules"):
         peft_format.config_from_peft(data, tiny_pegasus())
+
+
+def test_quantizing_t5s_feed_forward_output_computes_with_the_dequantized_weights():
+    """T5's feed-forward reads wo.weight.dtype; with wo quantized too (skip only lm_head) the model
+    runs, and equals the model holding the dequantized weights in plain Linear layers."""
+    model = random_t5()
+    quantized = peftcore.quantize(
+        copy.deepcopy(model), peftcore.NF4Config(skip_modules=("lm_head",), compute_dtype=torch.float32)
+    )
+    assert isinstance(quantized.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo"), NF4Linear)
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, NF4Linear):
+                model.get_submodule(name).weight.copy_(layer.dequantize(torch.float32))
+    batch = t5_batch()
+    with torch.no_grad():
+        assert torch.equal(quantized(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("build", [random_t5, tiny_bart], ids=["t5", "bart"])
+def test_a_copy_of_the_shared_embedding_is_refused_in_every_encoder_decoder(build):
+    """T5's shared embedding and BART's model.shared are never called by that name in forward (the
+    stacks call their own embed_tokens), so a trained copy of it would change nothing."""
+    model = build()
+    with pytest.raises(
+        ValueError, match=r"selects '(model\.)?shared'.*never used in forward.*'embed_tokens'"
+    ):
+        peftcore.inject(model, peftcore.LoRAConfig(target_modules=("lm_head",), modules_to_save=("shared",)))
+    injected = peftcore.inject(
+        build(), peftcore.LoRAConfig(target_modules=("lm_head",), modules_to_save=("embed_tokens",))
+    )
+    assert sum(p.numel() for p in injected.parameters() if p.requires_grad) > 0

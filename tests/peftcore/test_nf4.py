@@ -371,7 +371,13 @@ def test_gradients_reach_the_input_and_nothing_trains():
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == []
     assert layer.bias.requires_grad is False and layer.bias.grad is None
     assert all(not b.requires_grad for b in layer.buffers())
-    assert not hasattr(layer, "weight")  # a quantized layer has no full weight matrix to hand out
+    # no full weight matrix to hand out: what model code reads from a linear layer's weight, no tensor
+    assert not isinstance(layer.weight, torch.Tensor)
+    assert (layer.weight.shape, layer.weight.dtype, layer.weight.device) == (
+        (64, 128),
+        torch.float32,
+        x.device,
+    )
 
 
 def test_backward_keeps_no_dequantized_weight():
