@@ -98,7 +98,16 @@ def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return targets
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return tuple(name for name, m in model.named_modules() if name and is_linear(m) and m is not head)
+    found = tuple(name for name, m in model.named_modules() if name and is_linear(m) and m is not head)
+    if not found:
+        kinds = sorted(
+            {type(m).__name__ for name, m in model.named_modules() if name and hasattr(m, "weight")}
+        )
+        raise ValueError(
+            f"target_modules='all-linear' selects nothing: the model has no linear layer besides its output head "
+            f"(its layers with weights are {kinds}); transformers' Conv1D (GPT-2) is not supported yet"
+        )
+    return found
 
 
 def why_not_selected(

@@ -75,7 +75,12 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
     if not_linear:
         raise ValueError(
             f"target_modules must select linear layers; these are not: {not_linear[:5]}. "
-            "Name the Linear layers inside them instead (e.g. 'q', 'v', 'wi', 'wo')."
+            + (
+                "transformers' Conv1D (GPT-2's transposed linear layer) is not supported yet; peft adapts it with "
+                "fan_in_fan_out"
+                if any("(Conv1D)" in entry for entry in not_linear)
+                else "Name the Linear layers inside them instead (e.g. T5's 'q', 'v', 'wi', 'wo')."
+            )
         )
     method.check(config, targets)
     to_save = select_copies(model, config, targets)

@@ -105,3 +105,14 @@ def test_a_copy_of_the_shared_embedding_is_refused_in_every_encoder_decoder(buil
         build(), peftcore.LoRAConfig(target_modules=("lm_head",), modules_to_save=("embed_tokens",))
     )
     assert sum(p.numel() for p in injected.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("c_attn",)])
+def test_gpt2s_conv1d_is_refused_by_name_not_with_a_bare_stopiteration(targets):
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_embd=16, n_layer=1, n_head=2, vocab_size=100, eos_token_id=0, bos_token_id=0
+        )
+    )
+    with pytest.raises(ValueError, match=r"Conv1D.*not supported yet"):
+        peftcore.inject(gpt2, peftcore.LoRAConfig(target_modules=targets))
