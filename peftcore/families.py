@@ -12,6 +12,10 @@ follow the model in hand, not T5:
 - ``task_prefix``: the text put before each input for summarisation (T5's ``"summarize: "``); a
   checkpoint's own ``task_specific_params.summarization.prefix`` wins over it.
 - ``dropout``: the config fields one dropout setting sets.
+
+``task_type`` is what a model does as peft names it (``SEQ_2_SEQ_LM``, ``CAUSAL_LM``, ``SEQ_CLS``,
+``TOKEN_CLS``, ``FEATURE_EXTRACTION``), read from its class the way transformers' auto classes
+map them, so a saved adapter opens in peft's class for that task.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.models.auto import modeling_auto
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,25 @@ def model_type(model: nn.Module) -> str | None:
 def of(model: nn.Module) -> Family:
     """The table's entry for ``model``'s family, or ``UNKNOWN``."""
     return FAMILIES.get(model_type(model) or "", UNKNOWN)
+
+
+# peft's task types, by the transformers auto-class mapping whose classes do that task.
+_TASKS = (
+    ("SEQ_2_SEQ_LM", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    ("CAUSAL_LM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    ("SEQ_CLS", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+    ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+    ("FEATURE_EXTRACTION", modeling_auto.MODEL_MAPPING_NAMES),
+)
+# The classification heads peft trains in full for SEQ_CLS (its modules_to_save default).
+CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+def task_type(model: nn.Module) -> str | None:
+    """peft's task type for ``model``'s class, or None for a class none of them covers (a masked
+    LM, say: peft then opens the adapter as a plain PeftModel)."""
+    name = type(model).__name__
+    for task, mapping in _TASKS:
+        if any(name == cls or (isinstance(cls, tuple) and name in cls) for cls in mapping.values()):
+            return task
+    return None

@@ -84,6 +84,7 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
         )
     method.check(config, targets)
     to_save = select_copies(model, config, targets)
+    _say_if_the_head_is_frozen(model, to_save)
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -98,6 +99,21 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def _say_if_the_head_is_frozen(model: nn.Module, to_save: list[str]) -> None:
+    """A sequence classifier's head is new and random: peft trains it in full by default (its
+    SEQ_CLS modules_to_save); here it trains only when named, so a frozen one is said out loud."""
+    if families.task_type(model) != "SEQ_CLS":
+        return
+    heads = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in families.CLASSIFICATION_HEADS]
+    if heads and not any(h == n or h.startswith(n + ".") for h in heads for n in to_save):
+        warnings.warn(
+            f"the classification head {heads[0]!r} stays frozen (at its initialisation): add "
+            f"modules_to_save=({heads[0].rsplit('.', 1)[-1]!r},) to train it in full, as peft's task_type "
+            "SEQ_CLS does by default",
+            stacklevel=3,
+        )
 
 
 def quantize(model: nn.Module, config: NF4Config) -> nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcore import methods
+from peftcore import families, methods
 from peftcore.contract import AdapterLayer
 from peftcore.dora import DoRA
 from peftcore.ia3 import IA3
@@ -91,7 +91,7 @@ def config_to_peft(config: object, model: nn.Module) -> dict:
     """adapter_config.json for ``config``: the fields every method writes the same way (and the
     targeting fields, for the methods that have them), then the method's own."""
     fields = {
-        "task_type": "SEQ_2_SEQ_LM",
+        "task_type": families.task_type(model),
         "peft_version": PEFT_FORMAT_VERSION,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "revision": None,

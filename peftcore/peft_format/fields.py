@@ -88,3 +88,14 @@ def default_targets(model: nn.Module, field: str, method: str) -> tuple[str, ...
             f"{families.model_type(model)!r}: add target_modules to the file"
         )
     return targets
+
+
+def modules_to_save_of(data: dict, model: nn.Module) -> tuple[str, ...]:
+    """The file's ``modules_to_save``. peft lists both classification heads (``classifier`` and
+    ``score``) in every SEQ_CLS file, whichever the model has: the one the model lacks is dropped,
+    as peft passes it by."""
+    names = tuple(data.get("modules_to_save") or ())
+    if data.get("task_type") != "SEQ_CLS":
+        return names
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    return tuple(name for name in names if name not in families.CLASSIFICATION_HEADS or name in leaves)

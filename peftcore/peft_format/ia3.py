@@ -10,7 +10,7 @@ from torch import nn
 from peftcore.ia3 import IA3Config, IA3Scaler
 from peftcore.matching import shown
 from peftcore.peft_format.base import Format
-from peftcore.peft_format.fields import default_targets
+from peftcore.peft_format.fields import default_targets, modules_to_save_of
 
 
 class IA3Format(Format):
@@ -39,7 +39,7 @@ class IA3Format(Format):
         return IA3Config(
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),
-            modules_to_save=tuple(data.get("modules_to_save") or ()),
+            modules_to_save=modules_to_save_of(data, model),
             exclude_modules=data.get("exclude_modules"),
         )
 

@@ -19,7 +19,7 @@ from torch import nn
 from peftcore.lora import LoRAConfig, LoRALinear
 from peftcore.matching import select_targets, shown
 from peftcore.peft_format.base import Format
-from peftcore.peft_format.fields import default_targets, peft_version
+from peftcore.peft_format.fields import default_targets, modules_to_save_of, peft_version
 
 # init_lora_weights values whose saved adapter is a plain LoRA over the untouched base (the init
 # only decides where training starts; the file's A and B replace it).
@@ -98,7 +98,7 @@ class LoRAFormat(Format):
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             init=_init_from_peft(data.get("init_lora_weights", True)),
             use_rslora=bool(data.get("use_rslora", False)),
-            modules_to_save=tuple(data.get("modules_to_save") or ()),
+            modules_to_save=modules_to_save_of(data, model),
             exclude_modules=data.get("exclude_modules"),
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},

@@ -1,7 +1,9 @@
 """peftcore/families.py: what depends on the model family follows the model in hand."""
 
 import copy
+import json
 
+import peft
 import pytest
 import torch
 import transformers
@@ -10,7 +12,7 @@ from torch import nn
 import peftcore
 from peftcore import families, peft_format
 from peftcore.nf4 import NF4Linear
-from peftcore.testing import random_t5, t5_batch
+from peftcore.testing import move_off_init, random_t5, t5_batch
 
 
 def tiny_bart() -> transformers.BartForConditionalGeneration:
@@ -116,3 +118,71 @@ def test_gpt2s_conv1d_is_refused_by_name_not_with_a_bare_stopiteration(targets):
     )
     with pytest.raises(ValueError, match=r"Conv1D.*not supported yet"):
         peftcore.inject(gpt2, peftcore.LoRAConfig(target_modules=targets))
+
+
+def tiny_bert_classifier() -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_the_file_says_the_task_the_model_has_and_peft_opens_it_in_that_class(tmp_path):
+    """A Llama adapter is CAUSAL_LM, a BERT classifier's SEQ_CLS (its head trained in full): peft
+    opens each in its task's class, to our logits."""
+    cases = [
+        (
+            tiny_llama,
+            peftcore.LoRAConfig(r=2, target_modules=("q_proj", "v_proj")),
+            "CAUSAL_LM",
+            "PeftModelForCausalLM",
+        ),
+        (
+            tiny_bert_classifier,
+            peftcore.LoRAConfig(r=2, target_modules=("query", "value"), modules_to_save=("classifier",)),
+            "SEQ_CLS",
+            "PeftModelForSequenceClassification",
+        ),
+    ]
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    for build, config, task, peft_class in cases:
+        ours = move_off_init(peftcore.inject(build(), config), seed=3)
+        peftcore.save_adapter(ours, tmp_path / task)
+        saved = json.loads((tmp_path / task / "adapter_config.json").read_text())
+        assert saved["task_type"] == task
+        theirs = peft.PeftModel.from_pretrained(build(), tmp_path / task).eval()
+        assert type(theirs).__name__ == peft_class
+        with torch.no_grad():
+            assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_peft_seq_cls_file_loads_with_the_head_it_names_for_every_model(tmp_path):
+    """peft writes modules_to_save ['classifier', 'score'] into every SEQ_CLS file; a BERT has only
+    the classifier: we load the file, with the trained head, to peft's logits."""
+    theirs = peft.get_peft_model(
+        tiny_bert_classifier(), peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    move_off_init(theirs, seed=4)
+    theirs.save_pretrained(tmp_path)
+    assert set(json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]) == {
+        "classifier",
+        "score",
+    }
+    ours = peftcore.load_adapter(tiny_bert_classifier(), tmp_path).eval()
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits)
+
+
+def test_a_frozen_classification_head_is_said():
+    with pytest.warns(UserWarning, match=r"classification head 'classifier' stays frozen.*modules_to_save"):
+        peftcore.inject(tiny_bert_classifier(), peftcore.LoRAConfig(r=2, target_modules=("query", "value")))
