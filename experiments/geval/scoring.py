@@ -1,14 +1,7 @@
-"""Scoring: the judge that asks for one criterion's score of one summary, and ``geval_scores``,
-which judges every example on every criterion concurrently and aggregates the scores.
-
-Scoring, per example and criterion:
-- ``logprobs``: when the server returns token log-probabilities, the score is the
-  probability-weighted mean over the score values at the answer's score token (the
-  paper's form), renormalised over the valid score tokens among the ``top_logprobs``.
-- ``samples``: otherwise, the mean of the integers parsed from ``n_samples`` sampled answers
-  (the paper's fallback for models without log-probabilities).
-
-An answer that does not parse is a recorded failure, never a crash.
+"""Scoring: the judge that asks for one criterion's score of one summary (by log-probabilities
+or by samples: the package docstring says how), and ``geval_scores``, which judges every example
+on every criterion concurrently and aggregates the scores. An answer that does not parse is a
+recorded failure, never a crash.
 """
 
 import contextlib

@@ -15,34 +15,19 @@ from peftcore.nf4 import NF4Linear
 from peftcore.testing import move_off_init, random_t5, t5_batch
 
 
+def tiny_encoder_decoder(config_class: type, model_class: type) -> transformers.PreTrainedModel:
+    """A one-layer BART-shaped model (BART, Pegasus) with random weights."""
+    sizes = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    heads = dict(encoder_attention_heads=2, decoder_attention_heads=2)
+    return model_class(config_class(vocab_size=128, max_position_embeddings=32, **sizes, **heads))
+
+
 def tiny_bart() -> transformers.BartForConditionalGeneration:
-    config = transformers.BartConfig(
-        vocab_size=128,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-    )
-    return transformers.BartForConditionalGeneration(config)
+    return tiny_encoder_decoder(transformers.BartConfig, transformers.BartForConditionalGeneration)
 
 
 def tiny_pegasus() -> transformers.PegasusForConditionalGeneration:
-    config = transformers.PegasusConfig(
-        vocab_size=128,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-    )
-    return transformers.PegasusForConditionalGeneration(config)
+    return tiny_encoder_decoder(transformers.PegasusConfig, transformers.PegasusForConditionalGeneration)
 
 
 def test_quantize_keeps_the_familys_full_precision_modules():
