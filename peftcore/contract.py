@@ -18,12 +18,15 @@ from typing import ClassVar, NoReturn
 import torch
 from torch import nn
 
+from peftcore import weights
+
 
 class AdapterLayer(nn.Module, metaclass=ABCMeta):
     """Wraps one linear layer ``base`` (frozen) with a trainable adapter.
 
     It stands where the linear layer stood, so it answers what model code reads from that module:
-    ``in_features``, ``out_features`` and ``weight`` (T5's feed-forward casts to ``wo.weight.dtype``).
+    ``in_features``, ``out_features`` (through peftcore.weights: a Conv1D has ``nx`` and ``nf``)
+    and ``weight`` (T5's feed-forward casts to ``wo.weight.dtype``), the base's as it stores it.
     A subclass adds its tensors, ``forward``, ``adapter_params``, ``initialise``, ``merge`` and
     ``unmerge``, reading and writing the base weight only through peftcore.weights.
     """
@@ -38,15 +41,16 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return weights.in_features(self.base)
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return weights.out_features(self.base)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base's weight: model code reads it (T5's feed-forward casts to ``wo.weight.dtype``)."""
+        """The base's weight as the base stores it (a Conv1D's is (in, out)): model code reads it
+        (T5's feed-forward casts to ``wo.weight.dtype``). Adapters read it through peftcore.weights."""
         return self.base.weight
 
     @abstractmethod

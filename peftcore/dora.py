@@ -8,9 +8,10 @@ constant in backward (it is detached). Forward, in peft's order of operations:
 
     y = base(x) + (m / n - 1) * W x + (m / n) * s B A dropout(x),      n = ||W + s B A||_row
 
-where ``W x`` is the base's output without its bias (or, while dropout is active, ``W dropout(x)``,
-as peft computes it). Over an NF4 base (QDoRA) W is the dequantized weight. Merging writes
-``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
+where ``W x`` is the base's output without its bias (the bias as the base added it: an NF4 base
+adds it in its compute dtype, as bitsandbytes' Linear4bit does) or, while dropout is active,
+``W dropout(x)``, as peft computes it. Over an NF4 base (QDoRA) W is the dequantized weight.
+Merging writes ``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore import lora
-from peftcore.weights import adapter_device_dtype, dense_weight, read_weight, write_weight
+from peftcore.weights import adapter_device_dtype, added_bias, dense_weight, read_weight, write_weight
 
 __all__ = ["DoRA", "DoRAConfig", "DoRALinear"]
 
@@ -47,7 +48,7 @@ class DoRALinear(lora.LoRALinear):
     ) -> None:
         super().__init__(base, r, alpha, dropout, init, use_rslora, initialise=False)
         device, dtype = adapter_device_dtype(base)
-        self.magnitude = nn.Parameter(torch.ones(base.out_features, device=device, dtype=dtype))
+        self.magnitude = nn.Parameter(torch.ones(self.out_features, device=device, dtype=dtype))
         self.register_buffer("merged_norm", None, persistent=False)  # n at merge time, to unmerge exactly
         if initialise:
             self.initialise()
@@ -85,7 +86,7 @@ class DoRALinear(lora.LoRALinear):
             x = self.dropout(x)
             base_out = F.linear(x, weight)
         else:
-            bias = getattr(self.base, "bias", None)
+            bias = added_bias(self.base)  # in the dtype the base added it (an NF4 base: its compute dtype)
             base_out = result if bias is None else result - bias
         update = self.lora_B(self.lora_A(x))
         return result + ((factor - 1) * base_out + factor * update * self.scale).to(result.dtype)

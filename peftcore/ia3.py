@@ -69,7 +69,7 @@ class IA3Scaler(AdapterLayer):
         super().__init__(base)
         self.feedforward = feedforward
         device, dtype = adapter_device_dtype(base)
-        size = base.in_features if feedforward else base.out_features
+        size = self.in_features if feedforward else self.out_features
         self.scale = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:

@@ -3,7 +3,8 @@
     y = base(x) + s * B A dropout(x),    A: (r, in),  B: (out, r),  s = alpha / r
                                                                     (alpha / sqrt(r) with rsLoRA)
 
-The base is any ``nn.Linear``, or an ``NF4Linear`` (that is QLoRA: no extra class).
+The base is any ``nn.Linear``, a transformers ``Conv1D`` (GPT-2's; peftcore.weights transposes its
+weight, so nothing here differs), or an ``NF4Linear`` (that is QLoRA: no extra class).
 
 Inits (``B A`` is the starting update):
   kaiming   A ~ kaiming-uniform(a=sqrt(5)), B = 0           -> the model starts unchanged
@@ -17,8 +18,9 @@ is randomised, so the layer keeps its starting factors (A0, B0): an adapter rela
 original base is then ``[A; A0]``, ``[B, -B0]`` of rank 2r (``s (B A - B0 A0)``), which is how
 it is saved. The PiSSA and OLoRA factors are computed in ``peftcore.lora_init``.
 
-Over a dense base the layer runs as one autograd node, ``peftcore.kernels.lora.FusedLoRA``, with
-its own backward (and, while training on the CPU, dropout drawn by position).
+Over a dense base (nn.Linear or Conv1D) the layer runs as one autograd node,
+``peftcore.kernels.lora.FusedLoRA``, with its own backward (and, while training on the CPU,
+dropout drawn by position).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from peftcore.kernels.dropout import dropped_positions
 from peftcore.kernels.lora import FusedLoRA
 from peftcore.lora_init import olora_factors, pissa_factors
 from peftcore.matching import TargetModules, pattern_key
-from peftcore.weights import adapter_device_dtype, read_weight, write_weight
+from peftcore.weights import adapter_device_dtype, dense_weight, is_dense, read_weight, write_weight
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear"]
 
@@ -177,8 +179,8 @@ class LoRALinear(AdapterLayer):
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
         device, dtype = adapter_device_dtype(base)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if initialise:
             self.initialise()
@@ -203,10 +205,11 @@ class LoRALinear(AdapterLayer):
 
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` (adapter active, not merged) runs as one ``FusedLoRA`` node
-        (peftcore/kernels/lora.py): a dense base, dropout only where it is drawn by position (the
-        CPU; on accelerators torch's own is cheap), and one dtype for everything (or autocast
+        (peftcore/kernels/lora.py): a dense base (nn.Linear, or a Conv1D, whose weight the kernel
+        gets as an (out, in) view from peftcore.weights), dropout only where it is drawn by position
+        (the CPU; on accelerators torch's own is cheap), and one dtype for everything (or autocast
         choosing it)."""
-        if type(self.base) is not nn.Linear or (self._dropping() and x.device.type != "cpu"):
+        if not is_dense(self.base) or (self._dropping() and x.device.type != "cpu"):
             return False
         return (
             torch.is_autocast_enabled(x.device.type)
@@ -218,7 +221,8 @@ class LoRALinear(AdapterLayer):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base and the update in one autograd node: see FusedLoRA."""
-        tensors = (x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight)
+        weight = dense_weight(self.base, self.base.weight.dtype)  # (out, in): a Conv1D's, transposed (a view)
+        tensors = (x, weight, self.base.bias, self.lora_A.weight, self.lora_B.weight)
         drop, keep_scale = None, 1.0
         if self._dropping():
             drop, keep_scale = dropped_positions(x.numel(), self.dropout.p), 1.0 / (1.0 - self.dropout.p)

@@ -4,7 +4,8 @@ the same thing here. Each rule is one function; nothing else in peftcore matches
     target_modules, exclude_modules   a list entry equals the dotted name or its tail after a dot
                                       ("q" selects "encoder.block.0.layer.0.SelfAttention.q");
                                       a string is a regex for the whole name; "all-linear" is every
-                                      linear layer except the output head (lm_head)
+                                      linear layer (nn.Linear, GPT-2's Conv1D) except the output
+                                      head (lm_head)
     modules_to_save,                  a plain suffix, no dot boundary ("o" also selects "wo",
     IA3 feedforward_modules           "layer_norm" also "final_layer_norm"); feedforward_modules
                                       as a string is a regex for the whole name
@@ -94,7 +95,8 @@ def _every_entry_matches(
 
 
 def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
-    """``all-linear`` becomes the full names of every linear layer except the output head, as in peft."""
+    """``all-linear`` becomes the full names of every linear layer (nn.Linear, Conv1D, NF4Linear)
+    except the output head, as in peft."""
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return targets
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -104,8 +106,8 @@ def resolve_targets(model: nn.Module, targets: TargetModules) -> TargetModules:
             {type(m).__name__ for name, m in model.named_modules() if name and hasattr(m, "weight")}
         )
         raise ValueError(
-            f"target_modules='all-linear' selects nothing: the model has no linear layer besides its output head "
-            f"(its layers with weights are {kinds}); transformers' Conv1D (GPT-2) is not supported yet"
+            f"target_modules='all-linear' selects nothing: the model has no linear layer (nn.Linear or "
+            f"transformers' Conv1D) besides its output head (its layers with weights are {kinds})"
         )
     return found
 

@@ -39,6 +39,7 @@ from peftcore.nf4_format import (
     table,
     triton_available,
 )
+from peftcore.weights import dense_weight, in_features, out_features
 
 __all__ = [
     # the layer
@@ -139,13 +140,16 @@ class NF4Linear(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: NF4Config) -> NF4Linear:
-        """Quantize ``linear``'s weight; the bias is copied, frozen, in its own dtype."""
-        weight = linear.weight
+    def from_linear(cls, linear: nn.Module, config: NF4Config) -> NF4Linear:
+        """Quantize ``linear``'s weight; the bias is copied, frozen, in its own dtype. ``linear`` is an
+        ``nn.Linear`` or a transformers ``Conv1D``, whose (in, out) weight is quantized transposed,
+        as (out, in), as transformers does when it loads GPT-2 in 4 bit (Conv1D becomes Linear4bit):
+        the layer computes ``x W + b`` as the Conv1D did."""
+        weight = dense_weight(linear, linear.weight.dtype).detach()  # (out, in), read through the seam
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, config, device=weight.device
+            in_features(linear), out_features(linear), linear.bias is not None, config, device=weight.device
         )
-        layer.set_weight_(weight.detach())
+        layer.set_weight_(weight)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer

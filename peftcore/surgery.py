@@ -21,7 +21,7 @@ from peftcore.contract import AdapterLayer, InputMethod
 from peftcore.matching import matches, select_copies, select_targets
 from peftcore.nf4 import QUANTIZABLE_DTYPES, NF4Linear
 from peftcore.trained_copy import TrainedCopy
-from peftcore.weights import is_linear
+from peftcore.weights import is_linear, is_transposed
 
 AdapterConfig = Any  # one of methods.config_classes()
 
@@ -74,13 +74,8 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
     not_linear = [f"{n} ({type(modules[n]).__name__})" for n in targets if not is_linear(modules[n])]
     if not_linear:
         raise ValueError(
-            f"target_modules must select linear layers; these are not: {not_linear[:5]}. "
-            + (
-                "transformers' Conv1D (GPT-2's transposed linear layer) is not supported yet; peft adapts it with "
-                "fan_in_fan_out"
-                if any("(Conv1D)" in entry for entry in not_linear)
-                else "Name the Linear layers inside them instead (e.g. T5's 'q', 'v', 'wi', 'wo')."
-            )
+            f"target_modules must select linear layers (nn.Linear, transformers' Conv1D); these are not: "
+            f"{not_linear[:5]}. Name the linear layers inside them instead (e.g. T5's 'q', 'v', 'wi', 'wo')."
         )
     method.check(config, targets)
     to_save = select_copies(model, config, targets)
@@ -117,7 +112,9 @@ def _say_if_the_head_is_frozen(model: nn.Module, to_save: list[str]) -> None:
 
 
 def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place.
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place; a transformers
+    ``Conv1D`` (GPT-2's) becomes one too, made from its transposed weight, as transformers does when
+    it loads such a model in 4 bit, so the model computes the same.
 
     Linears matched by ``config.skip_modules`` (target_modules' rule: a dotted suffix, or one
     regex) stay as they are; ``skip_modules=None`` means the model family's
@@ -127,7 +124,7 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     """
     if not isinstance(config, NF4Config):
         raise TypeError(f"quantize() needs an NF4Config, got {type(config).__name__}")
-    if isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear) or is_transposed(model):
         raise TypeError(
             "quantize() replaces the Linear layers inside a model; for one layer use NF4Linear.from_linear"
         )
@@ -141,7 +138,7 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not matches(name, skip)
+        if (isinstance(module, nn.Linear) or is_transposed(module)) and not matches(name, skip)
     ]
     for name, module in targets:
         if module.weight.dtype not in QUANTIZABLE_DTYPES:
@@ -151,7 +148,7 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
                 "NF4Config.skip_modules to keep it as it is"
             )
     if not targets:
-        raise ValueError(f"found no nn.Linear to quantize (skip_modules={skip!r})")
+        raise ValueError(f"found no nn.Linear (or Conv1D) to quantize (skip_modules={skip!r})")
     replacements = [(name, NF4Linear.from_linear(module, config)) for name, module in targets]
     for name, layer in replacements:
         _replace(model, name, layer)

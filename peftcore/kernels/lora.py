@@ -1,8 +1,10 @@
 """LoRA's layer as one autograd node over a dense frozen base: ``FusedLoRA``.
 
-``LoRALinear`` (peftcore/lora.py) calls it when the base is an ``nn.Linear`` and every operand has
-one dtype (or autocast chooses it), and, while dropout is active, only on the CPU, where the
-dropped positions are drawn by ``peftcore.kernels.dropout``.
+``LoRALinear`` (peftcore/lora.py) calls it when the base is an ``nn.Linear`` or a transformers
+``Conv1D`` (its (in, out) weight passed as the (out, in) view ``peftcore.weights.dense_weight``
+gives, so the equation below holds unchanged) and every operand has one dtype (or autocast chooses
+it), and, while dropout is active, only on the CPU, where the dropped positions are drawn by
+``peftcore.kernels.dropout``.
 """
 
 from __future__ import annotations

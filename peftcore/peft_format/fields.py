@@ -15,11 +15,15 @@ value is refused by name, never dropped (peft drops unknown fields with a warnin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 from torch import nn
 
 from peftcore import families
+from peftcore.matching import select_targets
+from peftcore.surgery import wrapped_layers
+from peftcore.weights import is_transposed
 
 # The peft release whose file format and matching rules peftcore follows when it writes.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -99,3 +103,46 @@ def modules_to_save_of(data: dict, model: nn.Module) -> tuple[str, ...]:
         return names
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     return tuple(name for name in names if name not in families.CLASSIFICATION_HEADS or name in leaves)
+
+
+# --- fan_in_fan_out: peft's flag for a weight stored (in, out), set by the target's type ------------
+
+
+def _target_kinds(model: nn.Module, config: object) -> tuple[int, int]:
+    """(how many, how many not) of the layers ``config`` adapts on ``model`` are transformers'
+    Conv1D: the adapted layers' bases when the model holds the adapter, else the layers it selects."""
+    bases = [layer.base for _, layer in wrapped_layers(model)]
+    if not bases:
+        modules = dict(model.named_modules())
+        with warnings.catch_warnings():  # what select_targets warns about, inject says once
+            warnings.simplefilter("ignore")
+            bases = [modules[name] for name in select_targets(model, config)]
+    transposed = sum(is_transposed(base) for base in bases)
+    return transposed, len(bases) - transposed
+
+
+def fan_in_fan_out_to_peft(model: nn.Module, config: object) -> bool:
+    """What peft writes as ``fan_in_fan_out``: true when the targets are transformers' Conv1D (GPT-2's),
+    false for nn.Linear (and NF4Linear: a quantized Conv1D is stored (out, in), as bitsandbytes'
+    Linear4bit). peft sets the flag target by target; with both kinds this writes true, and peft,
+    reading the file, sets it back to false for the nn.Linear targets (with a warning)."""
+    return _target_kinds(model, config)[0] > 0
+
+
+def check_fan_in_fan_out(data: Mapping[str, object], model: nn.Module, config: object) -> None:
+    """peft sets ``fan_in_fan_out`` by each target's type whatever the file says, warning when it
+    differs; peftcore reads each base weight's layout from the layer (peftcore.weights), so the
+    field changes nothing either, and it warns as peft does."""
+    value = bool(data.get("fan_in_fan_out", False))
+    transposed, plain = _target_kinds(model, config)
+    if value and plain:
+        what = "the targets are" if not transposed else f"{plain} targets are"
+        warnings.warn(
+            f"fan_in_fan_out is true but {what} nn.Linear: it is set to false, as peft does", stacklevel=4
+        )
+    if not value and transposed:
+        what = "the targets are" if not plain else f"{transposed} targets are"
+        warnings.warn(
+            f"fan_in_fan_out is false but {what} transformers' Conv1D: it is set to true, as peft does",
+            stacklevel=4,
+        )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from peftcore.ia3 import IA3Config, IA3Scaler
 from peftcore.matching import shown
 from peftcore.peft_format.base import Format
-from peftcore.peft_format.fields import default_targets, modules_to_save_of
+from peftcore.peft_format.fields import (
+    check_fan_in_fan_out,
+    default_targets,
+    fan_in_fan_out_to_peft,
+    modules_to_save_of,
+)
 
 
 class IA3Format(Format):
@@ -21,7 +24,7 @@ class IA3Format(Format):
         "exclude_modules",
         "feedforward_modules",
         "modules_to_save",
-        "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
+        "fan_in_fan_out",  # true for Conv1D targets, false for nn.Linear: peft sets it by the target, so does peftcore
     )
     inert = {"init_ia3_weights": "decides only where training starts; the file's vectors replace them"}
 
@@ -31,24 +34,21 @@ class IA3Format(Format):
         feedforward = data.get("feedforward_modules")
         if feedforward is None:  # peft's default for the family
             feedforward = default_targets(model, "ia3_feedforward", "IA3")
-        if data.get("fan_in_fan_out"):
-            warnings.warn(
-                "fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does",
-                stacklevel=3,
-            )
-        return IA3Config(
+        config = IA3Config(
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             feedforward_modules=feedforward if isinstance(feedforward, str) else tuple(feedforward),
             modules_to_save=modules_to_save_of(data, model),
             exclude_modules=data.get("exclude_modules"),
         )
+        check_fan_in_fan_out(data, model, config)
+        return config
 
     def config_to_peft(self, config: IA3Config, model: nn.Module) -> dict:
         return {
             "peft_type": self.peft_type,
             "feedforward_modules": shown(config.feedforward_modules),
             "init_ia3_weights": True,
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out_to_peft(model, config),
         }
 
     def peft_tensors(self, layer: IA3Scaler) -> dict[str, torch.Tensor]:

@@ -19,7 +19,13 @@ from torch import nn
 from peftcore.lora import LoRAConfig, LoRALinear
 from peftcore.matching import select_targets, shown
 from peftcore.peft_format.base import Format
-from peftcore.peft_format.fields import default_targets, modules_to_save_of, peft_version
+from peftcore.peft_format.fields import (
+    check_fan_in_fan_out,
+    default_targets,
+    fan_in_fan_out_to_peft,
+    modules_to_save_of,
+    peft_version,
+)
 
 # init_lora_weights values whose saved adapter is a plain LoRA over the untouched base (the init
 # only decides where training starts; the file's A and B replace it).
@@ -56,7 +62,7 @@ class LoRAFormat(Format):
         "layers_to_transform",
         "layers_pattern",
         "bias",  # "none"; "lora_only" / "all" only where those biases do not exist (T5 has none)
-        "fan_in_fan_out",  # peft sets it to false for nn.Linear targets, with a warning; so does peftcore
+        "fan_in_fan_out",  # true for Conv1D targets, false for nn.Linear: peft sets it by the target, so does peftcore
     )
     at_default = {
         "use_dora": (False, "DoRA"),
@@ -113,11 +119,7 @@ class LoRAFormat(Format):
                 config, target_modules=names, layers_to_transform=None, layers_pattern=None
             )
         _check_bias(data.get("bias", "none"), model, config)
-        if data.get("fan_in_fan_out"):
-            warnings.warn(
-                "fan_in_fan_out is true but the targets are nn.Linear: it is set to false, as peft does",
-                stacklevel=3,
-            )
+        check_fan_in_fan_out(data, model, config)
         if config.init.startswith("pissa_niter"):
             warnings.warn(
                 f"init_lora_weights={config.init!r} is re-run on load, as peft does; its SVD is randomised, so the "
@@ -152,7 +154,7 @@ class LoRAFormat(Format):
             "layers_to_transform": shown(config.layers_to_transform),
             "layers_pattern": shown(config.layers_pattern),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out_to_peft(model, config),
         }
 
     # peft_tensors: the layer's adapter_params, already under peft's names (lora_A.weight, lora_B.weight).

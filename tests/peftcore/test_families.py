@@ -8,10 +8,12 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import peftcore
 from peftcore import families, peft_format
 from peftcore.nf4 import NF4Linear
+from peftcore.surgery import wrapped_layers
 from peftcore.testing import move_off_init, random_t5, t5_batch
 
 
@@ -94,15 +96,35 @@ def test_a_copy_of_the_shared_embedding_is_refused_in_every_encoder_decoder(buil
     assert sum(p.numel() for p in injected.parameters() if p.requires_grad) > 0
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ("c_attn",)])
-def test_gpt2s_conv1d_is_refused_by_name_not_with_a_bare_stopiteration(targets):
+@pytest.mark.parametrize(
+    "targets, adapted", [("all-linear", {"c_attn", "c_proj", "c_fc"}), (("c_attn",), {"c_attn"})]
+)
+def test_gpt2s_conv1d_layers_are_adapted_by_name_and_by_all_linear(targets, adapted):
+    """GPT-2's Conv1D layers are linear layers to inject (tests/peftcore/test_conv1d.py checks them
+    against peft); all-linear leaves out the output head, an nn.Linear."""
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             n_embd=16, n_layer=1, n_head=2, vocab_size=100, eos_token_id=0, bos_token_id=0
         )
     )
-    with pytest.raises(ValueError, match=r"Conv1D.*not supported yet"):
-        peftcore.inject(gpt2, peftcore.LoRAConfig(target_modules=targets))
+    peftcore.inject(gpt2, peftcore.LoRAConfig(target_modules=targets))
+    layers = dict(wrapped_layers(gpt2))
+    assert {name.rsplit(".", 1)[-1] for name in layers} == adapted
+    assert all(type(layer.base) is Conv1D for layer in layers.values())
+
+
+def test_all_linear_on_a_model_with_no_linear_layer_but_its_head_is_refused_by_name():
+    class OnlyAHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.head
+
+    with pytest.raises(ValueError, match=r"'all-linear' selects nothing.*\['Embedding', 'Linear'\]"):
+        peftcore.inject(OnlyAHead(), peftcore.LoRAConfig(target_modules="all-linear"))
 
 
 def tiny_bert_classifier() -> transformers.BertForSequenceClassification:
