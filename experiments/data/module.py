@@ -302,22 +302,24 @@ class DialogSummaryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
-        epoch, done = self._resume_place()
+        epoch, done = self._take_saved_place()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Shard ourselves so this is right under Trainer(use_distributed_sampler=False) too;
             # with the default True, Lightning swaps in its own equivalent DistributedSampler.
             order: Sampler[int] = DistributedSampler(examples, shuffle=True, seed=self.seed)
             order.set_epoch(epoch)
-        elif self.group_by_length:
-            order = EpochShuffle(len(examples), seed=self.seed, epoch=epoch)
         else:
-            order = EpochShuffle(len(examples), seed=self.seed, epoch=epoch, skip=done * self.batch_size)
+            order = EpochShuffle(len(examples), seed=self.seed, epoch=epoch)
+        if done >= -(-len(order) // self.batch_size):  # this process's batches: an epoch's end skips nothing
+            done = 0
         if not self.group_by_length:
             if done and not isinstance(order, EpochShuffle):
                 raise ValueError(
                     f"cannot resume inside an epoch with a {type(order).__name__}: it cannot start after the "
                     f"{done} batches already done. Resume from an epoch-end checkpoint, or use group_by_length: true"
                 )
+            if done:
+                order.skip = done * self.batch_size
             return self._loader(examples, resumable=True, batch_size=self.batch_size, sampler=order)
         lengths = [len(e.input_ids) for e in examples]
         batches = LengthGroupedBatchSampler(
@@ -336,15 +338,10 @@ class DialogSummaryDataModule(L.LightningDataModule):
         """A resumed run's saved place: its training loader starts after the batches done."""
         self._saved_place = state.get("train_place")
 
-    def _resume_place(self) -> tuple[int, int]:
-        """``(epoch, batches to skip)`` for the training loader about to be made: the saved place
-        once (inside an epoch; an epoch's end skips nothing), then ``(0, 0)``."""
+    def _take_saved_place(self) -> tuple[int, int]:
+        """``(epoch, batches done)`` of a resumed run's saved place, once; then ``(0, 0)``."""
         place, self._saved_place = self._saved_place, None
-        if place is None:
-            return 0, 0
-        batches = -(-len(self.examples["train"]) // self.batch_size)  # per process without DDP
-        done = place["batches_done"]
-        return place["epoch"], done if 0 < done < batches else 0
+        return (0, 0) if place is None else (place["epoch"], place["batches_done"])
 
     def _eval_loader(self, role: str, sort: bool) -> DataLoader:
         examples = self.examples[role]

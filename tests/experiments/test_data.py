@@ -531,3 +531,19 @@ def test_left_to_the_model_a_data_module_alone_uses_no_prefix_and_the_bundled_to
     assert (dm.prefix, dm.tokenizer_name) == ("", "bundled")
     dm.setup("fit")
     assert not dm.tokenizer.decode(dm.examples["train"][0].input_ids).startswith("summarize:")
+
+
+def test_a_place_saved_at_an_epochs_end_skips_nothing_under_ddp(monkeypatch):
+    """Each of 2 ranks has 5 batches of its 20 dialogues: a place saved after all 5 is an epoch's
+    end for that rank (not half of the 10 batches of all 40), so the next epoch runs whole."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    dm = DialogSummaryDataModule(limit_train=40, batch_size=4)
+    dm.setup("fit")
+    dm.load_state_dict({"train_place": {"epoch": 1, "batches_done": 5}})
+    assert len(list(dm.train_dataloader().batch_sampler)) == 5
+    dm.load_state_dict(
+        {"train_place": {"epoch": 1, "batches_done": 2}}
+    )  # inside the epoch: the 3 still to do
+    assert len(list(dm.train_dataloader().batch_sampler)) == 3
