@@ -23,7 +23,8 @@ from peftcore.files import write_atomically
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's directory: its logger's (``runs/<name>/version_N``), else the Trainer's root."""
+    """The run's directory: its logger's (``runs/<name>/version_N``), else the Trainer's root.
+    (``Trainer.log_dir`` says the same but broadcasts, and the writers here run on rank 0 alone.)"""
     logger = trainer.logger
     return Path(
         (logger.log_dir if logger is not None and logger.log_dir else None) or trainer.default_root_dir
