@@ -102,7 +102,8 @@ class NF4Linear(nn.Module):
 
     The packed weight and its quantization state are buffers (``weight_packed``, ``absmax`` and,
     with double quantization, ``absmax2`` and ``absmax_offset``), so ``state_dict()`` carries them
-    and a parameter+buffer count sees the real bytes. ``weight`` answers what model code reads
+    and a parameter+buffer count sees the real bytes; for FSDP the uint8 ones become frozen
+    parameters (:meth:`hold_storage_as_parameters`). ``weight`` answers what model code reads
     from a linear layer (its ``shape``, ``dtype``: the compute dtype, ``device``) as a
     :class:`QuantizedWeight`, which is no tensor (so T5's feed-forward does not cast its input to
     it); the values are :meth:`dequantize`'s. The forward pass runs in ``compute_dtype`` and returns
@@ -192,6 +193,16 @@ class NF4Linear(nn.Module):
             self.absmax2.copy_(state.absmax2)
             self.absmax_offset.copy_(state.offset)
 
+    def hold_storage_as_parameters(self) -> None:
+        """Hold the uint8 storage (packed weight; with double quantization the 8-bit scales) as
+        frozen parameters instead of buffers, so that FSDP shards it (it replicates buffers; see
+        peftcore.sharding). Names, values and ``state_dict()`` stay as they were."""
+        for name in ("weight_packed", "absmax"):
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype == torch.uint8:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return _DequantizingLinear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
@@ -247,8 +258,8 @@ class NF4Linear(nn.Module):
             given = state_dict.get(prefix + name)
             if tensor is None or given is None:
                 continue
-            # Buffers must match exactly (a float absmax is not a uint8 one); the bias may change dtype.
-            if given.shape != tensor.shape or (name in self._buffers and given.dtype != tensor.dtype):
+            # The storage must match exactly (a float absmax is not a uint8 one); the bias may change dtype.
+            if given.shape != tensor.shape or (name != "bias" and given.dtype != tensor.dtype):
                 raise ValueError(
                     f"{where}: '{name}' in the state dict has shape {tuple(given.shape)} and dtype {given.dtype}, "
                     f"expected shape {tuple(tensor.shape)} and dtype {tensor.dtype} (this layer has "

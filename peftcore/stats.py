@@ -28,14 +28,25 @@ class ParamCount:
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
-    """Counts each parameter once (tied weights too), plus the weight of every quantized layer."""
+    """Counts each parameter once (tied weights too), plus the weight of every quantized layer
+    (its logical elements, in place of its packed storage, even where that is held as parameters
+    for sharding). A sharded parameter (FSDP2's DTensor) counts as its whole shape."""
+    storage = {
+        id(tensor)
+        for module in model.modules()
+        if is_quantized(module)
+        for name, tensor in module.named_parameters(recurse=False)
+        if name != "bias"
+    }
     total = trainable = 0
     for param in model.parameters():
+        if id(param) in storage:
+            continue
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
     for module in model.modules():
-        if is_quantized(module):  # NF4Linear: the frozen weight lives in buffers
+        if is_quantized(module):  # NF4Linear: the frozen weight is stored packed
             total += module.in_features * module.out_features
     return ParamCount(total=total, trainable=trainable)
 

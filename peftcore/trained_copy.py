@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class TrainedCopy(nn.Module):
@@ -24,6 +24,19 @@ class TrainedCopy(nn.Module):
         self.original.requires_grad_(False)
         self.trained.requires_grad_(True)
         self.disabled = False
+        # what the copy's state dict holds, taken now: under FSDP2 a state_dict() call reshards
+        # the unit it runs in, so the adapter's save reads the copy by these names instead
+        self.state_names = tuple(self.trained.state_dict().keys())
+
+    def trained_state(self) -> dict[str, Tensor]:
+        """The copy's state (``trained.state_dict(keep_vars=True)``'s tensors), read without
+        ``state_dict()``: the live parameters and buffers, whole inside sharding.full_parameters."""
+        trained = self.trained
+        live = {
+            **dict(trained.named_parameters(remove_duplicate=False)),
+            **dict(trained.named_buffers(remove_duplicate=False)),
+        }
+        return {name: live[name] for name in self.state_names}
 
     def forward(self, *args, **kwargs):
         return (self.original if self.disabled else self.trained)(*args, **kwargs)

@@ -32,6 +32,8 @@ class QuantizedLinear(Protocol):
 
     def set_weight_(self, weight: torch.Tensor) -> None: ...
 
+    def hold_storage_as_parameters(self) -> None: ...  # for FSDP, which shards parameters only
+
 
 def is_quantized(module: nn.Module) -> bool:
     """The one place that decides whether a layer's weight is stored quantized."""

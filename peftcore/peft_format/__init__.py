@@ -116,6 +116,6 @@ def adapter_tensors(model: nn.Module, config: object, saving: bool = False) -> d
         for key, tensor in (translator.saved_tensors if saving else translator.peft_tensors)(layer).items():
             tensors[prefix + key] = tensor
     for name, copy in trained_copies(model):
-        for key, tensor in copy.trained.state_dict(keep_vars=True).items():
+        for key, tensor in copy.trained_state().items():
             tensors[f"{PREFIX}{name}.{key}"] = tensor
     return tensors
