@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import peftcore
 from experiments.data import ResumableDataLoader
 from peftcore.files import write_atomically
+from peftcore.sharding import full_parameters
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -33,7 +34,37 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 class TrainingPlace(L.Callback):
     """Tells a resumable training loader how many batches of the epoch the loop has finished, so
-    that a checkpoint written now resumes after exactly those (see ``ResumableDataLoader``)."""
+    that a checkpoint written now resumes after exactly those (see ``ResumableDataLoader``), and
+    places a resumed run's loader where the data module could not (see ``on_train_start``). A
+    batch whose optimizer step ran before an exception (raised by a later callback's
+    ``on_train_batch_end``, say) counts as done too: resuming must not train it twice."""
+
+    def __init__(self) -> None:
+        self._batch_began: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Under strategies that restore a checkpoint after setup (ModelParallelStrategy: FSDP2),
+        # the training loader was made (for the step estimate) before the saved place arrived.
+        take = getattr(trainer.datamodule, "take_saved_place", None)
+        loader = trainer.train_dataloader
+        place = take() if take is not None and isinstance(loader, ResumableDataLoader) else None
+        if place is not None:
+            loader.load_state_dict(place)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_began = (batch_idx, trainer.global_step)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        loader = trainer.train_dataloader
+        if self._batch_began is None or not isinstance(loader, ResumableDataLoader):
+            return
+        batch_idx, step_then = self._batch_began
+        if trainer.global_step > step_then:
+            loader.batch_done(trainer.current_epoch, batch_idx + 1)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -107,7 +138,8 @@ def recorded_runtime(checkpoint: dict[str, Any]) -> float:
 
 class BestAdapterExport(L.Callback):
     """After each validation of fit with a new best ``val/loss``, saves the adapter in peft's
-    format to ``<run dir>/best_adapter`` (on rank 0; nothing under ``fast_dev_run``). The best
+    format to ``<run dir>/best_adapter`` (on rank 0, whole tensors under FSDP too; nothing under
+    ``fast_dev_run``). The best
     loss so far is saved with checkpoints, so a resumed run exports only a real improvement."""
 
     def __init__(self) -> None:
@@ -120,8 +152,12 @@ class BestAdapterExport(L.Callback):
         if loss is None or not float(loss) < self.best_val_loss:
             return
         self.best_val_loss = float(loss)
-        if trainer.is_global_zero and not trainer.fast_dev_run:
-            peftcore.save_adapter(pl_module.model, run_dir(trainer) / "best_adapter")
+        if trainer.fast_dev_run:
+            return
+        # Sharded (FSDP): every rank gathers the whole tensors, rank 0 writes them.
+        with full_parameters(trainer.strategy.model):
+            if trainer.is_global_zero:
+                peftcore.save_adapter(pl_module.model, run_dir(trainer) / "best_adapter")
 
     def state_dict(self) -> dict[str, float]:
         return {"best_val_loss": self.best_val_loss}

@@ -147,6 +147,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._stop_requested = False
         self._previous_handler: Any = None
         self._batches_done = 0  # batches of the current epoch the training loop has finished
+        self._batch_began: tuple[int, int] | None = None  # (batch_idx, global_step) of the batch in flight
 
     # --- where, and never over another run ----------------------------------------------------
 
@@ -221,6 +222,11 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batches_done = 0
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_began = (batch_idx, trainer.global_step)
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
         signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
@@ -252,7 +258,10 @@ class RunCheckpoint(ModelCheckpoint):
             return  # a graceful stop saved already; a second Ctrl-C may have come mid-step
         if not self._due(trainer):
             return
-        if not _at_step_boundary(trainer, done=self._batches_done):
+        # A batch whose optimizer step ran before the exception (raised by a callback's
+        # on_train_batch_end, say) is done: the checkpoint must say so, or resuming trains it twice.
+        done = stepped_batches(self._batch_began, trainer.global_step, self._batches_done)
+        if not _at_step_boundary(trainer, done=done):
             rank_zero_info(
                 f"{type(exception).__name__} in the middle of a gradient accumulation: its partial gradients cannot be "
                 f"saved, so the last checkpoint ({self.last_model_path or 'none'}) is kept"
@@ -270,6 +279,14 @@ class RunCheckpoint(ModelCheckpoint):
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+
+def stepped_batches(batch_began: tuple[int, int] | None, global_step: int, finished: int) -> int:
+    """Batches of this epoch done when an exception stopped fit: those the loop finished, and the
+    batch in flight too if its optimizer step ran (``global_step`` moved since it began)."""
+    if batch_began is not None and global_step > batch_began[1]:
+        return max(finished, batch_began[0] + 1)
+    return finished
 
 
 def _is_local(path: Any) -> bool:

@@ -31,9 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from experiments.checkpointing import LAST, read_checkpoint
@@ -139,6 +141,7 @@ class ProjectCLI(LightningCLI):
         _data_from_model(self.parser, config)
         _run_directory(config)
         _default_callbacks(self.parser, config)
+        _sharding_strategy(self.parser, config)
 
     def instantiate_classes(self) -> None:
         # The model and data classes check their settings and raise ValueError naming the bad one
@@ -321,6 +324,77 @@ def _run_directory(config: Namespace) -> None:
     path = Path(ckpt)
     if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == root.resolve():
         config.trainer.logger.init_args.version = path.parent.parent.name
+
+
+MODEL_PARALLEL = f"{ModelParallelStrategy.__module__}.{ModelParallelStrategy.__qualname__}"
+
+
+def _sharding_strategy(parser: LightningArgumentParser, config: Namespace) -> None:
+    """``--trainer.strategy fsdp2``: Lightning's ModelParallelStrategy as FSDP2 alone, sharding
+    across every device (``data_parallel_size`` = devices x nodes, ``tensor_parallel_size`` 1),
+    with whole-tensor checkpoints (``save_distributed_checkpoint: false``); the module shards the
+    model in ``configure_model``. A ModelParallelStrategy given by class is checked for the same."""
+    trainer = config.get("trainer")
+    strategy = trainer.get("strategy") if trainer is not None else None
+    fsdp1 = strategy in FSDPStrategy.get_registered_strategies() or (
+        isinstance(strategy, Namespace) and _is_subclass(_class_path(strategy), FSDPStrategy)
+    )
+    if fsdp1 and not _on_cuda(trainer):
+        parser.error(
+            f"trainer.strategy {strategy if isinstance(strategy, str) else _class_path(strategy)} is FSDP1, which "
+            "Lightning runs on CUDA devices only (on the CPU it would save empty adapter shards). On the CPU use "
+            "--trainer.strategy fsdp2 (FSDP2, exact on gloo) or ddp"
+        )
+    if (
+        fsdp1
+        and isinstance(strategy, Namespace)
+        and (strategy.get("init_args") or {}).get("state_dict_type") == "sharded"
+    ):
+        parser.error(
+            "trainer.strategy FSDPStrategy with state_dict_type: sharded writes each rank's shard; peftcore's "
+            "checkpoints hold whole tensors: leave state_dict_type at full"
+        )
+    if strategy == "fsdp2":
+        devices = _device_count(trainer.get("devices"), trainer.get("accelerator"))
+        trainer.strategy = Namespace(
+            class_path=MODEL_PARALLEL,
+            init_args=Namespace(
+                data_parallel_size=devices * int(trainer.get("num_nodes") or 1),
+                tensor_parallel_size=1,
+                save_distributed_checkpoint=False,
+            ),
+        )
+        return
+    if isinstance(strategy, Namespace) and _is_subclass(_class_path(strategy), ModelParallelStrategy):
+        init = strategy.get("init_args") or Namespace()
+        if (
+            init.get("tensor_parallel_size") != 1
+            or init.get("save_distributed_checkpoint", True) is not False
+        ):
+            parser.error(
+                f"trainer.strategy {_class_path(strategy)} needs tensor_parallel_size: 1 (peftcore shards "
+                "data-parallel only) and save_distributed_checkpoint: false (checkpoints hold whole tensors); given "
+                f"tensor_parallel_size={init.get('tensor_parallel_size')!r}, save_distributed_checkpoint="
+                f"{init.get('save_distributed_checkpoint', True)!r}. --trainer.strategy fsdp2 sets all of it"
+            )
+
+
+def _on_cuda(trainer: Namespace) -> bool:
+    accelerator = trainer.get("accelerator")
+    return accelerator in ("cuda", "gpu") or (accelerator in (None, "auto") and torch.cuda.is_available())
+
+
+def _device_count(devices: object, accelerator: object) -> int:
+    """How many devices ``--trainer.devices`` asks for (an int, a list of indices, "auto" or -1)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()):
+        return 1  # Lightning's CPU accelerator counts one device for "auto"
+    return torch.cuda.device_count()
 
 
 # The settings a trained checkpoint fixes: its tensors belong to this base and this method.

@@ -21,7 +21,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 
 import peftcore
 from experiments.callbacks import BestAdapterExport, PredictionWriter, StepTimer, TrainingPlace
@@ -38,6 +40,7 @@ from experiments.settings import GenerationSettings, OptimizerSettings, settings
 from peftcore import peft_format
 from peftcore.config import NF4Config
 from peftcore.loraplus import param_groups
+from peftcore.sharding import gathered_for_generate, is_sharded, shard
 
 
 class Seq2SeqFineTuner(L.LightningModule):
@@ -107,6 +110,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         self._loss = torch.compile(self._model_loss, dynamic=True) if compile else self._model_loss
         self.strict_loading = False  # checkpoints hold only the trainable part
         self.val_rouge, self.test_rouge = Rouge(), Rouge()
+        self._efficiency: dict[str, float] | None = None
 
     @classmethod
     def check_settings(cls, **settings: Any) -> None:
@@ -126,6 +130,10 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- reports ------------------------------------------------------------------------------
 
     def efficiency(self) -> dict[str, float]:
+        """Parameter counts and footprint of the whole model; under FSDP those taken before it was
+        sharded (FSDP1 leaves each rank's parameters as slices of its shard, some empty)."""
+        if self._efficiency is not None:
+            return self._efficiency
         counts = peftcore.count_parameters(self.model)
         return {
             "all_params": counts.total,
@@ -133,6 +141,36 @@ class Seq2SeqFineTuner(L.LightningModule):
             "trainable_params_percent": counts.trainable_percent,
             "memory_footprint": peftcore.memory_footprint(self.model) / 2**30,
         }
+
+    # --- sharded training (FSDP2 through ModelParallelStrategy; FSDP1) --------------------------
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``--trainer.strategy fsdp2``): shard the model across
+        the data-parallel ranks with FSDP2 (peftcore.sharding: each block a unit, the 4-bit base
+        included). Other strategies: nothing to do here."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        tensor_parallel = (
+            mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+        )
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: peftcore shards data-parallel "
+                "only (FSDP2). Use --trainer.strategy fsdp2, or tensor_parallel_size=1 and data_parallel_size=<devices>"
+            )
+        self._efficiency = self.efficiency()
+        shard(self.model, mesh["data_parallel"])
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.hparams.quantization is not None:
+            raise ValueError(
+                "--trainer.strategy fsdp (FSDP1) cannot shard a 4-bit base: it flattens each unit's parameters into "
+                "one tensor of one dtype, and the packed weights are uint8. Use --trainer.strategy fsdp2, which "
+                "shards the 4-bit base across the ranks, or ddp"
+            )
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            self._efficiency = self.efficiency()  # before FSDP1 wraps the model into flat shards
 
     def configure_callbacks(self) -> list[L.Callback]:
         """What comes with this module, whatever the Trainer is given: the resumable place inside
@@ -151,9 +189,8 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     def on_fit_start(self) -> None:
         stats = self.efficiency()
-        rank_zero_info(
-            f"{peftcore.count_parameters(self.model)} || memory footprint: {stats['memory_footprint']:.4f} GiB"
-        )
+        counts = peftcore.ParamCount(int(stats["all_params"]), int(stats["trainable_params"]))
+        rank_zero_info(f"{counts} || memory footprint: {stats['memory_footprint']:.4f} GiB")
         if self.logger is not None:
             self.logger.log_hyperparams(self.hparams, {f"params/{k}": v for k, v in stats.items()})
 
@@ -209,12 +246,13 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     @torch.no_grad()
     def generate_summaries(self, batch: dict) -> list[str]:
-        tokens = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            num_beams=self.generation.num_beams,
-            max_new_tokens=self.generation.max_new_tokens,
-        )
+        with gathered_for_generate(self.trainer.strategy.model):
+            tokens = self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                num_beams=self.generation.num_beams,
+                max_new_tokens=self.generation.max_new_tokens,
+            )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     @property
@@ -270,15 +308,30 @@ class Seq2SeqFineTuner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if any(isinstance(v, DTensor) for v in checkpoint["state_dict"].values()):
+            raise ValueError(
+                "the strategy saves sharded checkpoints (ModelParallelStrategy(save_distributed_checkpoint=True)): "
+                "peftcore writes whole tensors only, which load on any number of devices. Use --trainer.strategy "
+                "fsdp2, or ModelParallelStrategy(save_distributed_checkpoint=False)"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(expected - checkpoint["state_dict"].keys())
+        # Under FSDP the strategy has loaded the tensors into the shards itself and handed on the
+        # rest: the keys are read again from the file (memory-mapped, nothing copied).
+        saved = (
+            checkpoint["state_dict"] if "state_dict" in checkpoint else _saved_keys(self.trainer.ckpt_path)
+        )
+        missing = sorted(expected - saved.keys())
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]!r}); "
                 "was it written with another peft method, target_modules or model?"
             )
+
+
+def _saved_keys(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
 
 
 # fit --help shows the docstring: the method list in it comes from peftcore.methods.

@@ -302,7 +302,8 @@ class DialogSummaryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
-        epoch, done = self._take_saved_place()
+        place = self.take_saved_place() or {"epoch": 0, "batches_done": 0}
+        epoch, done = place["epoch"], place["batches_done"]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Shard ourselves so this is right under Trainer(use_distributed_sampler=False) too;
             # with the default True, Lightning swaps in its own equivalent DistributedSampler.
@@ -338,10 +339,12 @@ class DialogSummaryDataModule(L.LightningDataModule):
         """A resumed run's saved place: its training loader starts after the batches done."""
         self._saved_place = state.get("train_place")
 
-    def _take_saved_place(self) -> tuple[int, int]:
-        """``(epoch, batches done)`` of a resumed run's saved place, once; then ``(0, 0)``."""
+    def take_saved_place(self) -> dict[str, int] | None:
+        """A resumed run's saved place (``epoch``, ``batches_done``) not yet applied to a training
+        loader, once; else None. Strategies that restore after setup (ModelParallelStrategy)
+        restore it after the loader is made: the TrainingPlace callback applies it then."""
         place, self._saved_place = self._saved_place, None
-        return (0, 0) if place is None else (place["epoch"], place["batches_done"])
+        return place
 
     def _eval_loader(self, role: str, sort: bool) -> DataLoader:
         examples = self.examples[role]

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import peftcore
 from experiments.callbacks import StepTimer
+from experiments.checkpointing import RunCheckpoint
 from experiments.cli import lightning_cli
 from experiments.data import DialogSummaryDataModule
 from experiments.model import build_model
@@ -112,11 +113,24 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
+class RaiseAfterStep(Callback):
+    """A callback that fails after the optimizer step of a batch (a NaN guard, a user's hook)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"raised after step {self.step}")
+
+
 def tiny_run(
     tmp_path,
     max_epochs,
     ckpt_path=None,
     interrupt=False,
+    checkpoint=None,
+    extra_callbacks=(),
     shape="t5-tiny",
     accelerator="cpu",
     precision="32-true",
@@ -154,11 +168,30 @@ def tiny_run(
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
-        + [StopAfterFirstEpoch()] * interrupt,
+        callbacks=[recorder, checkpoint or ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+        + [StopAfterFirstEpoch()] * interrupt
+        + list(extra_callbacks),
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return recorder.losses, trainer, module
+
+
+def test_an_exception_after_a_step_saves_that_batch_as_done(tmp_path):
+    """The step of batch 3 ran before a callback raised: last.ckpt says 3 batches are done, and
+    the resumed run goes on with batch 4 instead of training batch 3 a second time."""
+    straight, _, _ = tiny_run(tmp_path / "a", max_epochs=2)
+    with pytest.raises(RuntimeError, match="raised after step 3"):
+        tiny_run(
+            tmp_path / "b",
+            max_epochs=2,
+            checkpoint=RunCheckpoint(dirpath=tmp_path / "b"),
+            extra_callbacks=[RaiseAfterStep(3)],
+        )
+    resumed, _, _ = tiny_run(
+        tmp_path / "c", max_epochs=2, checkpoint=RunCheckpoint(), ckpt_path=tmp_path / "b" / "last.ckpt"
+    )
+    assert len(straight) == 8
+    assert resumed == pytest.approx(straight[3:], abs=1e-6)
 
 
 def test_resume_continues_exactly_and_checkpoints_hold_only_the_adapter(tmp_path):
