@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_run.sh STAGE ...    # single stages (names below)
 #     bash benchmarks/gpu_run.sh --dry-run call1 call2   # here, on the CPU, on tiny shapes, in a copy
 #
-# Stages: env, tests, parity, nf4, train_step, paged, end_to_end, inference, and the optional memory
+# Stages: env, tests, parity, nf4, train_step, paged, end_to_end, inference, sharded, and the optional memory
 # (one fresh process per method and library: about 45 s a pair on an H200; the training step already
 # reports each step's peak), report, train_step_compiled and end_to_end_compiled. Each runs under its
 # own time limit, set from the H200 run of 2026-12-04: call1's limits add up to 505 s, call2's to
@@ -79,7 +79,7 @@ else
     PARITY="--shape t5-base"
     NF4="--repeats 50 --sweep"
     STEP="--shapes t5-base --repeats 10"
-    MEMORY=(--shape t5-base --methods ia3 "qlora r=16 q,v")
+    MEMORY=(--shape t5-base --methods "lora r=16 q,v" ia3 "qlora r=16 q,v")
     # the second epoch is timed: the first holds each side's one-time start (18 s of 24 on the H200)
     E2E="--shape t5-base --examples 240 --epochs 2 --rounds 2"
     INFERENCE="--shape t5-base --repeats 5"
@@ -92,9 +92,12 @@ for s in $STAGES; do
     case $s in
         env) stage env 30 bash -c "PYTHON=$PYTHON; $(declare -f run_env); run_env" ;;
         # the fit test (three t5-base runs) last, so that a cut leaves the others' results
-        tests) stage tests 200 $PYTHON -m pytest -m gpu -p no:cacheprovider -rA --durations=15 $TESTS \
+        tests) stage tests 300 $PYTHON -m pytest -m gpu -p no:cacheprovider -rA --durations=15 $TESTS \
             tests/peftcore/test_nf4.py tests/peftcore/test_paged.py tests/peftcore/test_qlora.py \
             tests/experiments/test_module.py ;;
+        # FSDP1 and FSDP2 on one GPU through the CLI (issue 20's CUDA half)
+        sharded) stage sharded 150 $PYTHON -m pytest -m gpu -p no:cacheprovider -rA --durations=5 $TESTS \
+            tests/experiments/test_sharded_cli.py ;;
         parity) stage parity 90 $PYTHON -m benchmarks.bench_parity $DEV $PARITY ;;
         nf4) stage nf4 45 $PYTHON -m benchmarks.bench_nf4 $DEV $NF4 ;;
         train_step) stage train_step 140 $PYTHON -m benchmarks.bench_train_step $DEV $STEP ;;
@@ -102,7 +105,7 @@ for s in $STAGES; do
             $STEP --methods "lora r=16 q,v" ia3 --compile --name bench_train_step_compiled ;;
         paged) if [ $DRY = 1 ]; then stage paged 40 $PYTHON -m benchmarks.bench_paged --help; else
             stage paged 40 $PYTHON -m benchmarks.bench_paged --repeats 30; fi ;;
-        memory) stage memory 200 $PYTHON -m benchmarks.bench_memory $DEV "${MEMORY[@]}" ;;
+        memory) stage memory 190 $PYTHON -m benchmarks.bench_memory $DEV "${MEMORY[@]}" ;;
         end_to_end) stage end_to_end 110 $PYTHON -m benchmarks.bench_end_to_end $DEV $E2E ;;
         inference) stage inference 80 $PYTHON -m benchmarks.bench_inference $DEV $INFERENCE ;;
         end_to_end_compiled) stage end_to_end_compiled 400 $PYTHON -m benchmarks.bench_end_to_end $DEV \
