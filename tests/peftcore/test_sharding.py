@@ -35,6 +35,7 @@ METHODS = {
     "dora": peftcore.DoRAConfig(r=4, alpha=8, target_modules=("q", "v", "wo")),
     "ia3": peftcore.IA3Config(),
     "qlora": peftcore.LoRAConfig(r=4, alpha=8, target_modules=("q", "v", "wi", "o")),
+    "prompt": peftcore.PromptTuningConfig(num_virtual_tokens=4),  # in the model's own unit
 }
 
 
