@@ -5,10 +5,12 @@
 peft users are told to merge the adapter for speed; this measures what merging buys in each
 library. For each method the same perturbed adapter (ours, copied into peft through its file) runs
 ``generate`` (greedy, exactly ``--new-tokens`` tokens: ``min_new_tokens`` = ``max_new_tokens``)
-on one batch of ``--batch`` x ``--src`` tokens, in four forms taking turns: ours unmerged, ours
-merged (``peftcore.merge``), peft unmerged, peft merged (``merge_and_unload``). Reported:
-generated tokens per second (median, min, max), each form's ratio to peft unmerged with its
-spread, and whether every form generated the same tokens as peft unmerged. Results go to
+on one batch of ``--batch`` x ``--src`` tokens, in six forms taking turns, three per library:
+unmerged; merged, the adapter layers kept so that it can be unmerged (``peftcore.merge``, peft's
+``merge_adapter``); unloaded, the plain model with the merged weights (``peftcore.unload(merge=True)``,
+peft's ``merge_and_unload``). Reported: generated tokens per second (median, min, max), each form's
+ratio to peft unmerged and each of ours to peft's same form, with their spreads, and whether every
+form generated the same tokens as peft unmerged. Results go to
 ``benchmarks/results/bench_inference_<device>.json``.
 """
 
@@ -36,6 +38,11 @@ METHODS = {
     "ia3": peftcore.IA3Config(),
 }
 REFERENCE = "peft unmerged"
+FORMS = ("ours unmerged", "ours merged", "ours unloaded", REFERENCE, "peft merged", "peft unloaded")
+
+
+def spread(r: dict) -> str:
+    return f"{r['median']} [{r['low']}, {r['high']}]"
 
 
 def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -49,14 +56,19 @@ def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module
         warnings.simplefilter("ignore")
         peftcore.save_adapter(ours, tmp)
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
-        theirs_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).merge_and_unload().eval()
-    ours_merged = copy.deepcopy(ours)
-    peftcore.merge(ours_merged)
+        theirs_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
+        theirs_merged.merge_adapter()
+        theirs_unloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).merge_and_unload().eval()
+        ours_merged = copy.deepcopy(ours)
+        peftcore.merge(ours_merged)
+        ours_unloaded = peftcore.unload(copy.deepcopy(ours), merge=True)
     return {
         "ours unmerged": ours,
         "ours merged": ours_merged,
+        "ours unloaded": ours_unloaded,
         REFERENCE: theirs,
         "peft merged": theirs_merged,
+        "peft unloaded": theirs_unloaded,
     }
 
 
@@ -104,21 +116,30 @@ def main(argv: list[str] | None = None) -> dict:
                 ratio_to_peft_unmerged=ratio(samples, times[REFERENCE]),
                 same_tokens_as_peft_unmerged=bool(torch.equal(outputs[name], outputs[REFERENCE])),
             )
+            if name.startswith("ours"):  # against peft's same form: unmerged, merged, unloaded
+                row[name]["ratio_to_peft_same_form"] = ratio(samples, times[name.replace("ours", "peft")])
         result["results"].append(row)
         write_result("bench_inference", device, result)
     print_table(
-        ("method", "form", "tokens/s", "time ratio to peft unmerged [range]", "same tokens"),
+        (
+            "method",
+            "form",
+            "tokens/s",
+            "time / peft unmerged [range]",
+            "time / peft's same form",
+            "same tokens",
+        ),
         [
             (
                 r["method"],
                 name,
                 r[name]["tokens_per_s"],
-                f"{r[name]['ratio_to_peft_unmerged']['median']} [{r[name]['ratio_to_peft_unmerged']['low']}, "
-                f"{r[name]['ratio_to_peft_unmerged']['high']}]",
+                spread(r[name]["ratio_to_peft_unmerged"]),
+                spread(r[name]["ratio_to_peft_same_form"]) if "ratio_to_peft_same_form" in r[name] else "",
                 r[name]["same_tokens_as_peft_unmerged"],
             )
             for r in result["results"]
-            for name in ("ours unmerged", "ours merged", REFERENCE, "peft merged")
+            for name in FORMS
         ],
         f"generate on {args.shape}, {device}: {args.batch} x {args.src} tokens in, {args.new_tokens} out",
     )

@@ -10,8 +10,10 @@ constant in backward (it is detached). Forward, in peft's order of operations:
 
 where ``W x`` is the base's output without its bias (the bias as the base added it: an NF4 base
 adds it in its compute dtype, as bitsandbytes' Linear4bit does) or, while dropout is active,
-``W dropout(x)``, as peft computes it. Over an NF4 base (QDoRA) W is the dequantized weight.
-Merging writes ``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
+``W dropout(x)``, as peft computes it. Without dropout this is ``(m / n) (W x + s B A x) + bias``,
+computed so (equal up to rounding). Over an NF4 base (QDoRA) W is the dequantized weight.
+The row norms come from ``n^2 = ||W||^2 + 2 s rowdot(W, B A) + s^2 ||B A||^2`` (row by row;
+:meth:`DoRALinear.row_norm`), with no out x in temporary. Merging writes ``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ class DoRALinear(lora.LoRALinear):
         with torch.no_grad():
             return torch.linalg.norm(read_weight(self.base) + self.delta_weight(), dim=1)
 
+    @torch.no_grad()  # the norm is a constant in backward (the paper's section 4.3)
+    def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """n = ||W + s B A||_row for the (out, in) ``weight``, without forming an out x in matrix:
+
+            n^2 = ||W||^2_row + 2 s rowsum((W A^T) * B) + s^2 rowsum((B (A A^T)) * B)
+
+        (the middle term is rowdot(W, B A), the last ||B A||^2_row), so the cost is two reads of W
+        and products of width r, where W + s B A would be two out x in temporaries and three passes."""
+        exact = torch.promote_types(weight.dtype, torch.float32)  # the sums in float32 at least
+        a = self.lora_A.weight.to(weight.dtype)
+        b = self.lora_B.weight.to(exact)
+        cross = ((weight @ a.T).to(exact) * b).sum(dim=1)
+        a = a.to(exact)
+        update = ((b @ (a @ a.T)) * b).sum(dim=1)
+        base = torch.linalg.vector_norm(weight, dim=1, dtype=exact).square()
+        return (base + (2 * self.scale) * cross + self.scale**2 * update).clamp_min(0).sqrt()
+
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         """Never: DoRA's forward is its own (LoRA's ``FusedLoRA`` has no magnitude)."""
         return False
@@ -78,18 +97,21 @@ class DoRALinear(lora.LoRALinear):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
         weight = dense_weight(self.base, x.dtype)
-        with torch.no_grad():  # the norm is a constant in backward (the paper's section 4.3)
-            update_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
-            norm = torch.linalg.norm(weight + self.scale * update_weight, dim=1)
+        norm = self.row_norm(weight)
         factor = self.magnitude / norm
         if self.training and isinstance(self.dropout, nn.Dropout):
             x = self.dropout(x)
             base_out = F.linear(x, weight)
-        else:
-            bias = added_bias(self.base)  # in the dtype the base added it (an NF4 base: its compute dtype)
-            base_out = result if bias is None else result - bias
+            update = self.lora_B(self.lora_A(x))
+            return result + ((factor - 1) * base_out + factor * update * self.scale).to(result.dtype)
+        # Without dropout W x is the base's output less its bias, and the sum folds into one
+        # product: base + (f - 1) W x + f s B A x = f (W x + s B A x) + bias: two element-wise
+        # passes (and two in backward) where peft's order takes five.
         update = self.lora_B(self.lora_A(x))
-        return result + ((factor - 1) * base_out + factor * update * self.scale).to(result.dtype)
+        bias = added_bias(self.base)  # in the dtype the base added it (an NF4 base: its compute dtype)
+        direction = result if bias is None else result - bias
+        out = (factor * torch.add(direction, update, alpha=self.scale)).to(result.dtype)
+        return out if bias is None else out + bias
 
     @torch.no_grad()
     def merge(self) -> None:
