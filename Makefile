@@ -42,7 +42,8 @@ test: lint
 # meanwhile), then the tables in benchmarks/README.md from the JSON in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_parity --shape t5-small --batch 2 64 16
-	$(PY) -m benchmarks.bench_train_step --shapes t5-small --repeats 3 --warmup 0
+	$(PY) -m benchmarks.bench_train_step --shapes t5-small --batch 4 --src 256 --tgt 64 --repeats 10 --warmup 0
+	$(PY) -m benchmarks.bench_nf4 --repeats 50
 	$(PY) -m benchmarks.bench_memory --shape t5-small --methods "lora r=16 q,v" ia3 "qlora r=16 q,v"
 	$(PY) -m benchmarks.bench_inference --shape t5-small --repeats 3
 	$(PY) -m benchmarks.bench_end_to_end --shape t5-small --examples 64 --rounds 2

@@ -29,8 +29,7 @@ import torch
 
 import peftcore
 from benchmarks import common
-from benchmarks.bench_parity import perturb
-from benchmarks.bench_train_step import build_base
+from benchmarks.bench_train_step import build_base, perturb
 from benchmarks.common import machine, print_table, ratio, summary, time_interleaved, write_result
 
 METHODS = {
