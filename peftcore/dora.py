@@ -10,8 +10,8 @@ constant in backward (it is detached). Forward, in peft's order of operations:
 
 where ``W x`` is the base's output without its bias (the bias as the base added it: an NF4 base
 adds it in its compute dtype, as bitsandbytes' Linear4bit does) or, while dropout is active,
-``W dropout(x)``, as peft computes it. Without dropout this is ``(m / n) (W x + s B A x) + bias``,
-computed so (equal up to rounding). Over an NF4 base (QDoRA) W is the dequantized weight.
+``W dropout(x)``, as peft computes it. Without dropout this is ``f W x + bias + s (A x) (f B)^T``
+with ``f = m / n``, computed so (equal up to rounding). Over an NF4 base (QDoRA) W is the dequantized weight.
 The row norms come from ``n^2 = ||W||^2 + 2 s rowdot(W, B A) + s^2 ||B A||^2`` (row by row;
 :meth:`DoRALinear.row_norm`), with no out x in temporary. Merging writes ``W' `` into the base and keeps ``n`` to undo it exactly: ``W = W' * n / m - s B A``.
 """
@@ -104,14 +104,21 @@ class DoRALinear(lora.LoRALinear):
             base_out = F.linear(x, weight)
             update = self.lora_B(self.lora_A(x))
             return result + ((factor - 1) * base_out + factor * update * self.scale).to(result.dtype)
-        # Without dropout W x is the base's output less its bias, and the sum folds into one
-        # product: base + (f - 1) W x + f s B A x = f (W x + s B A x) + bias: two element-wise
-        # passes (and two in backward) where peft's order takes five.
-        update = self.lora_B(self.lora_A(x))
+        # Without dropout W x is the base's output less its bias, and the sum regroups as
+        #     base + (f - 1) W x + f s B A x = f W x + bias + s (A x) (f B)^T
+        # with f folded into B (out x r) and the low-rank product added by the matmul itself
+        # (addmm): one element-wise pass over the output in forward (and two in backward) where
+        # peft's order takes five.
         bias = added_bias(self.base)  # in the dtype the base added it (an NF4 base: its compute dtype)
-        direction = result if bias is None else result - bias
-        out = (factor * torch.add(direction, update, alpha=self.scale)).to(result.dtype)
-        return out if bias is None else out + bias
+        scaled = result * factor if bias is None else torch.addcmul(bias, result - bias, factor)
+        low_rank = self.lora_A(x)
+        out = torch.addmm(
+            scaled.reshape(-1, scaled.shape[-1]),
+            low_rank.reshape(-1, low_rank.shape[-1]),
+            (factor[:, None] * self.lora_B.weight).t(),
+            alpha=self.scale,
+        )
+        return out.view(scaled.shape).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
