@@ -339,6 +339,12 @@ def _sharding_strategy(parser: LightningArgumentParser, config: Namespace) -> No
     fsdp1 = strategy in FSDPStrategy.get_registered_strategies() or (
         isinstance(strategy, Namespace) and _is_subclass(_class_path(strategy), FSDPStrategy)
     )
+    if fsdp1 and config.get("model", Namespace()).get("quantization") is not None:
+        parser.error(
+            "trainer.strategy fsdp (FSDP1) cannot shard a 4-bit base (model.quantization): it flattens each unit's "
+            "parameters into one tensor of one dtype, and the packed weights are uint8. Use --trainer.strategy fsdp2, "
+            "which shards the 4-bit base across the ranks, or ddp"
+        )
     if fsdp1 and not _on_cuda(trainer):
         parser.error(
             f"trainer.strategy {strategy if isinstance(strategy, str) else _class_path(strategy)} is FSDP1, which "

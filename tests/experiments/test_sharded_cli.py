@@ -129,7 +129,7 @@ def test_fsdp2_shards_the_4bit_base_and_full_fine_tuning_with_whole_files(tmp_pa
     print(f"4-bit base storage: {whole} bytes in all, per rank {[r['storage_local'] for r in ranks]}")
 
 
-def test_fsdp1_on_the_cpu_and_a_tensor_parallel_strategy_are_refused(capsys):
+def test_fsdp1_on_the_cpu_or_over_a_4bit_base_and_a_tensor_parallel_strategy_are_refused(capsys):
     for args, message in [
         (
             ["--trainer.strategy=fsdp", "--trainer.accelerator=cpu"],
@@ -138,6 +138,10 @@ def test_fsdp1_on_the_cpu_and_a_tensor_parallel_strategy_are_refused(capsys):
         (
             ["--trainer.strategy={class_path: lightning.pytorch.strategies.ModelParallelStrategy}"],
             "needs tensor_parallel_size: 1",
+        ),
+        (  # refused before anything is built, on any machine
+            ["--trainer.strategy=fsdp", "--trainer.accelerator=cuda", "--model.quantization.blocksize=64"],
+            "fsdp (FSDP1) cannot shard a 4-bit base",
         ),
     ]:
         with pytest.raises(SystemExit):
