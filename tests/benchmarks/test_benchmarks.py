@@ -151,8 +151,22 @@ def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
         "NF4 dequantize ours/bitsandbytes <= 1.0, attention 768x768": "missed",
     }  # a compiled run is reported, not held to the eager targets
     assert "both compiled" in text and "| 110.2 / 98.7 |" in text
-    assert "0.339 [0.333, 0.344]; ours 105 ms, peft 310 ms above a floor of 1000 ms" in text
+    assert (
+        "0.339 [0.333, 0.344], 95% interval of the median [0.333, 0.344]; ours 105 ms, peft 310 ms above a floor of 1000 ms"
+        in text
+    )
     assert "[10, 11]" in text and "1.31 [1.25, 1.38]; padding 0.07 vs 0.36" in text
+
+
+def test_the_interval_of_the_median_narrows_with_repeats_where_the_range_widens():
+    """Paired ratios scattered around 0.5 (one in five far off): the min-max range of 40 repeats
+    crosses a 0.6 target, the bootstrap interval of their median clears it."""
+    rng = __import__("random").Random(1)
+    ratios = [0.5 + (0.5 if i % 5 == 0 else 0.05) * rng.uniform(-1, 1) for i in range(40)]
+    few, many = report.median_interval(ratios[:5]), report.median_interval(ratios)
+    assert max(ratios) > 0.6  # at 40 repeats the range still crosses the target...
+    assert many[1] < 0.6  # ...where the interval of the median clears it
+    assert few[1] - few[0] > many[1] - many[0]  # and narrowed from 5 repeats to 40
 
 
 def test_the_report_writes_between_the_markers_and_refuses_a_file_without_them(tmp_path):
