@@ -106,7 +106,20 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    run(argv[0], argv[1:])
+    try:
+        run(argv[0], argv[1:])
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A multi-process command (DDP, FSDP) ends by destroying its process group: left for
+    interpreter exit, gloo's threads were still joinable there and a finished run could abort
+    with "terminate called without an active exception" (exit status -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
