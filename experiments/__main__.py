@@ -9,6 +9,8 @@ instead of a traceback. ``python -m experiments <command> --help`` documents a c
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -106,20 +108,26 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    try:
-        run(argv[0], argv[1:])
-    finally:
-        _leave_process_group()
+    run(argv[0], argv[1:])
+    _end_distributed_run()
 
 
-def _leave_process_group() -> None:
-    """A multi-process command (DDP, FSDP) ends by destroying its process group: left for
-    interpreter exit, gloo's threads were still joinable there and a finished run could abort
-    with "terminate called without an active exception" (exit status -6)."""
+def _end_distributed_run() -> None:
+    """A multi-process command (DDP, FSDP) that finished ends here, its process group destroyed
+    and the process left at once: at interpreter exit, C++ threads of torch.distributed (the
+    rendezvous store's) could still be joinable while static destructors ran, and a finished run
+    aborted with "terminate called without an active exception" (exit status -6) after writing
+    everything. Every file of the run is written (atomically, synced) and the loggers finalised
+    before this point; the output streams are flushed before leaving."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
