@@ -28,9 +28,9 @@ if __package__ in (None, ""):
 import torch
 
 import peftcore
-from benchmarks import common
+from benchmarks import common, report
 from benchmarks.bench_train_step import build_base, perturb
-from benchmarks.common import machine, print_table, ratio, summary, time_interleaved, write_result
+from benchmarks.common import machine, ratio, summary, time_interleaved, write_result
 
 METHODS = {
     "lora r=16 q,v": peftcore.LoRAConfig(r=16, alpha=32, target_modules=("q", "v")),
@@ -38,10 +38,6 @@ METHODS = {
 }
 REFERENCE = "peft unmerged"
 FORMS = ("ours unmerged", "ours merged", "ours unloaded", REFERENCE, "peft merged", "peft unloaded")
-
-
-def spread(r: dict) -> str:
-    return f"{r['median']} [{r['low']}, {r['high']}]"
 
 
 def forms(shape: str, config, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -119,29 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row[name]["ratio_to_peft_same_form"] = ratio(samples, times[name.replace("ours", "peft")])
         result["results"].append(row)
         write_result("bench_inference", device, result)
-    print_table(
-        (
-            "method",
-            "form",
-            "tokens/s",
-            "time / peft unmerged [range]",
-            "time / peft's same form",
-            "same tokens",
-        ),
-        [
-            (
-                r["method"],
-                name,
-                r[name]["tokens_per_s"],
-                spread(r[name]["ratio_to_peft_unmerged"]),
-                spread(r[name]["ratio_to_peft_same_form"]) if "ratio_to_peft_same_form" in r[name] else "",
-                r[name]["same_tokens_as_peft_unmerged"],
-            )
-            for r in result["results"]
-            for name in FORMS
-        ],
-        f"generate on {args.shape}, {device}: {args.batch} x {args.src} tokens in, {args.new_tokens} out",
-    )
+    print("\n".join(report.inference(result)))  # the table benchmarks/README.md shows
     return result
 
 
