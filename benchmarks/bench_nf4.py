@@ -4,7 +4,8 @@
 
 For t5-base-sized weights (768x768 attention, 3072x768 feed-forward) it times, in one run:
 quantization of an fp32 weight with double quantization (QLoRA's setting) and dequantization to
-bf16 (what every forward pass does), median over ``--repeats`` runs after a warm-up (and the
+bf16 (what every forward pass does; on the CPU also to fp32, QLoRA's compute dtype there), by each
+of our paths (the native CPU kernel, PyTorch ops), median over ``--repeats`` runs after a warm-up (and the
 fastest run, which shared machines disturb least). It checks that both libraries produce identical
 results, prints a table (ratio = ours / bitsandbytes, below 1 is faster) and writes JSON to
 ``benchmarks/results/bench_nf4_<device>.json``.
@@ -17,6 +18,7 @@ kernels rather than the launches set the time; and the achieved bandwidth of eac
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from benchmarks.common import (
     time_interleaved,
     write_result,
 )
+from peftcore.kernels import nf4_cpu
 from peftcore.nf4 import dequantize_nf4, quantize_nf4, triton_available
 
 SHAPES = {"attention 768x768": (768, 768), "feed-forward 3072x768": (3072, 768)}
@@ -69,7 +72,9 @@ def bench_shape(
     same_state = torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.absmax, theirs.absmax)
     reference = BF.dequantize_4bit(packed, theirs)
     n = weight.numel()
-    moved = n // 2 + n * 2 + ours.absmax.numel()  # packed bytes read, bf16 written, 8-bit absmax read
+
+    def moved(op: str) -> int:  # packed bytes read, the output written, 8-bit absmax read
+        return n // 2 + n * (4 if "fp32" in op else 2) + ours.absmax.numel()
 
     cases = []
     if quantize:
@@ -81,6 +86,20 @@ def bench_shape(
                 same_state,
             )
         )
+    if device.type == "cpu" and nf4_cpu.available():  # the library's default on the CPU
+        theirs_fp32 = copy.copy(theirs)
+        theirs_fp32.dtype = torch.float32
+        for dtype, state, name in ((torch.bfloat16, theirs, "bf16"), (torch.float32, theirs_fp32, "fp32")):
+            cases.append(
+                (
+                    f"dequantize nf4 -> {name}, native kernel",
+                    lambda dtype=dtype: dequantize_nf4(ours, dtype, backend="native"),
+                    lambda state=state: BF.dequantize_4bit(packed, state),
+                    torch.equal(
+                        dequantize_nf4(ours, dtype, backend="native"), BF.dequantize_4bit(packed, state)
+                    ),
+                )
+            )
     cases.append(
         (
             "dequantize nf4 -> bf16, torch ops",
@@ -108,11 +127,19 @@ def bench_shape(
                 torch.equal(compiled(ours), reference),
             )
         )
+    default_path = (
+        "Triton kernel"
+        if device.type == "cuda" and triton_available()
+        else "native kernel"
+        if device.type == "cpu" and nf4_cpu.available()
+        else "torch ops"
+    )
     rows = []
     for op, fn_ours, fn_theirs, identical in cases:
         times = timed({"ours": fn_ours, "bitsandbytes": fn_theirs}, repeats, device)
         row = dict(
             op=op,
+            default=op.endswith(default_path),  # the path dequantize_nf4 takes by default here
             weight=label,
             identical=bool(identical),
             ours_ms=summary(times["ours"]),
@@ -120,9 +147,9 @@ def bench_shape(
             ratio=ratio(times["ours"], times["bitsandbytes"]),
         )
         if op.startswith("dequantize"):
-            row["bytes_moved"] = moved
-            row["ours_gb_s"] = round(moved / (row["ours_ms"]["median"] * 1e-3) / 1e9, 1)
-            row["bitsandbytes_gb_s"] = round(moved / (row["bitsandbytes_ms"]["median"] * 1e-3) / 1e9, 1)
+            row["bytes_moved"] = moved(op)
+            row["ours_gb_s"] = round(moved(op) / (row["ours_ms"]["median"] * 1e-3) / 1e9, 1)
+            row["bitsandbytes_gb_s"] = round(moved(op) / (row["bitsandbytes_ms"]["median"] * 1e-3) / 1e9, 1)
         rows.append(row)
     return rows
 

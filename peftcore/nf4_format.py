@@ -274,16 +274,30 @@ def dequantize_absmax(state: NF4State) -> Tensor:
     return dequantize_dynamic8(state.absmax, state.absmax2) + state.offset
 
 
-DEQUANTIZE_BACKENDS = ("auto", "torch", "triton")
+DEQUANTIZE_BACKENDS = ("auto", "torch", "triton", "native")
+
+
+def _native_applies(state: NF4State) -> bool:
+    """Whether ``auto`` takes the native CPU kernel: plain CPU tensors, outside torch.compile's
+    tracing (which cannot see into a ctypes call), with the kernel built."""
+    from peftcore.kernels import nf4_cpu
+
+    tensors = (state.packed, state.absmax)
+    return (
+        all(type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()
+        and nf4_cpu.available()
+    )
 
 
 def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, backend: str = "auto") -> Tensor:
     """``NF4[q_i] * absmax[i // blocksize]`` computed in fp32, cast to ``dtype`` (default: the
     quantized tensor's dtype), in the original shape.
 
-    ``backend``: ``torch`` (plain PyTorch ops, any device), ``triton`` (one fused kernel,
-    ``peftcore.nf4_triton``), or ``auto``: Triton for CUDA tensors when it is installed, else torch.
-    Both give bit-identical results.
+    ``backend``: ``torch`` (plain PyTorch ops, any device), ``triton`` (one fused kernel for CUDA,
+    ``peftcore.nf4_triton``), ``native`` (one pass in C for x86-64 CPUs, ``peftcore.kernels.nf4_cpu``,
+    compiled on first use), or ``auto``: Triton for CUDA tensors when it is installed, the native
+    kernel for CPU tensors when it builds, else torch. All give bit-identical results.
     """
     if backend not in DEQUANTIZE_BACKENDS:
         raise ValueError(f"backend must be one of {DEQUANTIZE_BACKENDS}, got {backend!r}")
@@ -293,6 +307,21 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, backend: s
 
         device = state.packed.device
         return nf4_triton.dequantize(
+            state.packed,
+            state.absmax,
+            state.absmax2,
+            state.offset,
+            table("nf4", device),
+            table("dynamic8", device),
+            state.shape,
+            state.blocksize,
+            dtype,
+        )
+    if backend == "native" or (backend == "auto" and dtype in QUANTIZABLE_DTYPES and _native_applies(state)):
+        from peftcore.kernels import nf4_cpu
+
+        device = state.packed.device
+        return nf4_cpu.dequantize(
             state.packed,
             state.absmax,
             state.absmax2,

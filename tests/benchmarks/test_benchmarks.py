@@ -115,9 +115,28 @@ def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
         machine={**machine, "device": "cpu-2threads"},
         repeats=50,
         results=[
-            dict(
+            dict(  # the default path: judged on the bootstrap interval of its paired samples
+                op="dequantize nf4 -> bf16, native kernel",
+                weight="attention 768x768",
+                default=True,
+                # paired ratios 0.8 (x8) and 1.2 (x2): the range includes 1, the median's interval does not
+                ours_ms=dict(median=0.08, samples=[0.08] * 8 + [0.12] * 2),
+                bitsandbytes_ms=dict(median=0.1, samples=[0.1] * 10),
+                ratio=dict(median=0.8, low=0.8, high=1.2),
+                identical=True,
+            ),
+            dict(  # the fallback path, shown but not held to the target
                 op="dequantize nf4 -> bf16, torch ops",
                 weight="attention 768x768",
+                default=False,
+                ours_ms=dict(median=0.6),
+                bitsandbytes_ms=dict(median=0.2),
+                ratio=dict(median=3.0, low=2.5, high=3.5),
+                identical=True,
+            ),
+            dict(  # an older file: no default flag, a bare range
+                op="dequantize nf4 -> bf16",
+                weight="feed-forward 3072x768",
                 ours_ms=dict(median=0.6),
                 bitsandbytes_ms=dict(median=0.2),
                 ratio=dict(median=3.0, low=2.5, high=3.5),
@@ -148,7 +167,8 @@ def test_the_report_computes_each_targets_verdict_from_the_files(tmp_path):
         "end-to-end samples/s ours/reference >= 1.5, t5-small": "missed",
         "ours merged / peft merged generate time <= 1.0, t5-small lora r=16 q,v": "met",
         "ours unloaded / peft unloaded generate time <= 1.0, t5-small lora r=16 q,v": "tie: the range includes 1.0",
-        "NF4 dequantize ours/bitsandbytes <= 1.0, attention 768x768": "missed",
+        "NF4 dequantize -> bf16, native kernel ours/bitsandbytes <= 1.0, attention 768x768": "met",
+        "NF4 dequantize -> bf16 ours/bitsandbytes <= 1.0, feed-forward 3072x768": "missed",
     }  # a compiled run is reported, not held to the eager targets
     assert "both compiled" in text and "| 110.2 / 98.7 |" in text
     assert (
