@@ -144,3 +144,11 @@ class DoRA(lora.LoRA):
     config = DoRAConfig
     layer = DoRALinear
     identity_at_init = True  # LoRA's, and m starts at the row norms
+
+    def check(self, config: DoRAConfig, targets: list[str]) -> None:
+        if config.init == "lora_ga":
+            raise ValueError(
+                "DoRAConfig(init='lora_ga'): LoRA-GA with DoRA is not supported (not checked against peft); "
+                "use LoRAConfig(init='lora_ga') or another DoRA init"
+            )
+        super().check(config, targets)

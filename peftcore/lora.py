@@ -12,11 +12,14 @@ Inits (``B A`` is the starting update):
   pissa     W = U S V^T; A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s); W <- W - s B A
             (Meng et al., 2024; ``pissa_niter_<N>`` uses torch.svd_lowrank with N iterations)
   olora     W = Q R; A = R[:r], B = Q[:, :r]; W <- W - s B A          (Büyükakyüz, 2024)
+  lora_ga   2r singular directions of the weight's gradient G ~= U S V^T split between A and B;
+            W <- W - s B A      (Wang et al., 2024; peftcore.lora_ga, which estimates G)
 PiSSA and OLoRA move the principal part of W into the adapter, so the base is left holding the
 residual and the layer's output is unchanged at step 0 (up to float rounding). ``pissa_niter_<N>``
 is randomised, so the layer keeps its starting factors (A0, B0): an adapter relative to the
 original base is then ``[A; A0]``, ``[B, -B0]`` of rank 2r (``s (B A - B0 A0)``), which is how
-it is saved. The PiSSA and OLoRA factors are computed in ``peftcore.lora_init``.
+it is saved; so is LoRA-GA's, which depends on training data. The PiSSA and OLoRA factors are
+computed in ``peftcore.lora_init``.
 
 Over a dense base (nn.Linear or Conv1D) the layer runs as one autograd node,
 ``peftcore.kernels.lora.FusedLoRA``, with its own backward (and, while training on the CPU,
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftcore import lora_ga
 from peftcore.config import (
     check_pattern,
     fail,
@@ -51,7 +55,7 @@ from peftcore.weights import adapter_device_dtype, dense_weight, is_dense, read_
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear"]
 
-LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ class LoRAConfig:
         dropout: dropout probability applied to the adapter's input, in [0, 1).
         target_modules: module names matched against the end of each dotted name
             (``("q", "v")``), or one regex string matched against the whole name.
-        init: ``kaiming`` | ``gaussian`` | ``pissa`` | ``pissa_niter_<N>`` | ``olora``.
+        init: ``kaiming`` | ``gaussian`` | ``pissa`` | ``pissa_niter_<N>`` | ``olora`` | ``lora_ga``
+            (the last needs ``peftcore.lora_ga.estimate_gradients`` first).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
         modules_to_save: modules trained in full next to the adapter (e.g. ``lm_head``): each
             gets its own trainable copy, as in peft; matched as a plain suffix of the name.
@@ -77,6 +82,8 @@ class LoRAConfig:
             ``layers_pattern`` in the name, e.g. ``block`` in T5); needs a list ``target_modules``.
         layers_pattern: the name(s) of the layer list, e.g. ``block``; None takes the first
             numbered segment of the name.
+        lora_ga_direction, lora_ga_scale, lora_ga_stable_gamma: LoRA-GA's choices (peft's
+            ``LoraGAConfig`` fields ``direction``, ``scale``, ``stable_gamma``): peftcore.lora_ga.
     """
 
     r: int = 8
@@ -91,10 +98,20 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
+    lora_ga_direction: str = "ArB2r"
+    lora_ga_scale: str = "stable"
+    lora_ga_stable_gamma: float = 16
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         positive_int(name, "r", self.r)
+        if self.lora_ga_direction not in lora_ga.DIRECTIONS:
+            fail(
+                name, "lora_ga_direction", self.lora_ga_direction, "one of " + " | ".join(lora_ga.DIRECTIONS)
+            )
+        if self.lora_ga_scale not in lora_ga.SCALES:
+            fail(name, "lora_ga_scale", self.lora_ga_scale, "one of " + " | ".join(lora_ga.SCALES))
+        positive_number(name, "lora_ga_stable_gamma", self.lora_ga_stable_gamma)
         positive_number(name, "alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             fail(name, "dropout", self.dropout, "a number in [0, 1)")
@@ -149,7 +166,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 def _is_lora_init(init: object) -> bool:
-    if init in ("kaiming", "gaussian", "pissa", "olora"):
+    if init in ("kaiming", "gaussian", "pissa", "olora", "lora_ga"):
         return True
     match = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
     return match is not None and int(match.group(1)) >= 0
@@ -175,7 +192,9 @@ class LoRALinear(AdapterLayer):
         self.alpha = alpha
         self.scale = lora_scale(r, alpha, use_rslora)
         self.init = init
-        # The starting factors A0, B0 of a randomised (pissa_niter) init; None otherwise.
+        self.lora_ga_options = ("ArB2r", "stable", 16.0)  # direction, scale, gamma: set by LoRA.wrap
+        # The starting factors A0, B0 of a randomised (pissa_niter) or data-dependent (lora_ga)
+        # init; None otherwise.
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
         device, dtype = adapter_device_dtype(base)
@@ -271,10 +290,23 @@ class LoRALinear(AdapterLayer):
                 self.initial_A, self.initial_B = self.lora_A.weight.clone(), self.lora_B.weight.clone()
         elif init == "olora":
             self._move_principal_part(*olora_factors(read_weight(self.base), self.r))
-        else:
-            raise ValueError(
-                f"unknown LoRA init {init!r}; use kaiming, gaussian, pissa, pissa_niter_<N> or olora"
+        elif init == "lora_ga":
+            gradient = getattr(self.base, lora_ga.GRADIENT_ATTRIBUTE, None)
+            if gradient is None:
+                raise ValueError(
+                    "init='lora_ga' starts from the gradient of the base weight: run "
+                    "peftcore.lora_ga.estimate_gradients(model, config, train_step) before inject"
+                )
+            factors = lora_ga.lora_ga_factors(
+                gradient, read_weight(self.base), self.r, self.scale, *self.lora_ga_options
             )
+            # As peft: the factors in the adapter's dtype first, so that the residual matches them.
+            A, B = (f.to(self.lora_A.weight.dtype).float() for f in factors)
+            self._move_principal_part(A, B)
+            self.initial_A, self.initial_B = self.lora_A.weight.clone(), self.lora_B.weight.clone()
+            delattr(self.base, lora_ga.GRADIENT_ATTRIBUTE)  # used once
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; use one of {' | '.join(LORA_INITS)}")
 
     def _move_principal_part(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Set the adapter to (A, B) and leave the base holding W - s B A."""
@@ -284,8 +316,8 @@ class LoRALinear(AdapterLayer):
 
 
 def changes_base(init: str | None) -> bool:
-    """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+    """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA, LoRA-GA)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga"))
 
 
 class LoRA(LayerMethod):
@@ -298,7 +330,11 @@ class LoRA(LayerMethod):
 
     def wrap(self, base: nn.Module, config: LoRAConfig, name: str, initialise: bool = True) -> LoRALinear:
         r, alpha = config.rank_and_alpha(name)
-        return self.layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise)
+        layer = self.layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise=False)
+        layer.lora_ga_options = (config.lora_ga_direction, config.lora_ga_scale, config.lora_ga_stable_gamma)
+        if initialise:
+            layer.initialise()
+        return layer
 
     def check(self, config: LoRAConfig, targets: list[str]) -> None:
         """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""

@@ -134,11 +134,12 @@ class LoRAFormat(Format):
         """peft's LoraConfig fields for ``config``.
 
         PiSSA and OLoRA are written by name: peft re-runs them on the original base on load and gets
-        the same residual. ``pissa_niter_<N>`` is randomised, so its adapter is written converted,
+        the same residual. ``pissa_niter_<N>`` is randomised and LoRA-GA depends on training data's
+        gradients, so their adapters are written converted,
         relative to the original base, with rank 2r (see ``saved_tensors``), as peft's
         ``path_initial_model_for_weight_conversion`` does; alpha is scaled to keep every layer's scale.
         """
-        converted = config.init.startswith("pissa_niter")
+        converted = config.init.startswith("pissa_niter") or config.init == "lora_ga"
         rank_factor = 2 if converted else 1
         alpha_factor = (math.sqrt(2) if config.use_rslora else 2) if converted else 1
         init = True if converted else {"kaiming": True}.get(config.init, config.init)
@@ -160,7 +161,7 @@ class LoRAFormat(Format):
     # peft_tensors: the layer's adapter_params, already under peft's names (lora_A.weight, lora_B.weight).
 
     def saved_tensors(self, layer: LoRALinear) -> dict[str, torch.Tensor]:
-        """The live tensors, or for a pissa_niter layer the rank-2r adapter relative to the
+        """The live tensors, or for a pissa_niter or lora_ga layer the rank-2r adapter relative to the
         original base: s [B, -B0] [A; A0] = s (B A - B0 A0) = W + s B A - W_original."""
         if layer.initial_A is None:
             return self.peft_tensors(layer)
