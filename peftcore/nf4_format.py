@@ -302,26 +302,16 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, backend: s
     if backend not in DEQUANTIZE_BACKENDS:
         raise ValueError(f"backend must be one of {DEQUANTIZE_BACKENDS}, got {backend!r}")
     dtype = dtype or state.dtype
+    kernel = None
     if backend == "triton" or (backend == "auto" and state.packed.is_cuda and triton_available()):
-        from peftcore import nf4_triton
-
+        from peftcore import nf4_triton as kernel
+    elif backend == "native" or (
+        backend == "auto" and dtype in QUANTIZABLE_DTYPES and _native_applies(state)
+    ):
+        from peftcore.kernels import nf4_cpu as kernel
+    if kernel is not None:  # both kernels take the state's tensors and the two codebooks
         device = state.packed.device
-        return nf4_triton.dequantize(
-            state.packed,
-            state.absmax,
-            state.absmax2,
-            state.offset,
-            table("nf4", device),
-            table("dynamic8", device),
-            state.shape,
-            state.blocksize,
-            dtype,
-        )
-    if backend == "native" or (backend == "auto" and dtype in QUANTIZABLE_DTYPES and _native_applies(state)):
-        from peftcore.kernels import nf4_cpu
-
-        device = state.packed.device
-        return nf4_cpu.dequantize(
+        return kernel.dequantize(
             state.packed,
             state.absmax,
             state.absmax2,

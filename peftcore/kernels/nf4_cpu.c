@@ -31,6 +31,14 @@ typedef struct {
     float offset;
 } Scales;
 
+/* The weights a vector step leaves (a partial block, blocks of 32), a byte at a time through the
+ * block's table of 16 entries, of the output's type (hence a macro: uint16_t and float). */
+#define LOOK_UP_THE_REST(in, dst, entries, done, count)         \
+    for (; (done) < (count); (done) += 2, ++(in), (dst) += 2) { \
+        (dst)[0] = (entries)[*(in) >> 4];                       \
+        if ((done) + 1 < (count)) (dst)[1] = (entries)[*(in) & 0x0F]; \
+    }
+
 static inline float block_scale(const Scales *scales, int64_t block) {
     if (scales->absmax) return scales->absmax[block];
     float product = scales->dynamic8[scales->codes8[block]] * scales->absmax2[block / 256];
@@ -118,10 +126,7 @@ __attribute__((target("avx2,f16c"))) static void dequantize_16bit(
             _mm_storeu_si128((__m128i *)entries, _mm_unpacklo_epi8(low, high));
             _mm_storeu_si128((__m128i *)(entries + 8), _mm_unpackhi_epi8(low, high));
         }
-        for (; done < count; done += 2, ++in, dst += 2) {
-            dst[0] = entries[*in >> 4];
-            if (done + 1 < count) dst[1] = entries[*in & 0x0F];
-        }
+        LOOK_UP_THE_REST(in, dst, entries, done, count);
     }
 }
 
@@ -155,10 +160,7 @@ __attribute__((target("avx2"))) static void dequantize_float32(
             _mm256_storeu_ps(dst, _mm256_permute2f128_ps(pairs_lo, pairs_hi, 0x20));
             _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(pairs_lo, pairs_hi, 0x31));
         }
-        for (; done < count; done += 2, ++in, dst += 2) {
-            dst[0] = entries[*in >> 4];
-            if (done + 1 < count) dst[1] = entries[*in & 0x0F];
-        }
+        LOOK_UP_THE_REST(in, dst, entries, done, count);
     }
 }
 
@@ -185,10 +187,7 @@ __attribute__((target("avx512f"))) static void dequantize_float32_avx512(
             _mm512_storeu_ps(dst + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(ordered_hi), table));
         }
         if (done < count) _mm512_storeu_ps(entries, table);
-        for (; done < count; done += 2, ++in, dst += 2) {
-            dst[0] = entries[*in >> 4];
-            if (done + 1 < count) dst[1] = entries[*in & 0x0F];
-        }
+        LOOK_UP_THE_REST(in, dst, entries, done, count);
     }
 }
 

@@ -166,43 +166,13 @@ def test_processes_building_at_once_leave_one_whole_library(fresh_build, monkeyp
 def test_mismatched_state_is_refused():
     state = quantize_nf4(torch.randn(64, 64), 64, True)
     codes = torch.zeros(16)
+    scales = (state.absmax, state.absmax2, state.offset, codes, codes, state.shape, 64)
     with pytest.raises(ValueError, match="does not match shape"):
-        nf4_cpu.dequantize(
-            state.packed[:-1],
-            state.absmax,
-            state.absmax2,
-            state.offset,
-            codes,
-            codes,
-            state.shape,
-            64,
-            torch.float32,
-        )
+        nf4_cpu.dequantize(state.packed[:-1], *scales, torch.float32)
     with pytest.raises(ValueError, match="isa must be one this CPU runs"):
-        nf4_cpu.dequantize(
-            state.packed,
-            state.absmax,
-            state.absmax2,
-            state.offset,
-            codes,
-            codes,
-            state.shape,
-            64,
-            torch.float32,
-            isa="sse",
-        )
+        nf4_cpu.dequantize(state.packed, *scales, torch.float32, isa="sse")
     with pytest.raises(ValueError, match="writes"):
-        nf4_cpu.dequantize(
-            state.packed,
-            state.absmax,
-            state.absmax2,
-            state.offset,
-            codes,
-            codes,
-            state.shape,
-            64,
-            torch.float64,
-        )
+        nf4_cpu.dequantize(state.packed, *scales, torch.float64)
 
 
 def test_torch_compile_traces_the_torch_path_without_a_graph_break():
