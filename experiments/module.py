@@ -17,6 +17,7 @@ is rebuilt from the same settings on resume.
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any
 
 import lightning as L
@@ -39,8 +40,12 @@ from experiments.model import (
 from experiments.settings import GenerationSettings, OptimizerSettings, settings_of
 from peftcore import peft_format
 from peftcore.config import NF4Config
+from peftcore.dora import DoRAConfig
+from peftcore.lora_ga import estimate_gradients, starting_factors, use_starting_factors
 from peftcore.loraplus import param_groups
 from peftcore.sharding import gathered_for_generate, is_sharded, shard
+
+LORA_GA_START = "lora_ga_start"  # a checkpoint's key for LoRA-GA's starting factors
 
 
 class Seq2SeqFineTuner(L.LightningModule):
@@ -70,6 +75,10 @@ class Seq2SeqFineTuner(L.LightningModule):
         predictions_path: where ``predict`` writes JSONL ``{id, dialogue, reference, prediction}``
             (a file given here is replaced); default ``<log_dir>/predictions.jsonl``, then
             ``predictions-2.jsonl`` and so on for later predicts on the run (none replaced).
+        lora_ga_batches: with LoRA's ``init: lora_ga``, how many training batches (the first of the
+            seeded order) estimate the weights' gradient when ``fit`` starts; the starting factors
+            are kept in every checkpoint, so a resumed run or an evaluated checkpoint rebuilds the
+            same start without the data.
     """
 
     def __init__(
@@ -88,20 +97,30 @@ class Seq2SeqFineTuner(L.LightningModule):
         generate_in_validation: bool = True,
         export_best_adapter: bool = True,
         predictions_path: str | None = None,
+        lora_ga_batches: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_settings = settings_of(OptimizerSettings, optimizer, "optimizer")
         self.generation = settings_of(GenerationSettings, generation, "generation")
         self.check_settings(
-            pretrained=pretrained, shape=shape, random_init=random_init, dropout_rate=dropout_rate
+            pretrained=pretrained,
+            shape=shape,
+            random_init=random_init,
+            dropout_rate=dropout_rate,
+            peft=peft,
+            quantization=quantization,
+            lora_ga_batches=lora_ga_batches,
         )
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
         self.model = build_model(pretrained, shape, random_init, gated, dropout_rate).train()
         if quantization is not None:
             peftcore.quantize(self.model, quantization)
-        if peft is not None:
+        # LoRA-GA starts from the data's gradient: injected in setup (fit) or from a checkpoint's
+        # starting factors (on_load_checkpoint), whichever comes first.
+        self.pending_lora_ga = peft if getattr(peft, "init", None) == "lora_ga" else None
+        if peft is not None and self.pending_lora_ga is None:
             peftcore.inject(self.model, with_tokenizer_path(peft))
         if gradient_checkpointing:
             # Non-reentrant checkpointing lets gradients reach the adapter even when the
@@ -120,6 +139,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         given.apply_defaults()
         a = given.arguments
         check_model_source(a["pretrained"], a["shape"], a["random_init"])
+        if getattr(a["peft"], "init", None) == "lora_ga":
+            check_lora_ga(a["peft"], a["quantization"], a["lora_ga_batches"])
         if a["dropout_rate"] is not None and not 0.0 <= a["dropout_rate"] < 1.0:
             raise ValueError(
                 f"model.dropout_rate must be in [0, 1), or null to keep the model's own, got {a['dropout_rate']!r}"
@@ -163,6 +184,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         shard(self.model, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
+        if self.pending_lora_ga is not None and self.trainer.ckpt_path is None:
+            self._start_lora_ga(stage)
         if isinstance(self.trainer.strategy, FSDPStrategy) and self.hparams.quantization is not None:
             raise ValueError(
                 "--trainer.strategy fsdp (FSDP1) cannot shard a 4-bit base: it flattens each unit's parameters into "
@@ -176,7 +199,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         """What comes with this module, whatever the Trainer is given: the resumable place inside
         an epoch, step timing, the best adapter's export (for a method) and the predictions file."""
         callbacks: list[L.Callback] = [TrainingPlace(), StepTimer(compiled=self.hparams.compile)]
-        method = getattr(self.model, "peftcore_config", None)
+        method = getattr(self.model, "peftcore_config", None) or self.pending_lora_ga
         if self.hparams.export_best_adapter and method is not None:
             if peft_format.holds(method):
                 callbacks.append(BestAdapterExport())
@@ -193,6 +216,42 @@ class Seq2SeqFineTuner(L.LightningModule):
         rank_zero_info(f"{counts} || memory footprint: {stats['memory_footprint']:.4f} GiB")
         if self.logger is not None:
             self.logger.log_hyperparams(self.hparams, {f"params/{k}": v for k, v in stats.items()})
+
+    # --- LoRA-GA: a start from the training data's gradient -----------------------------------
+
+    def _start_lora_ga(self, stage: str) -> None:
+        """Estimate the targets' gradient on the first ``lora_ga_batches`` training batches, then
+        inject LoRA-GA (peftcore.lora_ga) on the device the run trains on."""
+        config, batches = self.pending_lora_ga, self.hparams.lora_ga_batches
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn (a str enum)
+        if stage != "fit":
+            raise ValueError(
+                f"init='lora_ga' starts from the training data's gradient, which {stage} does not read: fit first, "
+                "then give the run's checkpoint (--ckpt_path), or load its exported best_adapter"
+            )
+        if self.trainer.world_size > 1:
+            raise ValueError(
+                f"init='lora_ga' estimates its start in one process; this run has {self.trainer.world_size}. "
+                "Fit on one device, or use another init"
+            )
+        strategy = self.trainer.strategy
+        self.model.to(strategy.root_device)
+        loader = self.trainer.datamodule.train_dataloader()
+
+        def train_step() -> None:
+            for batch in itertools.islice(loader, batches):
+                batch = strategy.batch_to_device(batch)
+                with self.trainer.precision_plugin.forward_context():
+                    loss = self._model_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss.backward()
+
+        estimate_gradients(self.model, config, train_step)
+        self._inject_pending()
+        rank_zero_info(f"LoRA-GA: started from the gradient of {batches} training batches")
+
+    def _inject_pending(self) -> None:
+        peftcore.inject(self.model, self.pending_lora_ga)
+        self.pending_lora_ga = None
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -306,6 +365,9 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- checkpoints: the trainable part only -------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        start = starting_factors(self.model)
+        if start:  # LoRA-GA's A0 and B0: the base the adapter trains over is W - s B0 A0
+            checkpoint[LORA_GA_START] = start
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if any(isinstance(v, DTensor) for v in checkpoint["state_dict"].values()):
@@ -316,6 +378,14 @@ class Seq2SeqFineTuner(L.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.pending_lora_ga is not None:
+            if LORA_GA_START not in checkpoint:
+                raise ValueError(
+                    "the model is LoRA-GA (init='lora_ga') but the checkpoint holds no LoRA-GA starting factors: "
+                    "it was written by another method or init; give the config it was trained with"
+                )
+            use_starting_factors(self.model, self.pending_lora_ga, checkpoint[LORA_GA_START])
+            self._inject_pending()
         expected = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         # Under FSDP the strategy has loaded the tensors into the shards itself and handed on the
         # rest: the keys are read again from the file (memory-mapped, nothing copied).
@@ -328,6 +398,21 @@ class Seq2SeqFineTuner(L.LightningModule):
                 f"the checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]!r}); "
                 "was it written with another peft method, target_modules or model?"
             )
+
+
+def check_lora_ga(peft: MethodConfig, quantization: NF4Config | None, batches: int) -> None:
+    """What LoRA-GA through the CLI needs, checked before anything is built."""
+    if isinstance(peft, DoRAConfig):
+        raise ValueError(
+            "init='lora_ga' is for LoRA; DoRA with LoRA-GA is not supported (peftcore refuses it)"
+        )
+    if quantization is not None:
+        raise ValueError(
+            "init='lora_ga' needs the full-precision gradient of the base weights, and model.quantization makes "
+            "them 4-bit: drop model.quantization, or use another init for QLoRA"
+        )
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"model.lora_ga_batches must be a positive integer, got {batches!r}")
 
 
 def _saved_keys(path: str) -> dict[str, Any]:

@@ -291,20 +291,11 @@ class LoRALinear(AdapterLayer):
         elif init == "olora":
             self._move_principal_part(*olora_factors(read_weight(self.base), self.r))
         elif init == "lora_ga":
-            gradient = getattr(self.base, lora_ga.GRADIENT_ATTRIBUTE, None)
-            if gradient is None:
-                raise ValueError(
-                    "init='lora_ga' starts from the gradient of the base weight: run "
-                    "peftcore.lora_ga.estimate_gradients(model, config, train_step) before inject"
-                )
-            factors = lora_ga.lora_ga_factors(
-                gradient, read_weight(self.base), self.r, self.scale, *self.lora_ga_options
-            )
+            factors = lora_ga.take_start(self.base, self.r, self.scale, self.lora_ga_options)
             # As peft: the factors in the adapter's dtype first, so that the residual matches them.
             A, B = (f.to(self.lora_A.weight.dtype).float() for f in factors)
             self._move_principal_part(A, B)
             self.initial_A, self.initial_B = self.lora_A.weight.clone(), self.lora_B.weight.clone()
-            delattr(self.base, lora_ga.GRADIENT_ATTRIBUTE)  # used once
         else:
             raise ValueError(f"unknown LoRA init {init!r}; use one of {' | '.join(LORA_INITS)}")
 

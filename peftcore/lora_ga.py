@@ -24,7 +24,10 @@ Use::
 
 ``estimate_gradients`` makes only the target weights require a gradient, runs ``train_step`` (which
 may loop over several batches), and leaves each target's mean gradient (summed gradient / number of
-backward passes through it) on the module for ``inject`` to use once. The starting factors depend on
+backward passes through it) on the module for ``inject`` to use once. To rebuild a LoRA-GA model
+without the data (resuming a run, evaluating a checkpoint), keep ``starting_factors(model)`` after
+``inject`` and later call ``use_starting_factors(model, config, factors)`` instead of estimating:
+``inject`` then starts from exactly those A0, B0 and base ``W - s B0 A0``. The starting factors depend on
 the data and on random draws, so a LoRA-GA adapter is saved converted to a rank-2r adapter relative
 to the original base (``s (B A - B0 A0)``), as peft's ``path_initial_model_for_weight_conversion``
 writes it; a peft file saved with ``init_lora_weights="lora_ga"`` unconverted is refused on load.
@@ -32,19 +35,31 @@ writes it; a peft file saved with ``init_lora_weights="lora_ga"`` unconverted is
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from peftcore.matching import select_targets
-from peftcore.weights import is_dense, is_transposed
+from peftcore.weights import is_dense, is_transposed, read_weight
 
-__all__ = ["DIRECTIONS", "GRADIENT_ATTRIBUTE", "SCALES", "estimate_gradients", "lora_ga_factors"]
+__all__ = [
+    "DIRECTIONS",
+    "GRADIENT_ATTRIBUTE",
+    "SCALES",
+    "START_ATTRIBUTE",
+    "estimate_gradients",
+    "lora_ga_factors",
+    "starting_factors",
+    "take_start",
+    "use_starting_factors",
+]
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 GRADIENT_ATTRIBUTE = "lora_ga_gradient"  # where estimate_gradients leaves a target's mean gradient
+START_ATTRIBUTE = "lora_ga_start"  # where use_starting_factors leaves a target's saved (A0, B0)
 
 
 def lora_ga_factors(
@@ -118,7 +133,10 @@ def estimate_gradients(model: nn.Module, config, train_step: Callable[[], object
             weight.grad = None
             weight.requires_grad_(True)
             hooks.append(modules[name].register_full_backward_hook(_counter(passes, name)))
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # The first targets' inputs (frozen embeddings) need no gradient; counting passes is all
+            # the hooks do, so torch's note about that is noise here.
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
             train_step()
         gradients = {}
         for name in targets:
@@ -144,3 +162,60 @@ def _counter(passes: dict[str, int], name: str):
         passes[name] += 1
 
     return count
+
+
+def take_start(
+    base: nn.Module, r: int, lora_scale: float, options: tuple[str, str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting (A, B) of the LoRA layer over ``base``, from what was left on it: the saved
+    factors of ``use_starting_factors``, else the gradient of ``estimate_gradients`` (with the
+    ``options`` direction, scale, gamma). Either is used once."""
+    start = getattr(base, START_ATTRIBUTE, None)
+    if start is not None:
+        delattr(base, START_ATTRIBUTE)
+        A, B = start
+        if A.shape[0] != r:
+            raise ValueError(f"LoRA-GA: the saved A0 has rank {A.shape[0]}; this layer's rank is {r}")
+        return A, B
+    gradient = getattr(base, GRADIENT_ATTRIBUTE, None)
+    if gradient is None:
+        raise ValueError(
+            "init='lora_ga' starts from the gradient of the base weight: run "
+            "peftcore.lora_ga.estimate_gradients(model, config, train_step) before inject "
+            "(or peftcore.lora_ga.use_starting_factors with the factors of an earlier start)"
+        )
+    delattr(base, GRADIENT_ATTRIBUTE)
+    return lora_ga_factors(gradient, read_weight(base), r, lora_scale, *options)
+
+
+def starting_factors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Every LoRA-GA layer's starting factors by module name, ``{name: {"A": A0, "B": B0}}``, to
+    rebuild the same start later with ``use_starting_factors``."""
+    return {
+        name: {"A": module.initial_A.detach().cpu(), "B": module.initial_B.detach().cpu()}
+        for name, module in model.named_modules()
+        if getattr(module, "init", None) == "lora_ga" and getattr(module, "initial_A", None) is not None
+    }
+
+
+def use_starting_factors(model: nn.Module, config, factors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Leave on each of ``config``'s targets the factors ``starting_factors`` returned, for
+    ``inject`` to start from instead of a gradient. The names must be exactly the targets."""
+    modules = dict(model.named_modules())
+    targets = select_targets(model, config)
+    if sorted(targets) != sorted(factors):
+        missing, extra = sorted(set(targets) - set(factors)), sorted(set(factors) - set(targets))
+        raise ValueError(
+            f"LoRA-GA starting factors do not match the targets: missing for {missing[:5]}, given for "
+            f"modules that are not targets {extra[:5]}; were they saved with another target_modules or model?"
+        )
+    for name in targets:
+        weight = modules[name].weight
+        out_features, in_features = (weight.shape[::-1]) if is_transposed(modules[name]) else weight.shape
+        A, B = factors[name]["A"], factors[name]["B"]
+        if A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"LoRA-GA starting factors for {name!r} have shapes A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                f"the module is ({out_features}, {in_features})"
+            )
+        setattr(modules[name], START_ATTRIBUTE, (A.to(weight.device), B.to(weight.device)))

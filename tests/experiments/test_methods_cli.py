@@ -89,3 +89,79 @@ def test_a_method_peft_files_cannot_hold_trains_without_the_adapter_export(tmp_p
     run = tmp_path / "runs/demo/version_0"
     assert (run / "checkpoints/best.ckpt").exists() and not (run / "best_adapter").exists()
     assert "best_adapter/ is not exported: peft's files cannot hold LoRAConfig" in caplog.text
+
+
+LORA_GA = "--model.peft=" + json.dumps(
+    {
+        "class_path": "peftcore.LoRAConfig",
+        "init_args": {"r": 4, "alpha": 8, "target_modules": ["q", "v", "wi"], "init": "lora_ga"},
+    }
+)
+
+
+def test_lora_ga_starts_from_the_training_batches_and_its_checkpoint_rebuilds_the_start(
+    tmp_path, monkeypatch
+):
+    """fit estimates the gradient on the data module's first batches; the checkpoint keeps A0, B0,
+    so a resumed fit and evaluate rebuild the same base W - s B0 A0 without the data."""
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli(["fit", "--config", DEMO, *SMALL, LORA_GA, "--model.lora_ga_batches=2"])
+    trained = cli.model.model
+    layers = list(peftcore.surgery.adapter_layers(trained))
+    assert layers and all(layer.init == "lora_ga" for _, layer in layers)
+    run = tmp_path / "runs/demo/version_0"
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    start = checkpoint["lora_ga_start"]
+    assert sorted(start) == sorted(name for name, _ in layers)
+    # The start is the data's: A0 spans the gradient's singular directions, not a random init.
+    for name, layer in layers:
+        assert torch.equal(start[name]["A"], layer.initial_A)
+
+    # evaluate's way: a module built from the config, the checkpoint loaded: the same model.
+    rebuilt = lightning_cli(["--config", DEMO, *SMALL, LORA_GA], run=False).model
+    assert rebuilt.pending_lora_ga is not None
+    rebuilt.on_load_checkpoint(checkpoint)
+    rebuilt.load_state_dict(checkpoint["state_dict"], strict=False)
+    for (key, ours), (_, theirs) in zip(trained.state_dict().items(), rebuilt.model.state_dict().items()):
+        assert torch.equal(ours, theirs), key
+
+    # A resumed fit takes the checkpoint's start (no second estimate) and trains on.
+    resumed = lightning_cli(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *SMALL,
+            LORA_GA,
+            "--trainer.max_epochs=2",
+            "--ckpt_path",
+            str(run / "checkpoints/last.ckpt"),
+        ]
+    )
+    assert resumed.trainer.current_epoch == 2
+    base = next(layer for _, layer in peftcore.surgery.adapter_layers(resumed.model.model)).base.weight
+    assert torch.equal(base, layers[0][1].base.weight)
+
+    fresh = build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0)
+    peftcore.load_adapter(fresh, run / "best_adapter")  # saved converted: loads over the original base
+    assert type(fresh.peftcore_config) is peftcore.LoRAConfig
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.lora_ga_batches=0"], "lora_ga_batches must be a positive integer"),
+        (['--model.quantization={"blocksize": 64}'], "full-precision gradient"),
+    ],
+)
+def test_lora_ga_settings_it_cannot_take_are_named(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        lightning_cli(["--config", DEMO, *SMALL, LORA_GA, *extra], run=False)
+    assert message in capsys.readouterr().err
+
+
+def test_lora_ga_without_a_checkpoint_outside_fit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="which test does not read: fit first"):
+        lightning_cli(["test", "--config", DEMO, *SMALL, LORA_GA])

@@ -14,7 +14,13 @@ from helpers import build_t5, t5_batch
 from peftcore import LoRAConfig, inject, load_adapter, save_adapter
 from peftcore.checkpoint import CONFIG_NAME
 from peftcore.dora import DoRAConfig
-from peftcore.lora_ga import GRADIENT_ATTRIBUTE, estimate_gradients, lora_ga_factors
+from peftcore.lora_ga import (
+    GRADIENT_ATTRIBUTE,
+    estimate_gradients,
+    lora_ga_factors,
+    starting_factors,
+    use_starting_factors,
+)
 from peftcore.surgery import adapter_layers
 
 TARGETS = ("q", "v", "wi")
@@ -161,3 +167,25 @@ def test_inject_without_gradients_and_other_misuse_are_refused():
     quantized = quantize(build_t5("t5-tiny"), NF4Config())
     with pytest.raises(ValueError, match="full-precision gradients of dense weights"):
         estimate_gradients(quantized, LoRAConfig(target_modules=("q",), init="lora_ga"), lambda: None)
+
+
+def test_starting_factors_rebuild_the_same_start_without_data():
+    config = LoRAConfig(r=2, alpha=4, target_modules=TARGETS, init="lora_ga")
+    first = build_t5("t5-tiny")
+    torch.manual_seed(0)
+    estimate_gradients(first, config, train_step(first))
+    inject(first, config)
+    factors = starting_factors(first)
+    assert len(factors) == len(list(adapter_layers(first))) > 0
+
+    again = build_t5("t5-tiny")  # the same original weights, no gradient estimated
+    use_starting_factors(again, config, factors)
+    inject(again, config)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+    fresh = build_t5("t5-tiny")
+    with pytest.raises(ValueError, match="missing for"):
+        use_starting_factors(fresh, LoRAConfig(r=2, target_modules=("q", "k"), init="lora_ga"), factors)
+    narrow = {name: {"A": f["A"][:, :-1], "B": f["B"]} for name, f in factors.items()}
+    with pytest.raises(ValueError, match="have shapes"):
+        use_starting_factors(fresh, config, narrow)
