@@ -372,3 +372,15 @@ def test_a_running_trial_is_failed_at_once_only_when_its_worker_is_known_dead(tm
         "RUNNING",
         "RUNNING",
     ]  # another machine: the heartbeat decides
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_file_passes_the_checks_made_before_a_trial(path, monkeypatch):
+    """Each value of each shipped space parses and passes the method's and the model's checks."""
+    from experiments.sweep import Param, check_objective, check_space
+
+    monkeypatch.chdir(ROOT)  # the files name their base config relative to the repository
+    spec = yaml.safe_load(path.read_text())
+    params = [Param.parse(key, value) for key, value in spec["space"].items()]
+    base = check_space(spec["base_config"], list(spec.get("overrides") or []), params)
+    check_objective(spec["objective"], spec["direction"], base, params)
