@@ -40,10 +40,12 @@ from experiments.model import (
 from experiments.settings import GenerationSettings, OptimizerSettings, settings_of
 from peftcore import peft_format
 from peftcore.config import NF4Config
-from peftcore.dora import DoRAConfig
+from peftcore.loftq import LOFTQ_BLOCKSIZE
 from peftcore.lora_ga import estimate_gradients, starting_factors, use_starting_factors
 from peftcore.loraplus import param_groups
+from peftcore.matching import select_targets
 from peftcore.sharding import gathered_for_generate, is_sharded, shard
+from peftcore.surgery import adapter_layers
 
 LORA_GA_START = "lora_ga_start"  # a checkpoint's key for LoRA-GA's starting factors
 
@@ -116,12 +118,17 @@ class Seq2SeqFineTuner(L.LightningModule):
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
         self.model = build_model(pretrained, shape, random_init, gated, dropout_rate).train()
         if quantization is not None:
-            peftcore.quantize(self.model, quantization)
+            # LoftQ quantizes its targets itself (from their full-precision weights), in inject.
+            loftq_targets = select_targets(self.model, peft) if getattr(peft, "init", None) == "loftq" else ()
+            peftcore.quantize(self.model, quantization, keep=loftq_targets)
         # LoRA-GA starts from the data's gradient: injected in setup (fit) or from a checkpoint's
         # starting factors (on_load_checkpoint), whichever comes first.
         self.pending_lora_ga = peft if getattr(peft, "init", None) == "lora_ga" else None
         if peft is not None and self.pending_lora_ga is None:
             peftcore.inject(self.model, with_tokenizer_path(peft))
+        if quantization is not None and getattr(peft, "init", None) == "loftq":
+            for _, layer in adapter_layers(self.model):
+                layer.base.compute_dtype = quantization.compute_dtype  # as the rest of the 4-bit base
         if gradient_checkpointing:
             # Non-reentrant checkpointing lets gradients reach the adapter even when the
             # checkpointed block's inputs (frozen embeddings) do not require grad.
@@ -141,6 +148,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         check_model_source(a["pretrained"], a["shape"], a["random_init"])
         if getattr(a["peft"], "init", None) == "lora_ga":
             check_lora_ga(a["peft"], a["quantization"], a["lora_ga_batches"])
+        if getattr(a["peft"], "init", None) == "loftq":
+            check_loftq(a["quantization"])
         if a["dropout_rate"] is not None and not 0.0 <= a["dropout_rate"] < 1.0:
             raise ValueError(
                 f"model.dropout_rate must be in [0, 1), or null to keep the model's own, got {a['dropout_rate']!r}"
@@ -402,10 +411,6 @@ class Seq2SeqFineTuner(L.LightningModule):
 
 def check_lora_ga(peft: MethodConfig, quantization: NF4Config | None, batches: int) -> None:
     """What LoRA-GA through the CLI needs, checked before anything is built."""
-    if isinstance(peft, DoRAConfig):
-        raise ValueError(
-            "init='lora_ga' is for LoRA; DoRA with LoRA-GA is not supported (peftcore refuses it)"
-        )
     if quantization is not None:
         raise ValueError(
             "init='lora_ga' needs the full-precision gradient of the base weights, and model.quantization makes "
@@ -413,6 +418,17 @@ def check_lora_ga(peft: MethodConfig, quantization: NF4Config | None, batches: i
         )
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"model.lora_ga_batches must be a positive integer, got {batches!r}")
+
+
+def check_loftq(quantization: NF4Config | None) -> None:
+    """LoftQ quantizes its targets as peft's LoftQ does; the rest of the base must match them."""
+    if quantization is not None and (quantization.blocksize != LOFTQ_BLOCKSIZE or quantization.double_quant):
+        raise ValueError(
+            f"init='loftq' quantizes its targets with blocksize {LOFTQ_BLOCKSIZE} and no double quantization "
+            f"(peft's LoftQ); model.quantization has blocksize {quantization.blocksize}, double_quant "
+            f"{quantization.double_quant}. Set blocksize {LOFTQ_BLOCKSIZE} and double_quant false so the whole base is "
+            "quantized alike, or quantization null to quantize only the targets"
+        )
 
 
 def _saved_keys(path: str) -> dict[str, Any]:

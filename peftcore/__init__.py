@@ -7,6 +7,7 @@ from peftcore.ia3 import IA3Config, IA3Scaler
 from peftcore.lora import LoRAConfig, LoRALinear
 from peftcore.nf4 import NF4Linear
 from peftcore.paged import PagedAdamW
+from peftcore.prefix import PrefixEncoder, PrefixTuningConfig
 from peftcore.prompt import PromptTuningConfig, SoftPrompt
 from peftcore.stats import ParamCount, count_parameters, memory_footprint, print_trainable_parameters
 from peftcore.surgery import disable_adapters, inject, merge, quantize, unload, unmerge
@@ -21,6 +22,8 @@ __all__ = [
     "NF4Config",
     "NF4Linear",
     "PagedAdamW",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
     "ParamCount",
     "PromptTuningConfig",
     "SoftPrompt",

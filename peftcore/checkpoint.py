@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftcore import methods, peft_format
+from peftcore import loftq, methods, peft_format
 from peftcore.files import write_atomically
 from peftcore.matching import resolve_targets, why_not_selected
 from peftcore.peft_format import PREFIX
@@ -54,6 +54,9 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 # that say what they compute; the file-level ones below may change, by hand too): the two files
 # of one save are two renames, and a save killed between them must not load as one adapter.
 SAVED_WITH = "peftcore_adapter_config"
+# LoftQ: each layer's quantized base Q as a hash (peftcore.loftq.fingerprint). The file holds A and
+# B only and a load re-runs LoftQ; a re-run that gives another Q is refused.
+LOFTQ_BASES = "peftcore_loftq_bases"
 FILE_LEVEL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version")
 PathLike = str | os.PathLike
 
@@ -77,6 +80,9 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
         )
     peft_config = to_peft_config(config, model)
     metadata = {"format": "pt", SAVED_WITH: json.dumps(_what_it_computes(peft_config), sort_keys=True)}
+    bases = _loftq_bases(model)
+    if bases:
+        metadata[LOFTQ_BASES] = json.dumps(bases, sort_keys=True)
     write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_atomically(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
     _remove_replaced_pickle(directory)
@@ -122,11 +128,54 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         raise
     with torch.no_grad():
         if injected_here:
+            # LoftQ replaces a layer's base by its quantization: kept to put back on a refusal.
+            originals = {
+                n: layer.base for n, layer in adapter_layers(model) if getattr(layer, "init", None) == "loftq"
+            }
             for _, layer in adapter_layers(model):
-                layer.initialise()  # PiSSA / OLoRA rebuild the residual base here, as peft does on load
+                layer.initialise()  # PiSSA / OLoRA / LoftQ rebuild the base here, as peft does on load
+        try:
+            _check_loftq_bases(model, directory)
+        except ValueError:
+            if injected_here:
+                for name, layer in adapter_layers(model):
+                    if name in originals:
+                        layer.base = originals[name]
+                unload(model, merge=False)
+                for p in model.parameters():
+                    p.requires_grad_(grad_flags[id(p)])
+            raise
         for key, tensor in live.items():
             tensor.copy_(saved[key])
     return model
+
+
+def _loftq_bases(model: nn.Module) -> dict[str, str]:
+    return {
+        name: loftq.fingerprint(layer.base)
+        for name, layer in adapter_layers(model)
+        if getattr(layer, "init", None) == "loftq"
+    }
+
+
+def _check_loftq_bases(model: nn.Module, directory: Path) -> None:
+    """A LoftQ adapter saved by peftcore records each layer's Q; the re-run must give the same.
+    (peft's files record none: their re-run, like peft's own, is taken as it comes.)"""
+    bases = _loftq_bases(model)
+    if not bases or not (directory / WEIGHTS_NAME).is_file():
+        return
+    with safe_open(directory / WEIGHTS_NAME, "pt") as weights:
+        recorded = (weights.metadata() or {}).get(LOFTQ_BASES)
+    if recorded is None:
+        return
+    differ = sorted(name for name, value in json.loads(recorded).items() if bases.get(name) != value)
+    if differ:
+        raise ValueError(
+            f"cannot load the LoftQ adapter in {directory}: re-running LoftQ on this model's weights gives another "
+            f"quantized base than the adapter was trained on, in {len(differ)} layers (first: {differ[0]!r}). The "
+            "base weights differ, or (loftq_iter >= 2) the SVD rounded differently on this machine. Load it on the "
+            "base model it was made from, on the same kind of machine, or use loftq_iter=1 (Q = NF4(W) everywhere)"
+        )
 
 
 def _injected_config(model: nn.Module) -> AdapterConfig:

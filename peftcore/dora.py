@@ -146,9 +146,9 @@ class DoRA(lora.LoRA):
     identity_at_init = True  # LoRA's, and m starts at the row norms
 
     def check(self, config: DoRAConfig, targets: list[str]) -> None:
-        if config.init == "lora_ga":
+        if config.init in ("lora_ga", "loftq"):
             raise ValueError(
-                "DoRAConfig(init='lora_ga'): LoRA-GA with DoRA is not supported (not checked against peft); "
-                "use LoRAConfig(init='lora_ga') or another DoRA init"
+                f"DoRAConfig(init={config.init!r}): {config.init} with DoRA is not supported (not checked against "
+                f"peft); use LoRAConfig(init={config.init!r}) or another DoRA init"
             )
         super().check(config, targets)

@@ -14,6 +14,8 @@ Inits (``B A`` is the starting update):
   olora     W = Q R; A = R[:r], B = Q[:, :r]; W <- W - s B A          (Büyükakyüz, 2024)
   lora_ga   2r singular directions of the weight's gradient G ~= U S V^T split between A and B;
             W <- W - s B A      (Wang et al., 2024; peftcore.lora_ga, which estimates G)
+  loftq     alternate W's NF4 quantization Q and a rank-r SVD of W - Q (``loftq_iter`` times);
+            the base becomes NF4(Q), s B A the SVD    (Li et al., 2023; peftcore.loftq)
 PiSSA and OLoRA move the principal part of W into the adapter, so the base is left holding the
 residual and the layer's output is unchanged at step 0 (up to float rounding). ``pissa_niter_<N>``
 is randomised, so the layer keeps its starting factors (A0, B0): an adapter relative to the
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftcore import lora_ga
+from peftcore import loftq, lora_ga
 from peftcore.config import (
     check_pattern,
     fail,
@@ -55,7 +57,7 @@ from peftcore.weights import adapter_device_dtype, dense_weight, is_dense, read_
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear"]
 
-LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora", "lora_ga")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora", "lora_ga", "loftq")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class LoRAConfig:
             numbered segment of the name.
         lora_ga_direction, lora_ga_scale, lora_ga_stable_gamma: LoRA-GA's choices (peft's
             ``LoraGAConfig`` fields ``direction``, ``scale``, ``stable_gamma``): peftcore.lora_ga.
+        loftq_iter: with ``init="loftq"``, the alternations of quantization and SVD (peft's
+            ``LoftQConfig.loftq_iter``): peftcore.loftq.
     """
 
     r: int = 8
@@ -101,10 +105,12 @@ class LoRAConfig:
     lora_ga_direction: str = "ArB2r"
     lora_ga_scale: str = "stable"
     lora_ga_stable_gamma: float = 16
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         positive_int(name, "r", self.r)
+        positive_int(name, "loftq_iter", self.loftq_iter)
         if self.lora_ga_direction not in lora_ga.DIRECTIONS:
             fail(
                 name, "lora_ga_direction", self.lora_ga_direction, "one of " + " | ".join(lora_ga.DIRECTIONS)
@@ -166,7 +172,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 def _is_lora_init(init: object) -> bool:
-    if init in ("kaiming", "gaussian", "pissa", "olora", "lora_ga"):
+    if init in ("kaiming", "gaussian", "pissa", "olora", "lora_ga", "loftq"):
         return True
     match = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
     return match is not None and int(match.group(1)) >= 0
@@ -193,6 +199,7 @@ class LoRALinear(AdapterLayer):
         self.scale = lora_scale(r, alpha, use_rslora)
         self.init = init
         self.lora_ga_options = ("ArB2r", "stable", 16.0)  # direction, scale, gamma: set by LoRA.wrap
+        self.loftq_iter = 1  # LoftQ's alternations: set by LoRA.wrap
         # The starting factors A0, B0 of a randomised (pissa_niter) or data-dependent (lora_ga)
         # init; None otherwise.
         self.register_buffer("initial_A", None, persistent=False)
@@ -290,6 +297,8 @@ class LoRALinear(AdapterLayer):
                 self.initial_A, self.initial_B = self.lora_A.weight.clone(), self.lora_B.weight.clone()
         elif init == "olora":
             self._move_principal_part(*olora_factors(read_weight(self.base), self.r))
+        elif init == "loftq":
+            self._start_loftq()
         elif init == "lora_ga":
             factors = lora_ga.take_start(self.base, self.r, self.scale, self.lora_ga_options)
             # As peft: the factors in the adapter's dtype first, so that the residual matches them.
@@ -299,6 +308,19 @@ class LoRALinear(AdapterLayer):
         else:
             raise ValueError(f"unknown LoRA init {init!r}; use one of {' | '.join(LORA_INITS)}")
 
+    def _start_loftq(self) -> None:
+        """Quantize the base with LoftQ (peftcore.loftq): the base becomes NF4(Q), s B A = L R."""
+        if not is_dense(self.base):
+            raise ValueError(
+                f"init='loftq' quantizes the base itself from its full-precision weight; this base is already "
+                f"{type(self.base).__name__}: inject LoftQ into the model before (instead of) peftcore.quantize"
+            )
+        state, L, R = loftq.loftq_factors(read_weight(self.base), self.r, self.loftq_iter)
+        root = math.sqrt(self.scale)
+        self.lora_A.weight.copy_(R / root)
+        self.lora_B.weight.copy_(L / root)
+        self.base = loftq.quantized_base(self.base, state)
+
     def _move_principal_part(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Set the adapter to (A, B) and leave the base holding W - s B A."""
         self.lora_A.weight.copy_(A)
@@ -307,8 +329,9 @@ class LoRALinear(AdapterLayer):
 
 
 def changes_base(init: str | None) -> bool:
-    """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA, LoRA-GA)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga"))
+    """Whether ``init`` leaves the base holding a residual (PiSSA, OLoRA, LoRA-GA) or its
+    quantization (LoftQ)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga", "loftq"))
 
 
 class LoRA(LayerMethod):
@@ -323,6 +346,7 @@ class LoRA(LayerMethod):
         r, alpha = config.rank_and_alpha(name)
         layer = self.layer(base, r, alpha, config.dropout, config.init, config.use_rslora, initialise=False)
         layer.lora_ga_options = (config.lora_ga_direction, config.lora_ga_scale, config.lora_ga_stable_gamma)
+        layer.loftq_iter = config.loftq_iter
         if initialise:
             layer.initialise()
         return layer

@@ -11,6 +11,7 @@ from peftcore.contract import InputMethod, LayerMethod, Method
 from peftcore.dora import DoRA
 from peftcore.ia3 import IA3
 from peftcore.lora import LoRA
+from peftcore.prefix import PrefixTuning
 from peftcore.prompt import PromptTuning
 
 METHODS: tuple[Method, ...] = (
@@ -18,6 +19,7 @@ METHODS: tuple[Method, ...] = (
     DoRA(),
     IA3(),
     PromptTuning(),
+    PrefixTuning(),
 )
 
 __all__ = [

@@ -111,7 +111,7 @@ def _say_if_the_head_is_frozen(model: nn.Module, to_save: list[str]) -> None:
         )
 
 
-def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
+def quantize(model: nn.Module, config: NF4Config, keep: Sequence[str] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by an :class:`NF4Linear`, in place; a transformers
     ``Conv1D`` (GPT-2's) becomes one too, made from its transposed weight, as transformers does when
     it loads such a model in 4 bit, so the model computes the same.
@@ -119,8 +119,9 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     Linears matched by ``config.skip_modules`` (target_modules' rule: a dotted suffix, or one
     regex) stay as they are; ``skip_modules=None`` means the model family's
     ``keep_in_full_precision`` (``peftcore.families``: ``lm_head``, and T5's ``wo``) plus the model's
-    own ``_keep_in_fp32_modules``. Everything is validated and quantized before
-    the first swap, so an error leaves the model unchanged.
+    own ``_keep_in_fp32_modules``. ``keep`` names modules (full dotted names) to leave as they are
+    too: LoftQ's targets, which ``inject`` quantizes itself. Everything is validated and quantized
+    before the first swap, so an error leaves the model unchanged.
     """
     if not isinstance(config, NF4Config):
         raise TypeError(f"quantize() needs an NF4Config, got {type(config).__name__}")
@@ -138,7 +139,9 @@ def quantize(model: nn.Module, config: NF4Config) -> nn.Module:
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or is_transposed(module)) and not matches(name, skip)
+        if (isinstance(module, nn.Linear) or is_transposed(module))
+        and not matches(name, skip)
+        and name not in keep
     ]
     for name, module in targets:
         if module.weight.dtype not in QUANTIZABLE_DTYPES:

@@ -26,7 +26,9 @@ from peftcore.peft_format.dora import DoRAFormat
 from peftcore.peft_format.fields import PEFT_FORMAT_VERSION
 from peftcore.peft_format.ia3 import IA3Format
 from peftcore.peft_format.lora import LoRAFormat
+from peftcore.peft_format.prefix import PrefixTuningFormat
 from peftcore.peft_format.prompt import PromptTuningFormat
+from peftcore.prefix import PrefixTuning
 from peftcore.prompt import PromptTuning
 from peftcore.surgery import adapter_layers, trained_copies
 
@@ -36,6 +38,7 @@ FORMATS: dict[type[methods.Method], Format] = {
     DoRA: DoRAFormat(),
     IA3: IA3Format(),
     PromptTuning: PromptTuningFormat(),
+    PrefixTuning: PrefixTuningFormat(),
 }
 PREFIX = "base_model.model."  # peft's name for the model inside its PeftModel
 

@@ -37,7 +37,6 @@ PLAIN_INITS = {
     "orthogonal": "kaiming",
 }
 REFUSED_INITS = {
-    "loftq": "LoftQ replaced the base weight by its quantized approximation",
     "corda": "CorDA's init changed the base weight using calibration data",
     "lora_ga": "LoRA-GA changed the base weight using gradients of training data (peft does not rebuild it on load)",
     "mica": "MiCA is a LoRA variant (a frozen B) peftcore does not implement",
@@ -63,6 +62,7 @@ class LoRAFormat(Format):
         "layers_pattern",
         "bias",  # "none"; "lora_only" / "all" only where those biases do not exist (T5 has none)
         "fan_in_fan_out",  # true for Conv1D targets, false for nn.Linear: peft sets it by the target, so does peftcore
+        "loftq_config",  # loftq_iter with init_lora_weights="loftq" (re-run on load, as peft does); else empty
     )
     at_default = {
         "use_dora": (False, "DoRA"),
@@ -83,7 +83,6 @@ class LoRAFormat(Format):
     inert = {
         "qalora_group_size": "used only with use_qalora",
         "megatron_core": "used only with megatron_config",
-        "loftq_config": "used only by init_lora_weights='loftq', which is refused",
         "eva_config": "used only while EVA computes its init; a saved EVA adapter is a plain LoRA",
         "corda_config": "used only by init_lora_weights='corda', which is refused",
         "lora_ga_config": "used only by init_lora_weights='lora_ga', which is refused",
@@ -103,6 +102,7 @@ class LoRAFormat(Format):
             dropout=data.get("lora_dropout", 0.0),
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             init=_init_from_peft(data.get("init_lora_weights", True)),
+            loftq_iter=_loftq_iter(data),
             use_rslora=bool(data.get("use_rslora", False)),
             modules_to_save=modules_to_save_of(data, model),
             exclude_modules=data.get("exclude_modules"),
@@ -143,6 +143,7 @@ class LoRAFormat(Format):
         rank_factor = 2 if converted else 1
         alpha_factor = (math.sqrt(2) if config.use_rslora else 2) if converted else 1
         init = True if converted else {"kaiming": True}.get(config.init, config.init)
+        loftq = {"loftq_bits": 4, "loftq_iter": config.loftq_iter} if config.init == "loftq" else {}
         return {
             "peft_type": self.peft_type,
             "r": config.r * rank_factor,
@@ -156,6 +157,7 @@ class LoRAFormat(Format):
             "layers_pattern": shown(config.layers_pattern),
             "bias": "none",
             "fan_in_fan_out": fan_in_fan_out_to_peft(model, config),
+            "loftq_config": loftq,
         }
 
     # peft_tensors: the layer's adapter_params, already under peft's names (lora_A.weight, lora_B.weight).
@@ -182,11 +184,33 @@ def layer_index_before_0_20(name: str, layers_pattern: Sequence[str] | None) -> 
     return int(match.group(1)) if match else None
 
 
+def _loftq_iter(data: dict) -> int:
+    """LoftQ's alternations from ``loftq_config`` (4-bit only), 1 where the init is not LoftQ; a
+    setting that would be ignored is refused."""
+    loftq = data.get("loftq_config") or {}
+    if data.get("init_lora_weights") != "loftq":
+        if loftq:
+            raise ValueError(
+                f"this LoRA adapter sets loftq_config={loftq!r} with init_lora_weights={data.get('init_lora_weights')!r}: "
+                "it has no effect there; remove it, or set init_lora_weights='loftq'"
+            )
+        return 1
+    unknown = sorted(set(loftq) - {"loftq_bits", "loftq_iter"})
+    if unknown or loftq.get("loftq_bits", 4) != 4:
+        raise ValueError(
+            f"this LoRA adapter has loftq_config={loftq!r}: peftcore's LoftQ quantizes to NF4 (loftq_bits=4) "
+            "and reads loftq_iter only"
+        )
+    return loftq.get("loftq_iter", 1)
+
+
 def _init_from_peft(value: object) -> str:
     if isinstance(value, (bool, str)) and value in PLAIN_INITS:
         return PLAIN_INITS[value]
-    if isinstance(value, str) and (value.startswith("pissa") or value.lower() == "olora"):
-        return value.lower() if value.lower() == "olora" else value  # LoRAConfig checks pissa_niter_<N>
+    if isinstance(value, str) and (value.startswith("pissa") or value.lower() in ("olora", "loftq")):
+        return (
+            value.lower() if value.lower() in ("olora", "loftq") else value
+        )  # LoRAConfig checks pissa_niter_<N>
     name = next((k for k in REFUSED_INITS if isinstance(value, str) and value.lower().startswith(k)), None)
     why = (
         REFUSED_INITS[name] + ", which peftcore does not rebuild"

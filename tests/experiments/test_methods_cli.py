@@ -165,3 +165,43 @@ def test_lora_ga_without_a_checkpoint_outside_fit_is_refused(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="which test does not read: fit first"):
         lightning_cli(["test", "--config", DEMO, *SMALL, LORA_GA])
+
+
+LOFTQ = "--model.peft=" + json.dumps(
+    {
+        "class_path": "peftcore.LoRAConfig",
+        "init_args": {"r": 4, "alpha": 4, "target_modules": ["q", "v"], "init": "loftq", "loftq_iter": 2},
+    }
+)
+LOFTQ_NF4 = '--model.quantization={"blocksize": 64, "double_quant": false, "compute_dtype": "torch.float32"}'
+
+
+def test_loftq_quantizes_its_targets_and_model_quantization_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli(["fit", "--config", DEMO, *SMALL, LOFTQ, LOFTQ_NF4])
+    model = cli.model.model
+    layers = dict(peftcore.surgery.adapter_layers(model))
+    assert layers and all(isinstance(layer.base, peftcore.NF4Linear) for layer in layers.values())
+    others = [m for n, m in model.named_modules() if n.endswith((".k", ".o", ".wi"))]
+    assert others and all(isinstance(m, peftcore.NF4Linear) for m in others)
+    # The start is LoftQ's: rebuilt from the original weights, the checkpoint's A and B on top.
+    fresh = build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0)
+    run = tmp_path / "runs/demo/version_0"
+    peftcore.load_adapter(fresh, run / "best_adapter")  # re-runs LoftQ; refused if Q came out different
+    assert fresh.peftcore_config.init == "loftq" and fresh.peftcore_config.loftq_iter == 2
+
+    rebuilt = lightning_cli(["--config", DEMO, *SMALL, LOFTQ, LOFTQ_NF4], run=False).model
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    rebuilt.on_load_checkpoint(checkpoint)
+    rebuilt.load_state_dict(checkpoint["state_dict"], strict=False)
+    for (key, ours), (_, theirs) in zip(model.state_dict().items(), rebuilt.model.state_dict().items()):
+        assert torch.equal(ours, theirs), key
+
+
+def test_loftq_with_other_nf4_settings_for_the_rest_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        lightning_cli(
+            ["--config", DEMO, *SMALL, LOFTQ, '--model.quantization={"double_quant": true}'], run=False
+        )
+    assert "no double quantization" in capsys.readouterr().err

@@ -241,7 +241,7 @@ REFUSED = [
     ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
     ("kasa_config", {"beta": 0.1}, "KaSA"),
     ("a_field_of_peft_0_99", 3, "does not know"),
-    ("init_lora_weights", "loftq", "LoftQ"),
+    ("loftq_config", {"loftq_bits": 4, "loftq_iter": 2}, "no effect"),
     ("init_lora_weights", "corda", "CorDA"),
     ("init_lora_weights", "lora_ga", "LoRA-GA"),
     ("init_lora_weights", "mica", "MiCA"),
@@ -337,6 +337,7 @@ def test_every_peft_field_is_in_exactly_one_table_and_in_the_readme():
     from peftcore.peft_format import FORMATS
     from peftcore.peft_format.ia3 import IA3Format
     from peftcore.peft_format.lora import LoRAFormat
+    from peftcore.prefix import PrefixTuning
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## Adapter files") :]
@@ -356,3 +357,6 @@ def test_every_peft_field_is_in_exactly_one_table_and_in_the_readme():
     )
     own = set(peft.IA3Config.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__)
     assert own <= set(IA3Format.implemented) | set(IA3Format.inert)
+    own = set(peft.PrefixTuningConfig.__dataclass_fields__) - set(peft.PeftConfig.__dataclass_fields__)
+    prefix = FORMATS[PrefixTuning]
+    assert own <= set(prefix.implemented) | set(prefix.at_default) | set(prefix.inert)
