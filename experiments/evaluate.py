@@ -56,6 +56,7 @@ def evaluate(
     geval: GEvalConfig = GEvalConfig(),  # noqa: B008 (read, never changed: one shared default is safe)
     overrides: list[str] | None = None,
     resume: bool = False,
+    adapters: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate one run on its config's test split and write ``<output_dir>/<run_name>/eval_record.json``.
 
@@ -88,39 +89,116 @@ def evaluate(
             settings (its predictions, its metrics) and compute only what is missing; nothing at
             all when nothing is. An earlier record of other settings is replaced. ``last`` and
             ``best`` checkpoints are never resumed (they name a newer file as runs go on).
+        adapters: instead of one run, several adapters over one base, ``{name: directory}``: the
+            config's base model is built and loaded once, bare (each adapter's adapter_config.json
+            says what it is), every adapter is loaded into it by name, and each is evaluated as
+            the run ``name`` (``<output_dir>/<name>/``). Returns the records by name.
     """
     if not train_config:
         raise ValueError(
             "--train_config is required: the run's training YAML (e.g. experiments/configs/lora.yaml)"
         )
-    if sum([ckpt_path is not None, adapter is not None, base_model]) != 1:
-        raise ValueError("give exactly one of ckpt_path, adapter or base_model: true")
+    if sum([ckpt_path is not None, adapter is not None, base_model, adapters is not None]) != 1:
+        raise ValueError("give exactly one of ckpt_path, adapter, adapters or base_model: true")
+    if adapters is not None and (not isinstance(adapters, dict) or not adapters):
+        raise ValueError(f"--adapters takes a mapping of names to adapter directories, got {adapters!r}")
     check_bertscore_model(bertscore_model)  # before minutes of generation, not after
     geval = geval or GEvalConfig()
     geval_on, geval_note = geval_available(geval)
     from experiments.cli import NAMED_CHECKPOINTS
 
+    def stages(source_ckpt: str | None, source_adapter: str | None) -> dict[str, dict]:
+        return _wanted_stages(
+            train_config,
+            source_ckpt,
+            source_adapter,
+            base_model,
+            num_beams,
+            max_new_tokens,
+            overrides,
+            bertscore_model,
+            bertscore_layers,
+            geval if geval_on else None,
+        )
+
+    scoring = (bertscore_model, bertscore_layers, geval, geval_on, geval_note)
+    if adapters is not None:
+        built: list = []  # the base, built once when the first adapter needs generating
+
+        def over_one_base(name: str, directory: str, out: Path) -> tuple[dict, list[dict]]:
+            if not built:
+                built.extend(
+                    _build(
+                        train_config,
+                        out,
+                        num_beams,
+                        max_new_tokens,
+                        [*(overrides or []), "--model.peft=null"],
+                    )
+                )
+            _model_and_data_config(train_config, out)  # each record keeps what it was evaluated with
+            module = built[1]
+            peftcore.load_adapter(module.model, directory, name=name)
+            peftcore.set_adapter(module.model, name)
+            module.reset_efficiency()
+            return _predict(
+                train_config,
+                name,
+                None,
+                directory,
+                False,
+                out,
+                num_beams,
+                max_new_tokens,
+                overrides,
+                tuple(built),
+            )
+
+        return {
+            name: _evaluate_one(
+                name,
+                Path(output_dir) / name,
+                stages(None, directory),
+                resume,
+                lambda out, name=name, directory=directory: over_one_base(name, directory, out),
+                *scoring,
+            )
+            for name, directory in adapters.items()
+        }
     out = Path(output_dir) / run_name
-    wanted = _wanted_stages(
-        train_config,
-        ckpt_path,
-        adapter,
-        base_model,
-        num_beams,
-        max_new_tokens,
-        overrides,
-        bertscore_model,
-        bertscore_layers,
-        geval if geval_on else None,
+    resumable = resume and ckpt_path not in NAMED_CHECKPOINTS
+    return _evaluate_one(
+        run_name,
+        out,
+        stages(ckpt_path, adapter),
+        resumable,
+        lambda out: _predict(
+            train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens, overrides
+        ),
+        *scoring,
     )
-    record = _earlier_record(out, wanted) if resume and ckpt_path not in NAMED_CHECKPOINTS else None
+
+
+def _evaluate_one(
+    run_name: str,
+    out: Path,
+    wanted: dict[str, dict],
+    resume: bool,
+    predict,
+    bertscore_model: str | None,
+    bertscore_layers: int | None,
+    geval: GEvalConfig,
+    geval_on: bool,
+    geval_note: str,
+) -> dict:
+    """One record: its predictions (``predict(out)``) unless an earlier record of the same
+    settings has them, then the metric stages it lacks."""
+    record = _earlier_record(out, wanted) if resume else None
     if record is not None and not _missing(record, wanted):
         print(f"evaluate: {run_name}: evaluated already ({out / RECORD_NAME})")
         return record
     if record is None:
-        record, rows = _predict(
-            train_config, run_name, ckpt_path, adapter, base_model, out, num_beams, max_new_tokens, overrides
-        )
+        record, rows = predict(out)
         record["completed"] = {"predictions": wanted["predictions"]}
     else:
         print(
@@ -251,17 +329,15 @@ def _predict(
     num_beams: int | None,
     max_new_tokens: int | None,
     overrides: list[str] | None,
+    built: tuple | None = None,
 ) -> tuple[dict, list[dict]]:
     """Build the run and generate its summaries of the test split (written to the predictions
-    file by the module's PredictionWriter): a record with the efficiency figures, and the rows."""
+    file by the module's PredictionWriter): a record with the efficiency figures, and the rows.
+    ``built`` is a model already built and given its adapter (``--adapters``: one base, several)."""
     from experiments.checkpointing import read_checkpoint
-    from experiments.cli import NAMED_CHECKPOINTS, lightning_cli, newest_checkpoint, runs_of, same_model
+    from experiments.cli import NAMED_CHECKPOINTS, newest_checkpoint, runs_of, same_model
 
-    args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
-    args += [f"--model.generation.num_beams={num_beams}"] * (num_beams is not None)
-    args += [f"--model.generation.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
-    cli = lightning_cli(args, run=False)
-    module, data = cli.model, cli.datamodule
+    cli, module, data = built or _build(train_config, out, num_beams, max_new_tokens, overrides)
     module.hparams.predictions_path = str(out / "predictions.jsonl")  # PredictionWriter's file
     epoch: int | None = 0  # the untuned base trained for 0 epochs; an exported adapter does not say
     runtime: float | None = 0.0
@@ -281,7 +357,8 @@ def _predict(
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         epoch, runtime = checkpoint.get("epoch", 0) + 1, round(recorded_runtime(checkpoint), 1)
     elif adapter is not None:
-        _load_adapter(module.model, adapter, train_config)
+        if built is None:
+            _load_adapter(module.model, adapter, train_config)
         epoch = runtime = None
     else:
         if getattr(module.model, "peftcore_config", None) is not None:
@@ -316,6 +393,23 @@ def _predict(
         "predictions": module.hparams.predictions_path,
     }
     return record, rows
+
+
+def _build(
+    train_config: str,
+    out: Path,
+    num_beams: int | None,
+    max_new_tokens: int | None,
+    overrides: list[str] | None,
+) -> tuple:
+    """The CLI, its model and its data, built from the run's config as evaluate reads it."""
+    from experiments.cli import lightning_cli
+
+    args = ["--config", str(_model_and_data_config(train_config, out)), *(overrides or [])]
+    args += [f"--model.generation.num_beams={num_beams}"] * (num_beams is not None)
+    args += [f"--model.generation.max_new_tokens={max_new_tokens}"] * (max_new_tokens is not None)
+    cli = lightning_cli(args, run=False)
+    return cli, cli.model, cli.datamodule
 
 
 def _test_set(data: dict) -> dict:

@@ -81,6 +81,10 @@ class Seq2SeqFineTuner(L.LightningModule):
             seeded order) estimate the weights' gradient when ``fit`` starts; the starting factors
             are kept in every checkpoint, so a resumed run or an evaluated checkpoint rebuilds the
             same start without the data.
+        adapters: several adapters over one base, ``{name: directory}`` (peft's format), each
+            loaded by name into the bare base (``peft`` must be null): ``predict`` writes each
+            dialogue's summary by every adapter (``predictions: {name: summary}``). ``evaluate
+            --adapters`` scores each as a run.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class Seq2SeqFineTuner(L.LightningModule):
         export_best_adapter: bool = True,
         predictions_path: str | None = None,
         lora_ga_batches: int = 8,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,6 +118,7 @@ class Seq2SeqFineTuner(L.LightningModule):
             peft=peft,
             quantization=quantization,
             lora_ga_batches=lora_ga_batches,
+            adapters=adapters,
         )
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
@@ -126,6 +132,9 @@ class Seq2SeqFineTuner(L.LightningModule):
         self.pending_lora_ga = peft if getattr(peft, "init", None) == "lora_ga" else None
         if peft is not None and self.pending_lora_ga is None:
             peftcore.inject(self.model, with_tokenizer_path(peft))
+        for name, directory in (adapters or {}).items():
+            peftcore.load_adapter(self.model, directory, name=name)
+            peftcore.set_adapter(self.model, next(iter(adapters)))
         if quantization is not None and getattr(peft, "init", None) == "loftq":
             for _, layer in adapter_layers(self.model):
                 layer.base.compute_dtype = quantization.compute_dtype  # as the rest of the 4-bit base
@@ -146,6 +155,11 @@ class Seq2SeqFineTuner(L.LightningModule):
         given.apply_defaults()
         a = given.arguments
         check_model_source(a["pretrained"], a["shape"], a["random_init"])
+        if a["adapters"] is not None and (a["peft"] is not None or not a["adapters"]):
+            raise ValueError(
+                "model.adapters loads several adapters into the bare base: set model.peft to null (each adapter's "
+                f"adapter_config.json says what it is), and name at least one; got adapters={a['adapters']!r}"
+            )
         if getattr(a["peft"], "init", None) == "lora_ga":
             check_lora_ga(a["peft"], a["quantization"], a["lora_ga_batches"])
         if getattr(a["peft"], "init", None) == "loftq":
@@ -158,6 +172,10 @@ class Seq2SeqFineTuner(L.LightningModule):
         settings_of(GenerationSettings, a["generation"], "generation")
 
     # --- reports ------------------------------------------------------------------------------
+
+    def reset_efficiency(self) -> None:
+        """Count again at the next ``efficiency()`` (another adapter was made active)."""
+        self._efficiency = None
 
     def efficiency(self) -> dict[str, float]:
         """Parameter counts and footprint of the whole model; under FSDP those taken before it was
@@ -328,7 +346,23 @@ class Seq2SeqFineTuner(L.LightningModule):
         return self.trainer.datamodule.tokenizer
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """One row per dialogue (written to a JSONL file by ``PredictionWriter``)."""
+        """One row per dialogue (written to a JSONL file by ``PredictionWriter``); with
+        ``adapters``, each dialogue's summary by each adapter."""
+        if self.hparams.adapters:
+            by_adapter = {}
+            for name in self.hparams.adapters:
+                peftcore.set_adapter(self.model, name)
+                by_adapter[name] = self.generate_summaries(batch)
+            peftcore.set_adapter(self.model, next(iter(self.hparams.adapters)))
+            return [
+                {
+                    "id": i,
+                    "dialogue": src,
+                    "reference": refs[0] if len(refs) == 1 else refs,
+                    "predictions": {name: summaries[k] for name, summaries in by_adapter.items()},
+                }
+                for k, (i, src, refs) in enumerate(zip(batch["ids"], batch["sources"], batch["references"]))
+            ]
         return [
             {"id": i, "dialogue": src, "reference": refs[0] if len(refs) == 1 else refs, "prediction": pred}
             for i, src, refs, pred in zip(

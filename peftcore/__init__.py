@@ -1,5 +1,6 @@
 """peftcore: parameter-efficient fine-tuning layers written from scratch, peft-compatible on disk."""
 
+from peftcore.adapters import active_adapter, adapter_names, adapter_rows, delete_adapter, set_adapter
 from peftcore.checkpoint import load_adapter, save_adapter
 from peftcore.config import NF4Config
 from peftcore.dora import DoRAConfig, DoRALinear
@@ -27,7 +28,11 @@ __all__ = [
     "ParamCount",
     "PromptTuningConfig",
     "SoftPrompt",
+    "active_adapter",
+    "adapter_names",
+    "adapter_rows",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "inject",
     "load_adapter",
@@ -36,6 +41,7 @@ __all__ = [
     "print_trainable_parameters",
     "quantize",
     "save_adapter",
+    "set_adapter",
     "unload",
     "unmerge",
 ]

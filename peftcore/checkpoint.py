@@ -33,7 +33,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftcore import loftq, methods, peft_format
+from peftcore import adapters, loftq, methods, peft_format
 from peftcore.files import write_atomically
 from peftcore.matching import resolve_targets, why_not_selected
 from peftcore.peft_format import PREFIX
@@ -61,14 +61,31 @@ FILE_LEVEL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "a
 PathLike = str | os.PathLike
 
 
-def save_adapter(model: nn.Module, path: PathLike) -> None:
+def save_adapter(model: nn.Module, path: PathLike, names: Sequence[str] | None = None) -> None:
     """Write the model's adapter (and modules_to_save) to directory ``path`` in peft's format.
     An adapter holding NaN or inf (training diverged) is refused and nothing is written. A
     pickled adapter_model.bin already there (peft's safe_serialization=False) is removed once the
-    new files are in place, so the directory holds one adapter; other files are left alone."""
+    new files are in place, so the directory holds one adapter; other files are left alone.
+
+    With several named adapters (peftcore.adapters) each is written as peft's ``save_pretrained``
+    lays them out: ``default`` in ``path``, any other in ``path/<name>``; ``names`` selects some
+    (peft's ``selected_adapters``)."""
+    _injected_config(model)
+    every = adapters.adapter_names(model)
+    if names is None and every == [adapters.DEFAULT]:
+        _save_active(model, Path(path))
+        return
+    unknown = [n for n in (names or []) if n not in every]
+    if unknown:
+        raise ValueError(f"no adapters named {unknown}; the model's adapters: {every}")
+    for name in names or every:
+        with adapters.active(model, name):
+            _save_active(model, Path(path) if name == adapters.DEFAULT else Path(path) / name)
+
+
+def _save_active(model: nn.Module, directory: Path) -> None:
     config = _injected_config(model)
     methods.for_config(config)  # a TypeError for what is not a method config, before the directory exists
-    directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     saved = peft_format.adapter_tensors(model, config, saving=True)
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in saved.items()}
@@ -96,11 +113,31 @@ def _remove_replaced_pickle(directory: Path) -> None:
         stale.unlink()
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: PathLike, name: str | None = None) -> nn.Module:
     """Load an adapter saved by peftcore or peft into ``model`` (injecting it first if the model
     has none). Every key, shape, dtype and value (finite) is checked before anything is copied;
-    on a mismatch the model is left as it was."""
-    directory = Path(path)
+    on a mismatch the model is left as it was.
+
+    ``name`` (peftcore.adapters): into a model holding adapters, a new name adds the file's adapter
+    beside them, inactive and frozen (peft's ``load_adapter(path, adapter_name)``), and an existing
+    one loads into that adapter; into a bare model, the loaded adapter gets that name."""
+    if name is not None and getattr(model, "peftcore_config", None) is not None:
+        if name in adapters.adapter_names(model):
+            with adapters.active(model, name):
+                return load_adapter(model, path)
+        try:
+            config = peft_format.config_from_peft(_read_json(Path(path) / CONFIG_NAME), model)
+        except ValueError as err:
+            raise ValueError(f"cannot load the adapter in {path}: {err}") from None
+        adapters.add_adapter(model, config, name, lambda bare: load_adapter(bare, path))
+        return model
+    _load(model, Path(path))
+    if name is not None:
+        adapters.name_injected(model, name)
+    return model
+
+
+def _load(model: nn.Module, directory: Path) -> nn.Module:
     data = _read_json(directory / CONFIG_NAME)
     try:
         _check_one_save(directory, data)

@@ -73,6 +73,11 @@ class AdapterLayer(nn.Module, metaclass=ABCMeta):
         """Merge for good (unload; no unmerge follows): the same as merge unless a method says otherwise."""
         self.merge()
 
+    def forward_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """This layer's output for some rows of a mixed batch (peftcore.adapters.adapter_rows),
+        given the base's output for them: by default the layer run on them again."""
+        return self(x)
+
 
 class Method(ABC):
     """What every method declares. Subclass LayerMethod or InputMethod, not this."""

@@ -90,6 +90,11 @@ class DoRALinear(lora.LoRALinear):
         """Never: DoRA's forward is its own (LoRA's ``FusedLoRA`` has no magnitude)."""
         return False
 
+    def forward_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """A mixed batch's rows: DoRA's whole output on them (it rescales the base's; peft has no
+        DoRA in a mixed batch)."""
+        return self(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.disabled or self.merged:

@@ -229,6 +229,11 @@ class LoRALinear(AdapterLayer):
             return torch.add(result, update, alpha=self.scale)  # one kernel for the scale and the sum
         return result + (update * self.scale).to(result.dtype)
 
+    def forward_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """A mixed batch's rows: the base's output plus s B A dropout(x), as peft adds it."""
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return base_out + (update * self.scale).to(base_out.dtype)
+
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` (adapter active, not merged) runs as one ``FusedLoRA`` node
         (peftcore/kernels/lora.py): a dense base (nn.Linear, or a Conv1D, whose weight the kernel

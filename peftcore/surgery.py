@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import families, methods
+from peftcore import adapters, families, methods
 from peftcore.config import NF4Config
 from peftcore.contract import AdapterLayer, InputMethod
 from peftcore.matching import matches, select_copies, select_targets
@@ -48,26 +48,41 @@ def trained_copies(model: nn.Module) -> Iterator[tuple[str, TrainedCopy]]:
             yield name, module
 
 
-def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> nn.Module:
+def inject(
+    model: nn.Module, config: AdapterConfig, initialise: bool = True, name: str | None = None
+) -> nn.Module:
     """Give ``model`` the adapter ``config`` describes, in place.
 
     Afterwards only the adapter and the copies of ``config.modules_to_save`` are trainable.
     ``initialise=False`` builds the adapters without running their init (PiSSA and OLoRA change
-    the base weight); ``load_adapter`` checks a file first and initialises after.
+    the base weight); ``load_adapter`` checks a file first and initialises after. ``name`` names
+    the adapter (peftcore.adapters); into a model that has one already, a named adapter is added
+    beside it, inactive and frozen (peft's ``add_adapter``).
     """
     method = methods.for_config(config)
     existing = next(adapter_layers(model), None) or next(trained_copies(model), None)
+    if existing is not None and name is not None:
+        adapters.add_adapter(model, config, name, lambda bare: inject(bare, config, initialise))
+        return model
     if existing is not None:
         raise ValueError(
             f"the model already has an adapter ({type(existing[1]).__name__} at {existing[0]!r}); "
-            "call unload(model) first to inject another one"
+            "call unload(model) first to inject another one, or give it a name to add it beside "
+            "(inject(model, config, name=...))"
         )
+    _inject(model, method, config, initialise)
+    if name is not None:
+        adapters.name_injected(model, name)
+    return model
+
+
+def _inject(model: nn.Module, method: methods.Method, config: AdapterConfig, initialise: bool) -> None:
     if isinstance(method, InputMethod):
         for param in model.parameters():
             param.requires_grad_(False)
         method.install(model, config, initialise)
         model.peftcore_config = config
-        return model
+        return
 
     modules = dict(model.named_modules())
     targets = select_targets(model, config)
@@ -88,7 +103,6 @@ def inject(model: nn.Module, config: AdapterConfig, initialise: bool = True) -> 
     for name in to_save:
         _replace(model, name, TrainedCopy(model.get_submodule(name)))
     model.peftcore_config = config
-    return model
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -225,6 +239,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _replace(model, name, saved.trained if merge else saved.original)
     if "peftcore_config" in model.__dict__:
         del model.peftcore_config
+    adapters.forget(model)  # the inactive named adapters go with it
     return model
 
 

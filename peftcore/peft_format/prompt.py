@@ -45,6 +45,10 @@ class PromptTuningFormat(Format):
 
     def config_from_peft(self, data: dict, model: nn.Module) -> PromptTuningConfig:
         self.check_fields(data)
+        if not isinstance(data.get("num_virtual_tokens"), int):
+            raise ValueError(
+                f"this prompt-tuning adapter has num_virtual_tokens={data.get('num_virtual_tokens')!r}; peft writes its length"
+            )
         if data.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
             raise ValueError(
                 f"this prompt-tuning adapter has task_type={data['task_type']!r}; peftcore's prompt goes before a "

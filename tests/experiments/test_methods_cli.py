@@ -205,3 +205,63 @@ def test_loftq_with_other_nf4_settings_for_the_rest_is_refused(tmp_path, monkeyp
             ["--config", DEMO, *SMALL, LOFTQ, '--model.quantization={"double_quant": true}'], run=False
         )
     assert "no double quantization" in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_take_several_adapters_over_one_loaded_base(tmp_path, monkeypatch):
+    import transformers
+
+    from peftcore.testing import move_off_init
+
+    monkeypatch.chdir(tmp_path)
+    directories = {}
+    for seed, (name, config) in enumerate(
+        {
+            "lora": peftcore.LoRAConfig(r=4, alpha=8, target_modules=("q", "v")),
+            "ia3": peftcore.IA3Config(target_modules=("k", "v", "wo"), feedforward_modules=("wo",)),
+        }.items()
+    ):
+        model = peftcore.inject(build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0), config)
+        move_off_init(model, seed + 1, scale=0.5)
+        peftcore.save_adapter(model, tmp_path / name)
+        directories[name] = str(tmp_path / name)
+
+    loads = []
+    load = transformers.AutoModelForSeq2SeqLM.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForSeq2SeqLM,
+        "from_pretrained",
+        lambda *a, **k: loads.append(a) or load(*a, **k),
+    )
+    common = ["--train_config", DEMO, "--bertscore_model", "null", "--overrides", json.dumps(SMALL)]
+    main(["evaluate", *common, "--adapters", json.dumps(directories), "--output_dir", "together"])
+    assert len(loads) == 1  # one base for both adapters
+    for name in directories:  # each as evaluate of that adapter alone computes it
+        main(
+            ["evaluate", "--train_config", DEMO, "--bertscore_model", "null", "--adapter", directories[name],
+             "--overrides", json.dumps([*SMALL, "--model.peft=null"]), "--output_dir", "alone", "--run_name", name]
+        )  # fmt: skip
+        together = json.loads((tmp_path / "together" / name / "eval_record.json").read_text())
+        alone = json.loads((tmp_path / "alone" / name / "eval_record.json").read_text())
+        assert together["run"] == name and together["settings"]["adapter"] == directories[name]
+        assert together["metrics"]["trainable_params"] == alone["metrics"]["trainable_params"]
+        assert Path(together["predictions"]).read_text() == Path(alone["predictions"]).read_text()
+
+    cli = lightning_cli(
+        [
+            "predict",
+            "--config",
+            DEMO,
+            *SMALL,
+            "--model.peft=null",
+            "--model.adapters",
+            json.dumps(directories),
+        ]
+    )
+    assert peftcore.adapter_names(cli.model.model) == list(directories)
+    (written,) = (tmp_path / "runs").rglob("predictions.jsonl")
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    record = json.loads((tmp_path / "alone/ia3/eval_record.json").read_text())
+    alone = [json.loads(line) for line in Path(record["predictions"]).read_text().splitlines()]
+    assert rows and all(row["predictions"].keys() == directories.keys() for row in rows)
+    assert any(row["predictions"]["lora"] != row["predictions"]["ia3"] for row in rows)  # two adapters
+    assert [row["predictions"]["ia3"] for row in rows] == [row["prediction"] for row in alone]

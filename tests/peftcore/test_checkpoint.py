@@ -276,9 +276,13 @@ def test_truncated_or_corrupt_files_are_refused(tmp_path):
 
 
 def test_unsupported_adapter_kinds_are_refused(tmp_path):
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(ValueError, match="'PREFIX_TUNING' is not supported"):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "VERA"}))
+    with pytest.raises(ValueError, match="'VERA' is not supported"):
         load_adapter(build_t5("t5-tiny"), tmp_path)
+    for kind in ("PREFIX_TUNING", "PROMPT_TUNING"):  # a file that does not say its length
+        (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": kind}))
+        with pytest.raises(ValueError, match="num_virtual_tokens"):
+            load_adapter(build_t5("t5-tiny"), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter directory"):
         load_adapter(build_t5("t5-tiny"), tmp_path / "missing")
 

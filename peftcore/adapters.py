@@ -1,0 +1,317 @@
+"""Several named adapters on one base, as peft has them: one active (it computes and trains), the
+others kept beside the model, frozen; and a mixed batch in which each row names its adapter.
+
+    inject(model, config, name="b")          a second adapter: added inactive and frozen (peft's add_adapter)
+    load_adapter(model, path, name="b")      the same from a file
+    set_adapter(model, "b")                  "b" computes and trains; the others are frozen
+    delete_adapter(model, "b")
+    adapter_names(model), active_adapter(model)
+    save_adapter(model, path)                each adapter: "default" at the top, the others in path/<name>/
+    with adapter_rows(model, ["a", "__base__", "b"]):   row i computed with its adapter ("__base__": none),
+        model(**batch); model.generate(...)             peft's adapter_names=, for LoRA, DoRA and IA3
+
+The active adapter's layers stand in the model where its targets were, exactly as a single
+adapter's do, so everything that reads one adapter (merge, counts, checkpoints, the CLI) reads the
+active one. An inactive adapter is its config and its layers by module name, each layer holding
+the same base module the model holds: switching is swapping modules, no tensor is copied. A
+mixed batch puts a ``RowDispatch`` at every module any adapter targets for the duration of the
+block: the base runs on the whole batch, then each adapter's layer on its rows
+(``AdapterLayer.forward_rows``; LoRA adds ``s B A x`` to the base's rows, as peft does). Under
+beam search a batch has k rows per input (generate repeats each input k times, consecutively),
+and each input's name covers its k rows.
+
+Adapters that change the base (PiSSA, OLoRA, LoRA-GA, LoftQ) cannot share it and are refused
+next to another adapter, as are input methods (a soft prompt, a prefix) and modules_to_save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftcore import methods
+from peftcore.contract import AdapterLayer, InputMethod
+
+__all__ = [
+    "BASE_ROW",
+    "DEFAULT",
+    "RowDispatch",
+    "active_adapter",
+    "adapter_names",
+    "adapter_rows",
+    "add_adapter",
+    "delete_adapter",
+    "set_adapter",
+]
+
+DEFAULT = "default"  # the name of an adapter injected without one (peft's)
+BASE_ROW = "__base__"  # a mixed batch's name for a row computed by the base model alone (peft's)
+
+
+@dataclass
+class Adapter:
+    """One named adapter: its config and its layers by module name."""
+
+    config: object
+    layers: dict[str, AdapterLayer] = field(default_factory=dict)
+
+
+def _registry(model: nn.Module) -> dict[str, Adapter]:
+    """The model's adapters by name, the active one's layers read from the model."""
+    registry = model.__dict__.get("peftcore_adapters")
+    config = getattr(model, "peftcore_config", None)
+    if registry is None:
+        if config is None:
+            return {}
+        registry = {DEFAULT: Adapter(config)}
+        model.peftcore_adapters, model.peftcore_active = registry, DEFAULT
+    active = registry[model.peftcore_active]
+    active.config = config
+    active.layers = {n: layer for n, layer in model.named_modules() if isinstance(layer, AdapterLayer)}
+    return registry
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(_registry(model))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter that computes and trains (None for a model without one)."""
+    return model.peftcore_active if _registry(model) else None
+
+
+def name_injected(model: nn.Module, name: str) -> None:
+    """Name the model's only adapter (``inject``/``load_adapter`` on a bare model with ``name``)."""
+    check_name(name)
+    config = model.peftcore_config
+    model.peftcore_adapters, model.peftcore_active = {name: Adapter(config)}, name
+    _registry(model)
+
+
+def check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or name == BASE_ROW or "/" in name or name.startswith("."):
+        raise ValueError(
+            f"an adapter name must be a non-empty string, not {BASE_ROW!r}, without '/' and not starting with '.' "
+            f"(it names a folder when saved), got {name!r}"
+        )
+
+
+def check_addable(model: nn.Module, config: object, name: str) -> None:
+    """Refuse what cannot sit beside the model's adapters, before anything changes."""
+    check_name(name)
+    registry = _registry(model)
+    if name in registry:
+        raise ValueError(f"the model already has an adapter named {name!r}; its adapters: {list(registry)}")
+    for held_name, held in [("the new adapter", config), *((n, a.config) for n, a in registry.items())]:
+        method = methods.for_config(held)
+        if isinstance(method, InputMethod):
+            raise ValueError(
+                f"{held_name} ({type(held).__name__}) is an input method: several named adapters are for layer "
+                "methods (LoRA, DoRA, IA3)"
+            )
+        if getattr(held, "modules_to_save", ()):
+            raise ValueError(
+                f"{held_name} trains modules_to_save {list(held.modules_to_save)}: several named adapters cannot "
+                "share those modules; train them without modules_to_save"
+            )
+        init = getattr(held, "init", None)
+        if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga", "loftq")):
+            raise ValueError(
+                f"{held_name} has init={init!r}, which rewrites the base weight that the adapters share: use it as "
+                "the only adapter, or another init"
+            )
+    merged = [n for n, layer in registry[model.peftcore_active].layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"the active adapter is merged (e.g. {merged[0]!r}): unmerge(model) first")
+
+
+def add_adapter(model: nn.Module, config: object, name: str, place: Callable[[nn.Module], object]) -> None:
+    """Add an inactive adapter ``name``: ``place(model)`` puts it into the bare model (inject or
+    load_adapter); it is then set aside, frozen, and the active adapter put back."""
+    check_addable(model, config, name)
+    registry = _registry(model)
+    active = model.peftcore_active
+    _take_out(model, registry[active])
+    try:
+        place(model)
+        added = Adapter(model.peftcore_config, dict(_layers_in(model)))
+        _take_out(model, added)
+    except BaseException:
+        _take_out(model, Adapter(None, dict(_layers_in(model))))
+        _put_in(model, registry[active], active)
+        raise
+    registry[name] = added
+    _put_in(model, registry[active], active)
+    _freeze(added)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter that computes and trains; the others are frozen."""
+    registry = _registry(model)
+    if name not in registry:
+        raise ValueError(f"no adapter named {name!r}; the model's adapters: {list(registry)}")
+    current = model.peftcore_active
+    if name == current:
+        return
+    merged = [n for n, layer in registry[current].layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"the active adapter {current!r} is merged (e.g. {merged[0]!r}): unmerge(model) first"
+        )
+    _take_out(model, registry[current])
+    _freeze(registry[current])
+    _put_in(model, registry[name], name)
+    for layer in registry[name].layers.values():
+        for param in layer.adapter_params().values():
+            param.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``. Deleting the active one activates the first remaining by name (as
+    peft does); deleting the last leaves the bare model."""
+    from peftcore.surgery import unload
+
+    registry = _registry(model)
+    if name not in registry:
+        raise ValueError(f"no adapter named {name!r}; the model's adapters: {list(registry)}")
+    if name != model.peftcore_active:
+        del registry[name]
+        return
+    if len(registry) == 1:
+        unload(model, merge=False)
+        return
+    set_adapter(model, sorted(n for n in registry if n != name)[0])
+    del registry[name]
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the named adapters' records (unload: the model is bare again)."""
+    for key in ("peftcore_adapters", "peftcore_active"):
+        model.__dict__.pop(key, None)
+
+
+@contextmanager
+def active(model: nn.Module, name: str) -> Iterator[None]:
+    """Inside the block, ``name`` is the active adapter (save and load use it); then the previous one."""
+    previous = model.peftcore_active
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    set_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+        for adapter in _registry(model).values():
+            for layer in adapter.layers.values():
+                for param in layer.adapter_params().values():
+                    param.requires_grad_(flags.get(id(param), param.requires_grad))
+
+
+# --- a mixed batch ------------------------------------------------------------------------------
+
+
+class RowDispatch(nn.Module):
+    """Stands at one target during a mixed batch: the base on every row, then each adapter's layer
+    on the rows that name it (rows naming ``__base__`` or an adapter without this target keep the
+    base's output)."""
+
+    def __init__(self, base: nn.Module, layers: dict[str, AdapterLayer], rows: list[str]) -> None:
+        super().__init__()
+        self.base = base
+        self.layers = layers  # a plain dict: the layers stay registered where they live
+        self.rows = rows
+
+    @property
+    def weight(self):  # what model code reads from the linear layer it replaced (T5: wo.weight.dtype)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % len(self.rows):
+            raise ValueError(
+                f"a batch of {x.shape[0]} rows, {len(self.rows)} adapter names: one name per input"
+            )
+        copies = x.shape[0] // len(self.rows)  # generate's beams: each input repeated consecutively
+        names = [name for name in self.rows for _ in range(copies)]
+        result = self.base(x)
+        for name, layer in self.layers.items():
+            index = [i for i, n in enumerate(names) if n == name]
+            if index:
+                rows = torch.tensor(index, device=x.device)
+                result = result.index_copy(
+                    0, rows, layer.forward_rows(x[rows], result[rows]).to(result.dtype)
+                )
+        return result
+
+
+@contextmanager
+def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch is computed with adapter ``names[i]`` (``__base__``:
+    the base model alone): peft's ``adapter_names=`` for ``forward`` and ``generate``."""
+    registry = _registry(model)
+    names = list(names)
+    unknown = sorted({n for n in names if n not in registry and n != BASE_ROW})
+    if not names or unknown:
+        raise ValueError(
+            f"adapter names {unknown or names!r}: each row names one of the model's adapters {list(registry)} or "
+            f"{BASE_ROW!r}"
+        )
+    if model.training:
+        raise ValueError("a mixed batch is for inference: call model.eval() first (as peft requires)")
+    merged = [n for n, layer in registry[model.peftcore_active].layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"the active adapter is merged (e.g. {merged[0]!r}): unmerge(model) first")
+    modules = dict(model.named_modules())
+    paths = {path for adapter in registry.values() for path in adapter.layers}
+    placed = {}
+    try:
+        for path in sorted(paths):
+            held = modules[path]
+            base = held.base if isinstance(held, AdapterLayer) else held
+            layers = {n: a.layers[path] for n, a in registry.items() if path in a.layers}
+            placed[path] = held
+            _replace(model, path, RowDispatch(base, layers, names))
+        yield model
+    finally:
+        for path, held in placed.items():
+            _replace(model, path, held)
+
+
+# --- swapping -----------------------------------------------------------------------------------
+
+
+def _layers_in(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+
+
+def _take_out(model: nn.Module, adapter: Adapter) -> None:
+    """Put each of the adapter's bases back where its layer stood."""
+    for path, layer in adapter.layers.items():
+        _replace(model, path, layer.base)
+    model.__dict__.pop("peftcore_config", None)
+
+
+def _put_in(model: nn.Module, adapter: Adapter, name: str) -> None:
+    for path, layer in adapter.layers.items():
+        held = model.get_submodule(path)
+        if held is not layer.base:
+            raise RuntimeError(
+                f"{path!r} holds another module than adapter {name!r}'s base: the model was changed"
+            )
+        _replace(model, path, layer)
+    model.peftcore_config = adapter.config
+    model.peftcore_active = name
+
+
+def _freeze(adapter: Adapter) -> None:
+    for layer in adapter.layers.values():
+        for param in layer.adapter_params().values():
+            param.requires_grad_(False)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
