@@ -12,6 +12,7 @@ and ``fold_into_base()``.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, ABCMeta, abstractmethod
 from typing import ClassVar, NoReturn
 
@@ -125,10 +126,22 @@ class InputMethod(Method):
         """Add the module to ``model`` and return it; only its parameters train."""
         ...
 
-    @abstractmethod
+    # The model attribute ``install`` puts the module on; its forward hooks go in ``module.handles``.
+    attribute: ClassVar[str]
+
     def remove(self, model: nn.Module, module: nn.Module) -> None:
-        """Take out what ``install`` added."""
-        ...
+        """Take out what ``install`` added: the module's hooks, then the module."""
+        for handle in module.handles:
+            handle.remove()
+        delattr(model, self.attribute)
 
     def refuse_merge(self) -> NoReturn:
         raise ValueError(f"{self.not_a_weight}: it cannot be merged; unload(model, merge=False) removes it")
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments a forward pre-hook (``with_kwargs=True``) of ``module`` sees, positional ones
+    by name, so an input method's hook reads them in one place."""
+    if not args:
+        return dict(kwargs)
+    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)

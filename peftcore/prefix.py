@@ -35,7 +35,6 @@ the latter: its generated tokens are the base model's.)
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from peftcore.config import fail, positive_int
-from peftcore.contract import InputMethod
+from peftcore.contract import InputMethod, bound_arguments
 
 __all__ = ["PrefixEncoder", "PrefixTuning", "PrefixTuningConfig"]
 
@@ -199,7 +198,7 @@ class PrefixEncoder(nn.Module):
         """Give the decoder the prefix: a fresh cache, or generation's empty one filled."""
         if self.disabled:
             return None
-        kwargs = _bound(model, args, kwargs)
+        kwargs = bound_arguments(model, args, kwargs)
         if kwargs.get("past_key_values") is not None:  # transformers' deprecated name for cache
             kwargs["cache"] = kwargs.pop("past_key_values")
         batch = _decoder_batch(kwargs)
@@ -228,18 +227,12 @@ def _decoder_batch(kwargs: dict) -> int:
     raise ValueError("prefix tuning could not tell the batch size: no decoder inputs, labels or inputs given")
 
 
-def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Positional arguments of ``module.forward`` by name, so the hook reads them in one place."""
-    if not args:
-        return dict(kwargs)
-    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-
-
 class PrefixTuning(InputMethod):
     """Prefix tuning as a method: one PrefixEncoder for the model, handed to the decoder by a hook."""
 
     config = PrefixTuningConfig
     layer = PrefixEncoder
+    attribute = ATTRIBUTE
     identity_at_init = False  # a prefix changes attention from the start (a zero one too, in T5)
     not_a_weight = "a prefix is attention's extra keys and values, not a weight"
 
@@ -249,14 +242,9 @@ class PrefixTuning(InputMethod):
         prefix = PrefixEncoder(config, shape, device=model.get_input_embeddings().weight.device)
         if initialise:
             prefix.initialise()
-        setattr(model, ATTRIBUTE, prefix)
+        setattr(model, self.attribute, prefix)
         prefix.handles = [model.register_forward_pre_hook(prefix.before_model, with_kwargs=True)]
         return prefix
-
-    def remove(self, model: nn.Module, prefix: PrefixEncoder) -> None:
-        for handle in prefix.handles:
-            handle.remove()
-        delattr(model, ATTRIBUTE)
 
     def differs(self, prefix: PrefixEncoder, name: str, config: PrefixTuningConfig) -> str | None:
         if prefix.num_virtual_tokens != config.num_virtual_tokens:

@@ -19,7 +19,6 @@ peftcore/peft_format/prompt.py), so peftcore's parameter count is half of peft's
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from peftcore.config import fail, positive_int
-from peftcore.contract import InputMethod
+from peftcore.contract import InputMethod, bound_arguments
 
 __all__ = ["PromptTuning", "PromptTuningConfig", "SoftPrompt"]
 
@@ -106,7 +105,7 @@ class SoftPrompt(nn.Module):
         """Prepend the prompt to the encoder's input embeddings and widen its mask."""
         if self.disabled:
             return None
-        kwargs = _bound(encoder, args, kwargs)
+        kwargs = bound_arguments(encoder, args, kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = encoder.embed_tokens(kwargs["input_ids"])
@@ -120,7 +119,7 @@ class SoftPrompt(nn.Module):
         """Widen the mask the model passes to its encoder and its decoder's cross-attention."""
         if self.disabled or (args == () and kwargs.get("attention_mask") is None):
             return None
-        kwargs = _bound(model, args, kwargs)
+        kwargs = bound_arguments(model, args, kwargs)
         mask = kwargs.get("attention_mask")
         if mask is None:
             return (), kwargs
@@ -159,19 +158,12 @@ def _text_ids(config: PromptTuningConfig, n: int) -> list[int]:
     return (ids * math.ceil(n / len(ids)))[:n]
 
 
-def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Positional arguments of ``module.forward`` by name, so the hooks read them in one place."""
-    if not args:
-        return dict(kwargs)
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    return dict(bound.arguments)
-
-
 class PromptTuning(InputMethod):
     """Prompt tuning as a method: one SoftPrompt for the model, put before the encoder's input by hooks."""
 
     config = PromptTuningConfig
     layer = SoftPrompt
+    attribute = ATTRIBUTE
     identity_at_init = False  # a prompt changes the input from the start
     not_a_weight = "a soft prompt is an input, not a weight"
 
@@ -185,17 +177,12 @@ class PromptTuning(InputMethod):
         prompt = SoftPrompt(config, model.get_input_embeddings())
         if initialise:
             prompt.initialise()
-        setattr(model, ATTRIBUTE, prompt)
+        setattr(model, self.attribute, prompt)
         prompt.handles = [
             encoder.register_forward_pre_hook(prompt.before_encoder, with_kwargs=True),
             model.register_forward_pre_hook(prompt.before_model, with_kwargs=True),
         ]
         return prompt
-
-    def remove(self, model: nn.Module, prompt: SoftPrompt) -> None:
-        for handle in prompt.handles:
-            handle.remove()
-        delattr(model, ATTRIBUTE)
 
     def differs(self, prompt: SoftPrompt, name: str, config: PromptTuningConfig) -> str | None:
         if prompt.num_virtual_tokens != config.num_virtual_tokens:
