@@ -164,7 +164,7 @@ def quantize(model: nn.Module, config: NF4Config, keep: Sequence[str] = ()) -> n
                 f"float16. Convert the model to a floating dtype first, or add '{name.rsplit('.', 1)[-1]}' to "
                 "NF4Config.skip_modules to keep it as it is"
             )
-    if not targets:
+    if not targets and not keep:
         raise ValueError(f"found no nn.Linear (or Conv1D) to quantize (skip_modules={skip!r})")
     replacements = [(name, NF4Linear.from_linear(module, config)) for name, module in targets]
     for name, layer in replacements:

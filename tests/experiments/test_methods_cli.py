@@ -198,6 +198,17 @@ def test_loftq_quantizes_its_targets_and_model_quantization_the_rest(tmp_path, m
         assert torch.equal(ours, theirs), key
 
 
+def test_loftq_on_every_linear_the_quantization_would_take_leaves_it_nothing_to_do(tmp_path, monkeypatch):
+    """The demo's targets (q, k, v, o, wi, wo): LoftQ quantizes them all; wo and lm_head stay as
+    model.quantization's skip list keeps them, and no error says there was nothing left."""
+    monkeypatch.chdir(tmp_path)
+    loftq = ["--model.peft.init_args.init=loftq", LOFTQ_NF4]
+    model = lightning_cli(["--config", DEMO, *SMALL, *loftq], run=False).model.model
+    layers = dict(peftcore.surgery.adapter_layers(model))
+    assert len(layers) == 2 * 6 + 2 * 10 and all(isinstance(x.base, peftcore.NF4Linear) for x in layers.values())
+    assert not isinstance(model.lm_head, peftcore.NF4Linear)
+
+
 def test_loftq_with_other_nf4_settings_for_the_rest_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
