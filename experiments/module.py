@@ -183,11 +183,18 @@ class Seq2SeqFineTuner(L.LightningModule):
         if self._efficiency is not None:
             return self._efficiency
         counts = peftcore.count_parameters(self.model)
+        stored = peftcore.count_parameters(self.model, stored=True)
         return {
             "all_params": counts.total,
             "trainable_params": counts.trainable,
             "trainable_params_percent": counts.trainable_percent,
             "memory_footprint": peftcore.memory_footprint(self.model) / 2**30,
+            # The study's convention (transformers' num_parameters / get_memory_footprint over
+            # bitsandbytes): a 4-bit weight as its stored elements, no quantization state.
+            "all_params_stored": stored.total,
+            "trainable_percent_stored": stored.trainable_percent,
+            "memory_footprint_stored": peftcore.memory_footprint(self.model, quantization_state=False)
+            / 2**30,
         }
 
     # --- sharded training (FSDP2 through ModelParallelStrategy; FSDP1) --------------------------

@@ -44,7 +44,16 @@ METRICS = (
     "relevance", "coherence", "consistency", "fluency",
     "all_params", "trainable_params", "trainable_params_percent",
     "epoch", "train_runtime", "memory_footprint",
+    "all_params_stored", "trainable_percent_stored", "memory_footprint_stored",
 )  # fmt: skip
+STORED = ("all_params_stored", "trainable_percent_stored", "memory_footprint_stored")
+CONVENTIONS = (
+    "`all_params`, `trainable_params_percent` and `memory_footprint` (GiB) count a 4-bit weight as its "
+    "logical elements and include its quantization state (peftcore's `count_parameters`, `memory_footprint`). "
+    "The `*_stored` rows follow the seed study's convention, which is transformers' `num_parameters()` and "
+    "`get_memory_footprint()` over bitsandbytes: a 4-bit weight as its stored elements (two per byte), the "
+    "footprint without the quantization state. Without a 4-bit base the two agree.\n"
+)
 _LOG_SCALE = ("trainable_params", "trainable_params_percent")  # spans orders of magnitude across methods
 
 
@@ -299,6 +308,8 @@ def write_report(
             *(f"- {line}\n" for line in mixed),
         ]
     sections += ["## Metrics\n", md_metrics]
+    if any(table.get(m) and any(v is not None for v in table[m]) for m in STORED):
+        sections += [CONVENTIONS]
     pending = [f"`{r['run']}` ({', '.join(r['pending'])})" for r in loaded if r.get("pending")]
     if pending:
         sections += [

@@ -72,6 +72,10 @@ def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
     )  # an adapter directory does not say
     assert lora["metrics"]["train_runtime"] is None
     assert lora["metrics"]["all_params"] > base["metrics"]["all_params"]
+    for record in (base, lora):  # no 4-bit base: the study's convention counts the same
+        metrics = record["metrics"]
+        assert metrics["all_params_stored"] == metrics["all_params"]
+        assert metrics["memory_footprint_stored"] == metrics["memory_footprint"]
     assert set(base["metrics"]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum", "memory_footprint"}
     assert "OPENAI_API_KEY is not set" in lora["settings"]["geval"]
     assert len(Path(lora["predictions"]).read_text().splitlines()) == 4

@@ -205,7 +205,9 @@ def test_loftq_on_every_linear_the_quantization_would_take_leaves_it_nothing_to_
     loftq = ["--model.peft.init_args.init=loftq", LOFTQ_NF4]
     model = lightning_cli(["--config", DEMO, *SMALL, *loftq], run=False).model.model
     layers = dict(peftcore.surgery.adapter_layers(model))
-    assert len(layers) == 2 * 6 + 2 * 10 and all(isinstance(x.base, peftcore.NF4Linear) for x in layers.values())
+    assert len(layers) == 2 * 6 + 2 * 10 and all(
+        isinstance(x.base, peftcore.NF4Linear) for x in layers.values()
+    )
     assert not isinstance(model.lm_head, peftcore.NF4Linear)
 
 

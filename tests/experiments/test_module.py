@@ -352,3 +352,20 @@ def test_compiled_fit_trains_like_the_eager_one_and_reports_its_first_step(tmp_p
     assert compiled == pytest.approx(eager, rel=1e-4)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     assert timer.compiled and timer.first_step_seconds > 0
+
+
+def test_efficiency_carries_the_studys_convention_beside_ours():
+    module = Seq2SeqFineTuner(
+        shape="t5-tiny",
+        random_init=True,
+        peft=LORA,
+        quantization=peftcore.NF4Config(compute_dtype=torch.float32),
+    )
+    stats = module.efficiency()
+    stored = peftcore.count_parameters(module.model, stored=True)
+    packed = sum(m.weight_packed.numel() for m in module.model.modules() if isinstance(m, peftcore.NF4Linear))
+    assert (
+        stats["all_params"] - stats["all_params_stored"] == packed
+    )  # each 4-bit pair of values: one element
+    assert stats["trainable_percent_stored"] == stored.trainable_percent > stats["trainable_params_percent"]
+    assert stats["memory_footprint_stored"] < stats["memory_footprint"]  # without the scales

@@ -229,3 +229,20 @@ def test_a_record_with_stages_pending_is_named_under_the_table(tmp_path):
     assert (
         "Evaluations not finished, their blank cells still to compute" in text and "`ia3` (bertscore)" in text
     )
+
+
+def test_the_studys_counting_convention_is_named_where_its_figures_are(tmp_path):
+    qlora = {
+        "run": "qlora",
+        "metrics": {
+            "rougeL": 0.3, "all_params": 224673024, "trainable_params": 1769472,
+            "trainable_params_percent": 0.787577, "memory_footprint": 0.377639,
+            "all_params_stored": 153894144, "trainable_percent_stored": 1.149798, "memory_footprint_stored": 0.375546,
+        },
+    }  # fmt: skip
+    text = write_report([qlora], tmp_path)["markdown"].read_text()
+    rows = markdown_rows(text.split("## Plots")[0])
+    assert rows["all_params_stored"] == ["153,894,144"] and rows["all_params"] == ["224,673,024"]
+    assert "seed study's convention" in text and "stored elements (two per byte)" in text
+    plain = write_report([BASE], tmp_path / "plain")["markdown"].read_text()
+    assert "seed study's convention" not in plain  # no such figures, no such line
