@@ -95,7 +95,7 @@ def test_evaluate_base_and_adapter_then_report(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluate_needs_exactly_one_source():
-    with pytest.raises(SystemExit, match="exactly one of ckpt_path, adapter or base_model"):
+    with pytest.raises(SystemExit, match="exactly one of ckpt_path, adapter, adapters or base_model"):
         main(["evaluate", "--train_config", DEMO, "--run_name", "x"])
 
 
