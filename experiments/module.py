@@ -107,7 +107,8 @@ class Seq2SeqFineTuner(L.LightningModule):
         adapters: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Logged once, by on_fit_start, with the efficiency figures (not also by the Trainer).
+        self.save_hyperparameters(logger=False)
         self.optimizer_settings = settings_of(OptimizerSettings, optimizer, "optimizer")
         self.generation = settings_of(GenerationSettings, generation, "generation")
         self.check_settings(
@@ -248,8 +249,14 @@ class Seq2SeqFineTuner(L.LightningModule):
         stats = self.efficiency()
         counts = peftcore.ParamCount(int(stats["all_params"]), int(stats["trainable_params"]))
         rank_zero_info(f"{counts} || memory footprint: {stats['memory_footprint']:.4f} GiB")
-        if self.logger is not None:
-            self.logger.log_hyperparams(self.hparams, {f"params/{k}": v for k, v in stats.items()})
+        # A sweep's trial logs its own HParams session (its swept values: experiments.sweep_views).
+        sweep_trial = any(
+            getattr(callback, "logs_hyperparameters", False) for callback in self.trainer.callbacks
+        )
+        if self.logger is not None and not sweep_trial:
+            data = getattr(self.trainer, "datamodule", None)
+            hparams = {**(data.hparams if data is not None else {}), **self.hparams}
+            self.logger.log_hyperparams(hparams, {f"params/{k}": v for k, v in stats.items()})
 
     # --- LoRA-GA: a start from the training data's gradient -----------------------------------
 

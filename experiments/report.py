@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -223,6 +224,26 @@ def _png_bytes(fig: plt.Figure) -> bytes:
 # ----------------------------------------------------------------------------- the report
 
 
+def _sweep_plots(records: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
+    """Links to the plots of the sweep each run's checkpoint comes from (a checkpoint under
+    ``<sweep>/trial_<n>/``, next to which ``sweep`` wrote ``plots/``), by run."""
+    links = {}
+    for record in records:
+        checkpoint = (record.get("settings") or {}).get("ckpt_path")
+        trial = (
+            next((p for p in Path(checkpoint).parents if re.fullmatch(r"trial_\d+", p.name)), None)
+            if checkpoint
+            else None
+        )
+        plots = sorted((trial.parent / "plots").glob("*.png")) if trial is not None else []
+        if plots:
+            links[record["run"]] = " · ".join(
+                f"[{p.stem.replace('_', ' ')}]({os.path.relpath(p.resolve(), out_dir.resolve())})"
+                for p in plots
+            )
+    return links
+
+
 def write_report(
     records: list[dict[str, Any] | str | Path],
     out_dir: str | Path,
@@ -321,6 +342,10 @@ def write_report(
                      "100 * (run - base) / base; where the base is 0, the absolute difference run - base, marked "
                      "*abs*; blank where either is missing.\n", md_change]  # fmt: skip
     sections += ["## Plots\n", *(f"![{name}]({name})\n" for name, _ in figures.values())]
+    sweeps = _sweep_plots(loaded, out_dir)
+    if sweeps:
+        sections += ["## Sweeps\n", "The searches the runs' checkpoints came from, and their plots:\n",
+                     *(f"- `{run}`: {links}\n" for run, links in sweeps.items())]  # fmt: skip
     settings = "".join(
         f"- `{r['run']}`: `{json.dumps(r.get('settings', {}), sort_keys=True)}`\n" for r in loaded
     )

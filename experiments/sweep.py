@@ -47,6 +47,7 @@ import contextlib
 import csv
 import difflib
 import functools
+import importlib.util
 import io
 import itertools
 import json
@@ -66,6 +67,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from optuna.trial import FrozenTrial, TrialState
 
+from experiments.sweep_views import write_hparams_experiment, write_hparams_session, write_plots
 from peftcore.files import write_atomically
 
 PRIMITIVES = (type(None), bool, int, float, str)
@@ -147,7 +149,10 @@ class Param:
 
 class TrialReporter(Callback):
     """Reports the objective to Optuna after each validation, prunes when the pruner says so, and
-    stops a trial whose training loss is not finite."""
+    stops a trial whose training loss is not finite. The trial's HParams session (its swept
+    values, not the module's every setting) is written when it ends (experiments.sweep_views)."""
+
+    logs_hyperparameters = True  # the module leaves TensorBoard's HParams to the sweep
 
     def __init__(self, trial: optuna.Trial, objective: str, maximize: bool) -> None:
         self.trial, self.objective, self.maximize = trial, objective, maximize
@@ -170,6 +175,7 @@ class TrialReporter(Callback):
             raise FloatingPointError(f"{self.objective} is {value} at epoch {trainer.current_epoch}")
         if self.best is None or (value > self.best if self.maximize else value < self.best):
             self.best = value
+            self.trial.set_user_attr("best_value", value)
         self.trial.report(value, step=trainer.current_epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {trainer.current_epoch}: {self.objective}={value:.4f}")
@@ -252,8 +258,19 @@ def sweep(
     )
     study.sampler = _sampler(sampler, params, seed)
     setup = _Trials(base_config, fixed, params, study_name, root, objective, direction, n_trials, grid)
+    write_hparams_experiment(root / study_name, params, objective)
     _run_until_finished(study, rdb, setup, sampler, seed)
-    return write_results(study, params, base_config, fixed, root / study_name, objective)
+    result = write_results(study, params, base_config, fixed, root / study_name, objective)
+    print(
+        f"views: the plots in {root / study_name / 'plots'}; tensorboard --logdir {root / study_name} (HParams tab); "
+        f"optuna-dashboard {storage or 'sqlite:///' + str((root / f'{study_name}.db').resolve())}"
+        + ("" if _dashboard_installed() else " (pip install 'peftcore[dashboard]')")
+    )
+    return result
+
+
+def _dashboard_installed() -> bool:
+    return importlib.util.find_spec("optuna_dashboard") is not None
 
 
 def _run_until_finished(
@@ -394,7 +411,6 @@ def _queue_next_point(study: optuna.Study, grid: list[dict]) -> None:
 
 
 def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
-    from experiments.cli import lightning_cli
 
     trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
     try:
@@ -407,6 +423,30 @@ def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
     if reason:
         trial.set_user_attr("skipped", reason)
         raise TrialSkipped(reason)
+    root, name = setup.root, setup.study_name
+    state = "failed"
+    try:
+        best = _fit_trial(trial, setup, values)
+        state = "complete"
+        return best
+    except optuna.TrialPruned:
+        state = "pruned"
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        state = "interrupted"  # not finished, not counted: no HParams session
+        raise
+    finally:
+        if state != "interrupted":  # TensorBoard's HParams view: the trial's values, state and best
+            best_so_far = trial.user_attrs.get("best_value")
+            write_hparams_session(
+                root / name / f"trial_{trial.number}", values, state, best_so_far, setup.objective
+            )
+
+
+def _fit_trial(trial: optuna.Trial, setup: _Trials, values: dict) -> float:
+    """Train one trial's point; returns its best objective."""
+    from experiments.cli import lightning_cli
+
     root, name = setup.root, setup.study_name
     args = [
         "--config",
@@ -655,11 +695,24 @@ def write_results(
     table += "".join("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n" for row in rows)
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
-    write_atomically(out / "trials.md", f"# Sweep {study.study_name}: {objective}\n\n{table}")
+    plots = write_plots(study, params, out, objective, _outcome) if counted else {}
+    for trial in counted:  # sessions a trial's end did not write (the trials of an older sweep)
+        values, best = trial.user_attrs.get("values", {}), trial.user_attrs.get("best_value", trial.value)
+        write_hparams_session(out / f"trial_{trial.number}", values, _outcome(trial), best, objective)
+    links = " · ".join(f"[{name.replace('_', ' ')}](plots/{path.name})" for name, path in plots.items())
+    write_atomically(
+        out / "trials.md",
+        f"# Sweep {study.study_name}: {objective}\n\n{table}" + (f"\nPlots: {links}\n" if links else ""),
+    )
     write_atomically(out / "trials.csv", buffer.getvalue())
     print(table)
     completed = [t for t in counted if t.state == TrialState.COMPLETE]
-    result = {"study": study.study_name, "trials": len(counted), "table": str(out / "trials.md")}
+    result = {
+        "study": study.study_name,
+        "trials": len(counted),
+        "table": str(out / "trials.md"),
+        "plots": {name: str(path) for name, path in plots.items()},
+    }
     if completed:
         best = completed[0]
         values = best.user_attrs["values"]

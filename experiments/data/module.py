@@ -133,7 +133,7 @@ class DialogSummaryDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_options(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the fine-tuning module logs them with its own
         self.dataset, self.data_files = dataset, dict(data_files) if data_files else None
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
