@@ -161,8 +161,9 @@ def _parallel(rows, axes: list[Axis], objective: str, title: str):
         positions, names = axis.ticks()
         for y, name in zip(positions, names):
             ax.annotate(name, (i, y), xytext=(4, 0), textcoords="offset points", fontsize=8, va="center")
-    ax.annotate("failed", (len(columns) - 1, -0.12), xytext=(4, 0), textcoords="offset points", fontsize=8,
-                color="tab:red", va="center")  # fmt: skip
+    if any(state == "failed" for _, state, _ in rows):
+        ax.annotate("failed", (len(columns) - 1, -0.12), xytext=(4, 0), textcoords="offset points",
+                    fontsize=8, color="tab:red", va="center")  # fmt: skip
     ax.set_xticks(range(len(columns)), [_short(axis.key) for axis in columns], fontsize=9)
     ax.set_yticks([])
     ax.set_ylim(-0.2, 1.08)
@@ -264,7 +265,9 @@ def _legend(ax, rows) -> None:
     handles = [plt.Line2D([], [], **{"color": "tab:green", **STYLES[s]}, label=s) for s in states]
     handles = [h if h.get_label() != "complete" else plt.Line2D([], [], marker="o", color="tab:green",
                label="complete (colour: objective)") for h in handles]  # fmt: skip
-    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.legend(
+        handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False
+    )
 
 
 def _short(key: str) -> str:
