@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 from jsonargparse import Namespace, set_parsing_settings
@@ -47,6 +47,7 @@ from peftcore import methods
 from peftcore.peft_format import peft_names
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+WANDB = "lightning.pytorch.loggers.WandbLogger"
 CHECKPOINT = "experiments.checkpointing.RunCheckpoint"
 # The TensorBoard logger and RunCheckpoint by default; configs name them to set their arguments.
 TRAINER_DEFAULTS = {"logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": "runs"}}}
@@ -56,17 +57,30 @@ NAMED_CHECKPOINTS = ("last", "best")
 set_parsing_settings(subclasses_enabled=list(methods.config_classes()))
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPlace:
+    """Where a run a command starts for a sweep or a study goes: the TensorBoard logger's
+    ``save_dir/name/version``, and the W&B run's group (the sweep) and name."""
+
+    save_dir: str
+    name: str
+    version: str
+    group: str | None = None
+
+
 def lightning_cli(
-    args: list[str] | None = None, run: bool = True, exit_on_error: bool = True
+    args: list[str] | None = None, run: bool = True, exit_on_error: bool = True, place: RunPlace | None = None
 ) -> LightningCLI:
     """The CLI over ``args`` (a command line without the program name; None: ``sys.argv``).
-    ``exit_on_error=False`` raises argparse.ArgumentError instead of printing and exiting."""
+    ``exit_on_error=False`` raises argparse.ArgumentError instead of printing and exiting;
+    ``place`` puts the run where a sweep or study keeps it, whatever loggers the config lists."""
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself: DDP relaunches the other ranks from sys.argv
     with _argv_is_not_the_input(args):
         return ProjectCLI(
             Seq2SeqFineTuner,
             DialogSummaryDataModule,
+            place=place,
             seed_everything_default=0,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=KeepingSaveConfigCallback,
@@ -107,6 +121,10 @@ class ProjectParser(LightningArgumentParser):
 
 
 class ProjectCLI(LightningCLI):
+    def __init__(self, *args: Any, place: RunPlace | None = None, **kwargs: Any) -> None:
+        self.place = place
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("optimizer", "lr_scheduler"):
             parser.add_argument(
@@ -139,6 +157,9 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_method(self.parser, config)
         _data_from_model(self.parser, config)
+        _tensorboard_first(config)
+        if self.place is not None:
+            _place_run(self.parser, config, self.place)
         _run_directory(config)
         _default_callbacks(self.parser, config)
         _sharding_strategy(self.parser, config)
@@ -323,7 +344,7 @@ def _run_directory(config: Namespace) -> None:
         return
     path = Path(ckpt)
     if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == root.resolve():
-        config.trainer.logger.init_args.version = path.parent.parent.name
+        _tensorboard(config).init_args.version = path.parent.parent.name
 
 
 MODEL_PARALLEL = f"{ModelParallelStrategy.__module__}.{ModelParallelStrategy.__qualname__}"
@@ -461,11 +482,55 @@ def _comparable(value: object) -> object:
     return str(value) if not isinstance(value, (type(None), bool, int, float, str)) else value
 
 
+def loggers_of(config: Namespace) -> list[Namespace]:
+    """The config's loggers: ``trainer.logger`` is one or a list (W&B beside TensorBoard)."""
+    logger = config.get("trainer", Namespace()).get("logger")
+    listed = logger if isinstance(logger, list) else [logger]
+    return [entry for entry in listed if isinstance(entry, Namespace)]
+
+
+def _tensorboard(config: Namespace) -> Namespace | None:
+    return next((entry for entry in loggers_of(config) if entry.get("class_path") == TENSORBOARD), None)
+
+
+def _tensorboard_first(config: Namespace) -> None:
+    """With several loggers, TensorBoard's first: Lightning takes the run's directory
+    (``trainer.log_dir``) from the first, and the run's checkpoints and files live there."""
+    logger = config.get("trainer", Namespace()).get("logger")
+    tensorboard = _tensorboard(config)
+    if isinstance(logger, list) and tensorboard is not None and logger[0] is not tensorboard:
+        config.trainer.logger = [tensorboard, *(entry for entry in logger if entry is not tensorboard)]
+
+
+def _place_run(parser: LightningArgumentParser, config: Namespace, place: RunPlace) -> None:
+    tensorboard = _tensorboard(config)
+    if tensorboard is None:
+        parser.error(
+            "a sweep or study keeps each run in the TensorBoard logger's directory: list a TensorBoardLogger"
+        )
+    tensorboard.init_args.save_dir, tensorboard.init_args.name = place.save_dir, place.name
+    tensorboard.init_args.version = place.version
+    for entry in loggers_of(config):
+        if entry.get("class_path") == WANDB:  # one W&B run per trial, the sweep's trials in one group
+            entry.init_args.name = f"{place.name}/{place.version}"
+            entry.init_args.group = entry.init_args.get("group") or place.group
+
+
+def finish_external_runs(trainer) -> None:
+    """End the W&B run of a fit that shares its process with others (a sweep's trials, a study's
+    fits): W&B keeps one run per process open and the next logger would write into it."""
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        import wandb  # there is a WandbLogger, so there is wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def runs_of(config: Namespace) -> Path | None:
     """``<save_dir>/<name>``, where the TensorBoard logger of ``config`` puts its runs (None
     without one)."""
-    logger = config.get("trainer", Namespace()).get("logger")
-    if not isinstance(logger, Namespace) or logger.get("class_path") != TENSORBOARD:
+    logger = _tensorboard(config)
+    if logger is None:
         return None
     init = logger.init_args
     return Path(init.get("save_dir") or ".") / (init.get("name") or "lightning_logs")

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
@@ -253,10 +254,15 @@ class Seq2SeqFineTuner(L.LightningModule):
         sweep_trial = any(
             getattr(callback, "logs_hyperparameters", False) for callback in self.trainer.callbacks
         )
-        if self.logger is not None and not sweep_trial:
+        if not sweep_trial:
             data = getattr(self.trainer, "datamodule", None)
             hparams = {**(data.hparams if data is not None else {}), **self.hparams}
-            self.logger.log_hyperparams(hparams, {f"params/{k}": v for k, v in stats.items()})
+            figures = {f"params/{k}": v for k, v in stats.items()}
+            for logger in self.loggers:  # TensorBoard, and W&B where the config lists it
+                if isinstance(logger, TensorBoardLogger):  # its HParams view: settings and metrics
+                    logger.log_hyperparams(hparams, figures)
+                else:
+                    logger.log_hyperparams({**hparams, **figures})
 
     # --- LoRA-GA: a start from the training data's gradient -----------------------------------
 

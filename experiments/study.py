@@ -108,7 +108,7 @@ def _sweep_file(spec: Any) -> dict:
 
 def _fit_once(root: Path, name: str, config: str, overrides: list[str]) -> Path:
     """One fit of ``config`` into ``<root>/runs/<name>/run``: skipped when done, resumed when not."""
-    from experiments.cli import lightning_cli
+    from experiments.cli import RunPlace, finish_external_runs, lightning_cli
 
     run = root / "runs" / name / "run"
     if (run / "fit_done.json").exists():
@@ -119,13 +119,11 @@ def _fit_once(root: Path, name: str, config: str, overrides: list[str]) -> Path:
         "--config",
         config,
         *overrides,
-        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=run",
     ]
     if (run / "checkpoints" / "last.ckpt").exists():
         args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
-    cli = lightning_cli(args)
+    cli = lightning_cli(args, place=RunPlace(str(root / "runs"), name, "run", group=root.name))
+    finish_external_runs(cli.trainer)
     write_atomically(run / "fit_done.json", json.dumps({"global_step": cli.trainer.global_step}) + "\n")
     return run
 

@@ -65,9 +65,10 @@ import optuna
 import sqlalchemy.exc
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from optuna.trial import FrozenTrial, TrialState
 
-from experiments.sweep_views import write_hparams_experiment, write_hparams_session, write_plots
+from experiments.sweep_views import best_tag, write_hparams_experiment, write_hparams_session, write_plots
 from peftcore.files import write_atomically
 
 PRIMITIVES = (type(None), bool, int, float, str)
@@ -157,6 +158,18 @@ class TrialReporter(Callback):
     def __init__(self, trial: optuna.Trial, objective: str, maximize: bool) -> None:
         self.trial, self.objective, self.maximize = trial, objective, maximize
         self.best: float | None = None
+
+    def on_fit_start(self, trainer, module) -> None:
+        """Loggers other than TensorBoard (W&B) get the trial's swept values as its settings."""
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.trial.user_attrs.get("values", {}))
+
+    def on_fit_end(self, trainer, module) -> None:
+        if self.best is not None:
+            for logger in trainer.loggers:
+                if not isinstance(logger, TensorBoardLogger):
+                    logger.log_metrics({best_tag(self.objective): self.best}, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = float(outputs["loss"])
@@ -445,7 +458,7 @@ def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
 
 def _fit_trial(trial: optuna.Trial, setup: _Trials, values: dict) -> float:
     """Train one trial's point; returns its best objective."""
-    from experiments.cli import lightning_cli
+    from experiments.cli import RunPlace, finish_external_runs, lightning_cli
 
     root, name = setup.root, setup.study_name
     args = [
@@ -453,16 +466,17 @@ def _fit_trial(trial: optuna.Trial, setup: _Trials, values: dict) -> float:
         setup.base_config,
         *setup.fixed,
         *(f"--{k}={json.dumps(v)}" for k, v in values.items()),
-        f"--trainer.logger.init_args.save_dir={root}",
-        f"--trainer.logger.init_args.name={name}",
-        f"--trainer.logger.init_args.version=trial_{trial.number}",
     ]
+    place = RunPlace(str(root), name, f"trial_{trial.number}", group=name)
     trial.set_user_attr("run_dir", str(root / name / f"trial_{trial.number}"))
     try:
-        cli = lightning_cli(args, run=False, exit_on_error=False)
+        cli = lightning_cli(args, run=False, exit_on_error=False, place=place)
         reporter = TrialReporter(trial, setup.objective, setup.direction == "maximize")
         cli.trainer.callbacks.append(reporter)
-        cli.trainer.fit(cli.model, cli.datamodule)
+        try:
+            cli.trainer.fit(cli.model, cli.datamodule)
+        finally:
+            finish_external_runs(cli.trainer)
     except optuna.TrialPruned:
         raise
     except (KeyboardInterrupt, SystemExit):
