@@ -2,6 +2,7 @@
 benchmarks use too)."""
 
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -9,7 +10,21 @@ import peftcore
 from peftcore.testing import move_off_init, t5_batch
 from peftcore.testing import random_t5 as build_t5
 
-__all__ = ["assert_merged_matches_peft", "build_t5", "move_off_init", "t5_batch"]
+__all__ = ["DEMO", "TINY_FIT", "assert_merged_matches_peft", "build_t5", "move_off_init", "t5_batch"]
+
+DEMO = str(Path(__file__).resolve().parents[1] / "experiments/configs/demo.yaml")
+# The demo config cut to a few seconds of fit: 4 dialogues, one epoch, one validation batch.
+TINY_FIT = [
+    "--data.limit_train=4",
+    "--data.limit_val=2",
+    "--data.batch_size=4",
+    "--data.max_source_length=48",
+    "--model.generation.max_new_tokens=4",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def assert_merged_matches_peft(ours, theirs, batch, config):

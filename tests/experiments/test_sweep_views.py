@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import DEMO, TINY_FIT
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -21,19 +22,7 @@ from experiments import sweep_views
 from experiments.report import write_report
 from experiments.sweep import Param, _outcome, sweep
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "experiments/configs/demo.yaml")
-TINY = [
-    "--data.limit_train=4",
-    "--data.limit_val=2",
-    "--data.batch_size=4",
-    "--data.max_source_length=48",
-    "--model.generation.max_new_tokens=4",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_model_summary=false",
-    "--trainer.enable_progress_bar=false",
-]
+TINY = TINY_FIT
 SPACE = {
     "model.optimizer.lr": {"choices": [0.003, 0.001]},
     "model.peft.init_args.target_modules": {

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEMO, TINY_FIT
 
 from experiments.cli import lightning_cli
 from experiments.sweep import sweep
@@ -18,19 +19,8 @@ wandb = pytest.importorskip("wandb")  # peftcore[wandb]; in the dev install
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "experiments/configs/demo.yaml")
 WANDB = str(ROOT / "experiments/configs/wandb.yaml")
-TINY = [
-    "--data.limit_train=4",
-    "--data.limit_val=2",
-    "--data.batch_size=4",
-    "--data.max_source_length=48",
-    "--model.generation.max_new_tokens=4",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-]
+TINY = [*TINY_FIT, "--trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(autouse=True)
