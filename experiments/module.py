@@ -39,7 +39,7 @@ from experiments.model import (
     with_tokenizer_path,
 )
 from experiments.settings import GenerationSettings, OptimizerSettings, settings_of
-from peftcore import peft_format
+from peftcore import methods, peft_format
 from peftcore.config import NF4Config
 from peftcore.loftq import LOFTQ_BLOCKSIZE
 from peftcore.lora_ga import estimate_gradients, starting_factors, use_starting_factors
@@ -121,6 +121,7 @@ class Seq2SeqFineTuner(L.LightningModule):
             quantization=quantization,
             lora_ga_batches=lora_ga_batches,
             adapters=adapters,
+            gradient_checkpointing=gradient_checkpointing,
         )
         # from_pretrained returns a model in eval mode, and Lightning keeps modules' modes: in train
         # mode, dropout is on while training (Lightning switches to eval for validation and back).
@@ -161,6 +162,12 @@ class Seq2SeqFineTuner(L.LightningModule):
             raise ValueError(
                 "model.adapters loads several adapters into the bare base: set model.peft to null (each adapter's "
                 f"adapter_config.json says what it is), and name at least one; got adapters={a['adapters']!r}"
+            )
+        method = methods.for_config(a["peft"]) if type(a["peft"]) in methods.config_classes() else None
+        if a["gradient_checkpointing"] and method is not None and not method.supports_gradient_checkpointing:
+            raise ValueError(
+                f"model.gradient_checkpointing with {method.name}: the method does not work with recomputed "
+                "activations (prefix tuning's cache is dropped inside checkpointed blocks); set it to false"
             )
         if getattr(a["peft"], "init", None) == "lora_ga":
             check_lora_ga(a["peft"], a["quantization"], a["lora_ga_batches"])

@@ -104,6 +104,7 @@ def check_name(name: object) -> None:
 def check_addable(model: nn.Module, config: object, name: str) -> None:
     """Refuse what cannot sit beside the model's adapters, before anything changes."""
     check_name(name)
+    refuse_in_rows(model, "adding an adapter")
     registry = _registry(model)
     if name in registry:
         raise ValueError(f"the model already has an adapter named {name!r}; its adapters: {list(registry)}")
@@ -143,6 +144,7 @@ def add_adapter(model: nn.Module, config: object, name: str, place: Callable[[nn
         _take_out(model, added)
     except BaseException:
         _take_out(model, Adapter(None, dict(_layers_in(model))))
+        model.peftcore_adapters = registry  # a refused load unloads, which forgets the names
         _put_in(model, registry[active], active)
         raise
     registry[name] = added
@@ -158,15 +160,25 @@ def set_adapter(model: nn.Module, name: str) -> None:
     current = model.peftcore_active
     if name == current:
         return
-    merged = [n for n, layer in registry[current].layers.items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"the active adapter {current!r} is merged (e.g. {merged[0]!r}): unmerge(model) first"
-        )
+    refuse_in_rows(model, "set_adapter")
+    if any(layer.merged for layer in registry[current].layers.values()):
+        raise ValueError(f"the active adapter {current!r} is merged: unmerge(model) first")
+    if any(layer.disabled for layer in registry[current].layers.values()):
+        raise ValueError("set_adapter inside disable_adapters(model): leave the block first")
+    for path, layer in registry[name].layers.items():  # every swap possible before any is made
+        held, outgoing = model.get_submodule(path), registry[current].layers.get(path)
+        if held is not layer.base and (outgoing is None or outgoing.base is not layer.base):
+            raise RuntimeError(
+                f"{path!r} holds another module than adapter {name!r}'s base: the model was changed"
+            )
+    reference = next(
+        (p for layer in registry[current].layers.values() for p in layer.adapter_params().values()), None
+    )
     _take_out(model, registry[current])
     _freeze(registry[current])
     _put_in(model, registry[name], name)
     for layer in registry[name].layers.values():
+        _follow(model, layer, reference)
         for param in layer.adapter_params().values():
             param.requires_grad_(True)
 
@@ -176,6 +188,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     peft does); deleting the last leaves the bare model."""
     from peftcore.surgery import unload
 
+    refuse_in_rows(model, "delete_adapter")
     registry = _registry(model)
     if name not in registry:
         raise ValueError(f"no adapter named {name!r}; the model's adapters: {list(registry)}")
@@ -261,23 +274,62 @@ def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
         )
     if model.training:
         raise ValueError("a mixed batch is for inference: call model.eval() first (as peft requires)")
-    merged = [n for n, layer in registry[model.peftcore_active].layers.items() if layer.merged]
-    if merged:
-        raise ValueError(f"the active adapter is merged (e.g. {merged[0]!r}): unmerge(model) first")
+    active_layers = list(registry[model.peftcore_active].layers.values())
+    if any(layer.merged for layer in active_layers):
+        raise ValueError("the active adapter is merged: unmerge(model) first")
+    if any(layer.disabled for layer in active_layers):
+        raise ValueError("adapter_rows inside disable_adapters(model): rows naming '__base__' run the base")
+    refuse_in_rows(model, "adapter_rows")
+    reference = next((p for layer in active_layers for p in layer.adapter_params().values()), None)
     modules = dict(model.named_modules())
     paths = {path for adapter in registry.values() for path in adapter.layers}
-    placed = {}
+    placed, hooks = {}, []
     try:
         for path in sorted(paths):
             held = modules[path]
             base = held.base if isinstance(held, AdapterLayer) else held
             layers = {n: a.layers[path] for n, a in registry.items() if path in a.layers}
+            for layer in layers.values():
+                _follow(model, layer, reference)
             placed[path] = held
             _replace(model, path, RowDispatch(base, layers, names))
+        encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+        if encoder is not None:  # before generate repeats each row for its beams: one name a row
+            hooks.append(encoder.register_forward_pre_hook(_one_name_per_row(len(names)), with_kwargs=True))
+        model.peftcore_rows = names
         yield model
     finally:
+        for hook in hooks:
+            hook.remove()
+        model.__dict__.pop("peftcore_rows", None)
         for path, held in placed.items():
             _replace(model, path, held)
+
+
+def _one_name_per_row(count: int):
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if inputs is not None and inputs.shape[0] != count:
+            raise ValueError(
+                f"a batch of {inputs.shape[0]} rows, {count} adapter names: give one name per row"
+            )
+
+    return check
+
+
+def refuse_in_rows(model: nn.Module, what: str) -> None:
+    if "peftcore_rows" in model.__dict__:
+        raise ValueError(f"{what} inside adapter_rows(model, ...): leave the block first")
+
+
+def _follow(model: nn.Module, layer: AdapterLayer, reference: torch.Tensor | None) -> None:
+    """An inactive adapter's layer is not the model's submodule, so ``model.eval()``, ``.to(device)``
+    and ``.to(dtype)`` did not reach it: it takes the model's mode and the active adapter's device
+    and dtype (its base, shared, has them already)."""
+    layer.train(model.training)
+    if reference is not None:
+        for param in layer.adapter_params().values():
+            param.data = param.data.to(device=reference.device, dtype=reference.dtype)
 
 
 # --- swapping -----------------------------------------------------------------------------------

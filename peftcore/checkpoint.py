@@ -72,13 +72,21 @@ def save_adapter(model: nn.Module, path: PathLike, names: Sequence[str] | None =
     (peft's ``selected_adapters``)."""
     _injected_config(model)
     every = adapters.adapter_names(model)
+    merged_loftq = [
+        n for n, layer in adapter_layers(model) if getattr(layer, "init", None) == "loftq" and layer.merged
+    ]
+    if merged_loftq:
+        raise ValueError(
+            f"the LoftQ adapter is merged (e.g. {merged_loftq[0]!r}): its file records the quantized base it was trained "
+            "on, which merging changed; unmerge(model) (exact for LoftQ) and save"
+        )
     if names is None and every == [adapters.DEFAULT]:
         _save_active(model, Path(path))
         return
     unknown = [n for n in (names or []) if n not in every]
     if unknown:
         raise ValueError(f"no adapters named {unknown}; the model's adapters: {every}")
-    for name in names or every:
+    for name in every if names is None else names:  # names=[] saves none, as peft's selected_adapters
         with adapters.active(model, name):
             _save_active(model, Path(path) if name == adapters.DEFAULT else Path(path) / name)
 
@@ -164,16 +172,16 @@ def _load(model: nn.Module, directory: Path) -> nn.Module:
                 p.requires_grad_(grad_flags[id(p)])
         raise
     with torch.no_grad():
-        if injected_here:
-            # LoftQ replaces a layer's base by its quantization: kept to put back on a refusal.
-            originals = {
-                n: layer.base for n, layer in adapter_layers(model) if getattr(layer, "init", None) == "loftq"
-            }
-            for _, layer in adapter_layers(model):
-                layer.initialise()  # PiSSA / OLoRA / LoftQ rebuild the base here, as peft does on load
+        # LoftQ replaces a layer's base by its quantization: kept to put back on a refusal.
+        originals = {
+            n: layer.base for n, layer in adapter_layers(model) if getattr(layer, "init", None) == "loftq"
+        }
         try:
+            if injected_here:
+                for _, layer in adapter_layers(model):
+                    layer.initialise()  # PiSSA / OLoRA / LoftQ rebuild the base here, as peft does on load
             _check_loftq_bases(model, directory)
-        except ValueError:
+        except Exception:
             if injected_here:
                 for name, layer in adapter_layers(model):
                     if name in originals:

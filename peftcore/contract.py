@@ -86,6 +86,8 @@ class Method(ABC):
     config: ClassVar[type]  # a frozen dataclass that validates itself
     layer: ClassVar[type]  # the module that computes (an AdapterLayer for a layer method)
     identity_at_init: ClassVar[bool] = True  # a freshly injected model computes what the base computes
+    # Whether training may recompute activations (gradient checkpointing) with the method on.
+    supports_gradient_checkpointing: ClassVar[bool] = True
     # Names (in ``layer``) of the parameters LoRA+ trains at ratio x lr, besides every 1-D one.
     loraplus_fast: ClassVar[tuple[str, ...]] = ()
 
@@ -105,8 +107,8 @@ class Method(ABC):
 class LayerMethod(Method):
     """A method that wraps each target linear layer in ``layer`` (an AdapterLayer)."""
 
-    def check(self, config: object, targets: list[str]) -> None:
-        """Refuse (or warn about) ``config`` on these target names, before any module is swapped."""
+    def check(self, config: object, targets: dict[str, nn.Module]) -> None:
+        """Refuse (or warn about) ``config`` on these targets (by name), before any module is swapped."""
 
     @abstractmethod
     def wrap(self, base: nn.Module, config: object, name: str, initialise: bool = True) -> AdapterLayer:

@@ -150,7 +150,7 @@ class DoRA(lora.LoRA):
     layer = DoRALinear
     identity_at_init = True  # LoRA's, and m starts at the row norms
 
-    def check(self, config: DoRAConfig, targets: list[str]) -> None:
+    def check(self, config: DoRAConfig, targets: dict[str, nn.Module]) -> None:
         if config.init in ("lora_ga", "loftq"):
             raise ValueError(
                 f"DoRAConfig(init={config.init!r}): {config.init} with DoRA is not supported (not checked against "

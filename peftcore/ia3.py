@@ -137,7 +137,7 @@ class IA3(LayerMethod):
             base, feedforward=bool(config.feedforward_modules) and ends_with(name, config.feedforward_modules)
         )
 
-    def check(self, config: IA3Config, targets: list[str]) -> None:
+    def check(self, config: IA3Config, targets: dict[str, nn.Module]) -> None:
         """Every feedforward_modules entry must select one of the targets: otherwise it does nothing."""
         entries = config.feedforward_modules
         for entry in (entries,) if isinstance(entries, str) else entries:

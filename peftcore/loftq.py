@@ -34,7 +34,7 @@ from torch import nn
 from peftcore.config import NF4Config
 from peftcore.nf4 import NF4Linear
 from peftcore.nf4_format import NF4State, dequantize_nf4, quantize_nf4
-from peftcore.weights import in_features, out_features, read_weight
+from peftcore.weights import in_features, out_features
 
 __all__ = ["LOFTQ_BLOCKSIZE", "fingerprint", "loftq_factors", "loftq_layer_error", "quantized_base"]
 
@@ -60,7 +60,7 @@ def loftq_factors(weight: torch.Tensor, r: int, iters: int) -> tuple[NF4State, t
 
 def quantized_base(base: nn.Module, state: NF4State) -> NF4Linear:
     """An NF4Linear holding ``state`` in place of the dense ``base`` (its bias kept)."""
-    dtype = read_weight(base).dtype
+    dtype = base.weight.dtype  # the model's (read_weight gives float32)
     config = NF4Config(blocksize=LOFTQ_BLOCKSIZE, double_quant=False, compute_dtype=dtype)
     layer = NF4Linear(
         in_features(base), out_features(base), base.bias is not None, config, device=state.packed.device

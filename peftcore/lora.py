@@ -53,7 +53,15 @@ from peftcore.kernels.dropout import dropped_positions
 from peftcore.kernels.lora import FusedLoRA
 from peftcore.lora_init import olora_factors, pissa_factors
 from peftcore.matching import TargetModules, pattern_key
-from peftcore.weights import adapter_device_dtype, dense_weight, is_dense, read_weight, write_weight
+from peftcore.weights import (
+    adapter_device_dtype,
+    dense_weight,
+    in_features,
+    is_dense,
+    out_features,
+    read_weight,
+    write_weight,
+)
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear"]
 
@@ -275,14 +283,21 @@ class LoRALinear(AdapterLayer):
     def merge(self) -> None:
         """W <- W + s B A; forward then runs the base alone."""
         if not self.merged:
+            if self.init == "loftq":  # LoftQ's Q is the adapter's base: kept, so unmerge restores it exactly
+                self.quantized_before_merge = {k: v.clone() for k, v in self.base.state_dict().items()}
             write_weight(self.base, read_weight(self.base) + self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - s B A: the inverse of merge, exact up to float rounding (lossy on NF4)."""
+        """W <- W - s B A: the inverse of merge, exact up to float rounding (lossy on NF4; exact for
+        LoftQ, whose quantized base is kept while merged)."""
         if self.merged:
-            write_weight(self.base, read_weight(self.base) - self.delta_weight())
+            kept = self.__dict__.pop("quantized_before_merge", None)
+            if kept is not None:
+                self.base.load_state_dict(kept)
+            else:
+                write_weight(self.base, read_weight(self.base) - self.delta_weight())
             self.merged = False
 
     @torch.no_grad()
@@ -356,8 +371,18 @@ class LoRA(LayerMethod):
             layer.initialise()
         return layer
 
-    def check(self, config: LoRAConfig, targets: list[str]) -> None:
-        """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21 warns too)."""
+    def check(self, config: LoRAConfig, targets: dict[str, nn.Module]) -> None:
+        """A rank_pattern / alpha_pattern key that matches no target changes nothing (peft >= 0.21
+        warns too); an init that rewrites the base needs r <= min(out, in) on every target, checked
+        before any is swapped."""
+        if changes_base(config.init):
+            for name, module in targets.items():
+                r, smallest = config.rank_and_alpha(name)[0], min(in_features(module), out_features(module))
+                if r > smallest:
+                    raise ValueError(
+                        f"init={config.init!r} takes r={r} directions of {name!r}, whose weight has {smallest}: lower r "
+                        "(or rank_pattern for it)"
+                    )
         for field_name in ("rank_pattern", "alpha_pattern"):
             unused = [
                 key

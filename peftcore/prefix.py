@@ -201,9 +201,19 @@ class PrefixEncoder(nn.Module):
         kwargs = bound_arguments(model, args, kwargs)
         if kwargs.get("past_key_values") is not None:  # transformers' deprecated name for cache
             kwargs["cache"] = kwargs.pop("past_key_values")
+        checkpointing = getattr(
+            model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)
+        )
+        if model.training and checkpointing:
+            raise ValueError(
+                "prefix tuning with gradient checkpointing: transformers drops the cache (which holds the prefix) "
+                "inside checkpointed T5 blocks, as peft refuses it too; turn gradient checkpointing off"
+            )
         batch = _decoder_batch(kwargs)
         dtype = model.get_input_embeddings().weight.dtype
         cache = kwargs.get("cache")
+        if kwargs.get("use_cache") is False:  # no cache kept between steps: the prefix afresh every time
+            cache = None
         if cache is None:
             kwargs["cache"] = self.fresh_cache(batch, dtype)
         elif isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0:
@@ -235,6 +245,7 @@ class PrefixTuning(InputMethod):
     attribute = ATTRIBUTE
     identity_at_init = False  # a prefix changes attention from the start (a zero one too, in T5)
     not_a_weight = "a prefix is attention's extra keys and values, not a weight"
+    supports_gradient_checkpointing = False  # transformers drops the cache inside checkpointed blocks
 
     def install(self, model: nn.Module, config: PrefixTuningConfig, initialise: bool = True) -> PrefixEncoder:
         """Add the prefix to a T5-family ``model``; only the prefix trains."""

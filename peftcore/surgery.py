@@ -92,7 +92,7 @@ def _inject(model: nn.Module, method: methods.Method, config: AdapterConfig, ini
             f"target_modules must select linear layers (nn.Linear, transformers' Conv1D); these are not: "
             f"{not_linear[:5]}. Name the linear layers inside them instead (e.g. T5's 'q', 'v', 'wi', 'wo')."
         )
-    method.check(config, targets)
+    method.check(config, {name: modules[name] for name in targets})
     to_save = select_copies(model, config, targets)
     _say_if_the_head_is_frozen(model, to_save)
 
@@ -246,6 +246,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (e.g. to score the untuned model)."""
+    adapters.refuse_in_rows(model, "disable_adapters")  # rows naming '__base__' run the base there
     layers = [layer for _, layer in adapter_layers(model)] + [saved for _, saved in trained_copies(model)]
     merged = [name for name, layer in wrapped_layers(model) if layer.merged]
     if merged:

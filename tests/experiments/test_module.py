@@ -369,3 +369,11 @@ def test_efficiency_carries_the_studys_convention_beside_ours():
     )  # each 4-bit pair of values: one element
     assert stats["trainable_percent_stored"] == stored.trainable_percent > stats["trainable_params_percent"]
     assert stats["memory_footprint_stored"] < stats["memory_footprint"]  # without the scales
+
+
+def test_a_method_that_cannot_recompute_activations_refuses_gradient_checkpointing():
+    with pytest.raises(ValueError, match="gradient_checkpointing with PrefixTuning"):
+        Seq2SeqFineTuner.check_settings(
+            shape="t5-tiny", random_init=True, peft=peftcore.PrefixTuningConfig(), gradient_checkpointing=True
+        )
+    Seq2SeqFineTuner.check_settings(shape="t5-tiny", random_init=True, peft=LORA, gradient_checkpointing=True)

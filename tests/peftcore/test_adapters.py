@@ -198,6 +198,49 @@ def test_what_cannot_share_a_base_or_a_batch_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="model.eval"), adapter_rows(model, ["default", "b"]):
         pass
     model.eval()
-    with pytest.raises(ValueError, match="one name per input"), adapter_rows(model, ["default", "b", "c"]):
+    with pytest.raises(ValueError, match="one name per row"), adapter_rows(model, ["default", "b", "c"]):
         logits(model, batch)
     assert torch.equal(logits(model, batch), logits(copy.deepcopy(model), batch))  # nothing left behind
+    four = t5_batch(batch=4)  # 2 names for 4 rows: not read as beams (peft refuses it too)
+    with pytest.raises(ValueError, match="one name per row"), adapter_rows(model, ["default", "b"]):
+        logits(model, four)
+
+
+def test_inactive_adapters_follow_the_models_mode_device_and_dtype():
+    """They are not the model's submodules, so eval()/to() reach them when they come in."""
+    model = with_adapters("lora")  # built in train mode, then eval()
+    batch = t5_batch(batch=2)
+    set_adapter(model, "b")
+    assert all(not m.training for m in model.modules())
+    assert torch.equal(logits(model, batch), logits(model, batch))  # no dropout drawn
+    set_adapter(model, "default")
+    model.to(torch.float64)
+    set_adapter(model, "c")
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float64}
+
+
+def test_a_refused_load_keeps_every_adapter_and_what_nests_badly_is_refused(tmp_path):
+    model = with_adapters("lora")
+    wide = build_t5("t5-small")  # another width: refused inside the load, after the model was set aside
+    inject(wide, LoRAConfig(r=4, target_modules=("q", "v")))
+    save_adapter(wide, tmp_path / "wide")
+    with pytest.raises(ValueError, match="cannot load|width|shape"):
+        load_adapter(model, tmp_path / "wide", name="w")
+    assert adapter_names(model) == ["default", "b", "c"] and active_adapter(model) == "default"
+
+    with adapter_rows(model, ["default", "b"]):
+        for call, what in [
+            (lambda: set_adapter(model, "b"), "set_adapter"),
+            (lambda: delete_adapter(model, "c"), "delete_adapter"),
+            (lambda: disable_adapters(model).__enter__(), "disable_adapters"),
+        ]:
+            with pytest.raises(ValueError, match=f"{what} inside adapter_rows"):
+                call()
+    with disable_adapters(model):
+        with pytest.raises(ValueError, match="inside disable_adapters"):
+            set_adapter(model, "b")
+        with pytest.raises(ValueError, match="inside disable_adapters"), adapter_rows(model, ["b"]):
+            pass
+    assert active_adapter(model) == "default" and model.peftcore_config == CONFIGS["lora"]["default"]
+    save_adapter(model, tmp_path / "none", names=[])  # peft's selected_adapters=[]: nothing
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())

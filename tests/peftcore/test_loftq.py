@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import build_t5, move_off_init, t5_batch
 
+import peftcore
 from peftcore import DoRAConfig, LoRAConfig, NF4Config, inject, load_adapter, quantize, save_adapter
 from peftcore.checkpoint import CONFIG_NAME
 from peftcore.loftq import loftq_factors, loftq_layer_error
@@ -182,3 +183,26 @@ def test_on_cuda_equal_to_peft_loftq_init_as_it_runs_there():
         )
         assert torch.equal(dequantize_nf4(state, torch.float32), theirs_q)
         torch.testing.assert_close(L @ R, theirs_b @ theirs_a, atol=1e-6, rtol=1e-4)
+
+
+def test_merge_then_unmerge_gives_back_q_exactly_and_a_merged_adapter_is_not_saved(tmp_path):
+    model = build_t5("t5-tiny")
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init="loftq", loftq_iter=2))
+    move_off_init(model, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftcore.merge(model)
+    with pytest.raises(ValueError, match="LoftQ adapter is merged"):
+        save_adapter(model, tmp_path)
+    peftcore.unmerge(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    save_adapter(model, tmp_path)
+    load_adapter(build_t5("t5-tiny"), tmp_path)  # the recorded Q is the re-run's
+
+
+def test_a_rank_loftq_cannot_take_is_refused_before_any_layer_changes():
+    model = build_t5("t5-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="r=80"):
+        inject(model, LoRAConfig(r=4, target_modules=TARGETS, init="loftq", rank_pattern={"wi": 80}))
+    assert not hasattr(model, "peftcore_config") and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -197,3 +197,14 @@ def test_the_t5_base_shape_counts_what_peft_counts():
         model = build_t5("t5-base", device="meta")
         inject(model, PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=projection))
         assert peftcore.count_parameters(model).trainable == expected
+
+
+def test_generate_without_a_cache_and_training_with_checkpointing():
+    ours = move_off_init(inject(t5(3), PrefixTuningConfig(num_virtual_tokens=5)), 1)
+    batch = padded_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "max_new_tokens": 8}
+    assert torch.equal(ours.generate(**inputs, use_cache=False), ours.generate(**inputs))
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        ours(**batch)
