@@ -35,6 +35,7 @@ import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -47,7 +48,6 @@ from peftcore import methods
 from peftcore.peft_format import peft_names
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
-WANDB = "lightning.pytorch.loggers.WandbLogger"
 CHECKPOINT = "experiments.checkpointing.RunCheckpoint"
 # The TensorBoard logger and RunCheckpoint by default; configs name them to set their arguments.
 TRAINER_DEFAULTS = {"logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": "runs"}}}
@@ -490,7 +490,11 @@ def loggers_of(config: Namespace) -> list[Namespace]:
 
 
 def _tensorboard(config: Namespace) -> Namespace | None:
-    return next((entry for entry in loggers_of(config) if entry.get("class_path") == TENSORBOARD), None)
+    """The config's TensorBoard logger (by any import path, or a subclass)."""
+    return next(
+        (entry for entry in loggers_of(config) if _is_subclass(entry.get("class_path"), TensorBoardLogger)),
+        None,
+    )
 
 
 def _tensorboard_first(config: Namespace) -> None:
@@ -511,7 +515,7 @@ def _place_run(parser: LightningArgumentParser, config: Namespace, place: RunPla
     tensorboard.init_args.save_dir, tensorboard.init_args.name = place.save_dir, place.name
     tensorboard.init_args.version = place.version
     for entry in loggers_of(config):
-        if entry.get("class_path") == WANDB:  # one W&B run per trial, the sweep's trials in one group
+        if _is_subclass(entry.get("class_path"), WandbLogger):  # one W&B run a trial, a sweep's in one group
             entry.init_args.name = f"{place.name}/{place.version}"
             entry.init_args.group = entry.init_args.get("group") or place.group
 
@@ -519,7 +523,7 @@ def _place_run(parser: LightningArgumentParser, config: Namespace, place: RunPla
 def finish_external_runs(trainer) -> None:
     """End the W&B run of a fit that shares its process with others (a sweep's trials, a study's
     fits): W&B keeps one run per process open and the next logger would write into it."""
-    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
         import wandb  # there is a WandbLogger, so there is wandb
 
         if wandb.run is not None:

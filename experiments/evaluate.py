@@ -357,10 +357,12 @@ def _predict(
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         epoch, runtime = checkpoint.get("epoch", 0) + 1, round(recorded_runtime(checkpoint), 1)
     elif adapter is not None:
+        module.forget_pending_start()  # the adapter is what it was trained to
         if built is None:
             _load_adapter(module.model, adapter, train_config)
         epoch = runtime = None
     else:
+        module.forget_pending_start()
         if getattr(module.model, "peftcore_config", None) is not None:
             peftcore.unload(module.model, merge=False)
         for param in module.model.parameters():

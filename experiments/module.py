@@ -227,8 +227,6 @@ class Seq2SeqFineTuner(L.LightningModule):
         shard(self.model, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
-        if self.pending_lora_ga is not None and self.trainer.ckpt_path is None:
-            self._start_lora_ga(stage)
         if isinstance(self.trainer.strategy, FSDPStrategy) and self.hparams.quantization is not None:
             raise ValueError(
                 "--trainer.strategy fsdp (FSDP1) cannot shard a 4-bit base: it flattens each unit's parameters into "
@@ -273,16 +271,33 @@ class Seq2SeqFineTuner(L.LightningModule):
 
     # --- LoRA-GA: a start from the training data's gradient -----------------------------------
 
-    def _start_lora_ga(self, stage: str) -> None:
+    # A LoRA-GA start comes from a checkpoint (on_load_checkpoint, which Lightning calls before the
+    # optimizer is made) or, in a fresh fit, from the data when the optimizer is made; a command
+    # that reaches its loop with the start still pending has neither.
+    def on_validation_start(self) -> None:
+        self._refuse_pending_start("validate")
+
+    def on_test_start(self) -> None:
+        self._refuse_pending_start("test")
+
+    def on_predict_start(self) -> None:
+        self._refuse_pending_start("predict")
+
+    def _refuse_pending_start(self, command: str) -> None:
+        if self.pending_lora_ga is not None:
+            raise ValueError(
+                f"init='lora_ga' starts from the training data's gradient, which {command} does not read: fit first, "
+                "then give the run's checkpoint (--ckpt_path), or load its exported best_adapter"
+            )
+
+    def forget_pending_start(self) -> None:
+        """Build no LoRA-GA start (evaluate loads an exported adapter, or scores the bare base)."""
+        self.pending_lora_ga = None
+
+    def _start_lora_ga(self) -> None:
         """Estimate the targets' gradient on the first ``lora_ga_batches`` training batches, then
         inject LoRA-GA (peftcore.lora_ga) on the device the run trains on."""
         config, batches = self.pending_lora_ga, self.hparams.lora_ga_batches
-        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn (a str enum)
-        if stage != "fit":
-            raise ValueError(
-                f"init='lora_ga' starts from the training data's gradient, which {stage} does not read: fit first, "
-                "then give the run's checkpoint (--ckpt_path), or load its exported best_adapter"
-            )
         if self.trainer.world_size > 1:
             raise ValueError(
                 f"init='lora_ga' estimates its start in one process; this run has {self.trainer.world_size}. "
@@ -400,6 +415,8 @@ class Seq2SeqFineTuner(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
+        if self.pending_lora_ga is not None:  # a fresh fit (a resumed one took the checkpoint's start)
+            self._start_lora_ga()
         settings = self.optimizer_settings
         groups = param_groups(self.model, settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
         if settings.name == "paged_adamw":

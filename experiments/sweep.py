@@ -276,10 +276,15 @@ def sweep(
     result = write_results(study, params, base_config, fixed, root / study_name, objective)
     print(
         f"views: the plots in {root / study_name / 'plots'}; tensorboard --logdir {root / study_name} (HParams tab); "
-        f"optuna-dashboard {storage or 'sqlite:///' + str((root / f'{study_name}.db').resolve())}"
+        f"optuna-dashboard {_shown_url(storage) if storage else 'sqlite:///' + str((root / f'{study_name}.db').resolve())}"
         + ("" if _dashboard_installed() else " (pip install 'peftcore[dashboard]')")
     )
     return result
+
+
+def _shown_url(url: str) -> str:
+    """A storage URL as printed: its password hidden."""
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def _dashboard_installed() -> bool:
@@ -451,8 +456,9 @@ def _run_trial(trial: optuna.Trial, setup: _Trials) -> float:
     finally:
         if state != "interrupted":  # TensorBoard's HParams view: the trial's values, state and best
             best_so_far = trial.user_attrs.get("best_value")
+            started = trial.datetime_start.timestamp()
             write_hparams_session(
-                root / name / f"trial_{trial.number}", values, state, best_so_far, setup.objective
+                root / name / f"trial_{trial.number}", values, state, best_so_far, setup.objective, started
             )
 
 
@@ -709,10 +715,19 @@ def write_results(
     table += "".join("| " + " | ".join(str(c).replace("|", "/") for c in row) + " |\n" for row in rows)
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
-    plots = write_plots(study, params, out, objective, _outcome) if counted else {}
+    try:
+        plots = write_plots(study, params, out, objective, _outcome) if counted else {}
+    except Exception as err:  # the tables and best.yaml matter more than the pictures
+        warnings.warn(
+            f"sweep {study.study_name}: the plots were not drawn: {type(err).__name__}: {err}", stacklevel=2
+        )
+        plots = {}
     for trial in counted:  # sessions a trial's end did not write (the trials of an older sweep)
         values, best = trial.user_attrs.get("values", {}), trial.user_attrs.get("best_value", trial.value)
-        write_hparams_session(out / f"trial_{trial.number}", values, _outcome(trial), best, objective)
+        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+        write_hparams_session(
+            out / f"trial_{trial.number}", values, _outcome(trial), best, objective, started
+        )
     links = " · ".join(f"[{name.replace('_', ' ')}](plots/{path.name})" for name, path in plots.items())
     write_atomically(
         out / "trials.md",

@@ -71,11 +71,16 @@ class Axis:
         else:
             self.low, self.high = 0.0, 1.0
 
-    def place(self, value: Any) -> float:
-        """The value at [0, 1] along the axis."""
+    def place(self, value: Any) -> float | None:
+        """The value at [0, 1] along the axis; None for a value it does not hold (a trial of an
+        earlier space, a trial that failed before it drew every value)."""
         if self.choices is not None:
+            if label(value) not in self.choices:
+                return None
             index = self.choices.index(label(value))
             return index / (len(self.choices) - 1) if len(self.choices) > 1 else 0.5
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
         low, high, v = self.low, self.high, float(value)
         if self.log and low > 0:
             low, high, v = math.log(low), math.log(high), math.log(v)
@@ -103,19 +108,20 @@ def _finished(study: optuna.Study, outcome) -> list[tuple[FrozenTrial, str, floa
     return rows
 
 
-def _floor(rows) -> float:
-    """Where trials without a value (failed) sit: below every value, visibly apart."""
+def _worse_side(rows, maximize: bool) -> float:
+    """Where trials without a value (failed) sit: past the worst value, visibly apart."""
     values = [v for _, _, v in rows if v is not None]
     if not values:
         return 0.0
     span = (max(values) - min(values)) or max(abs(max(values)), 1e-3)
-    return min(values) - 0.15 * span
+    return min(values) - 0.15 * span if maximize else max(values) + 0.15 * span
 
 
 def write_plots(study: optuna.Study, params: list, out: Path, objective: str, outcome) -> dict[str, Path]:
     """The PNGs above into ``out/plots``; returns them by name. ``params`` are the sweep's Params,
     ``outcome`` its function naming a trial's state."""
     rows = _finished(study, outcome)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     axes = [
@@ -125,10 +131,10 @@ def write_plots(study: optuna.Study, params: list, out: Path, objective: str, ou
     counts = {s: sum(1 for _, state, _ in rows if state == s) for s in STYLES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     figures = {
-        "parallel_coordinates": _parallel(rows, axes, objective, f"{study.study_name}: {summary}"),
+        "parallel_coordinates": _parallel(rows, axes, objective, f"{study.study_name}: {summary}", maximize),
         "importances": _importances(study, params, rows, objective),
-        "history": _history(rows, objective, study.direction, study.study_name),
-        **{f"slice_{slug(axis.key)}": _slice(rows, axis, objective) for axis in axes},
+        "history": _history(rows, objective, maximize, study.study_name),
+        **{f"slice_{slug(axis.key)}": _slice(rows, axis, objective, maximize) for axis in axes},
     }
     written = {}
     for name, figure in figures.items():
@@ -143,22 +149,36 @@ def _objective_axis(rows, objective: str) -> Axis:
     return Axis(objective, None, False, values or [0.0])
 
 
-def _parallel(rows, axes: list[Axis], objective: str, title: str):
+def _parallel(rows, axes: list[Axis], objective: str, title: str, maximize: bool):
+    """The objective's axis has the better values at the top (minimising: the lowest); failed
+    trials sit below it, on the worse side."""
     score = _objective_axis(rows, objective)
     columns = [*axes, score]
     figure, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(columns)), 4.8))
-    cmap = plt.get_cmap("viridis")
+    cmap = plt.get_cmap("viridis" if maximize else "viridis_r")
+
+    def height(value: float) -> float:
+        return score.place(value) if maximize else 1 - score.place(value)
+
+    unplaced = 0
     for trial, state, value in rows:
         values = trial.user_attrs.get("values", {})
         ys = [axis.place(values.get(axis.key)) for axis in axes]
-        ys.append(score.place(value) if value is not None else -0.12)
+        if None in ys:  # a trial without a value this space holds: no line to draw
+            unplaced += 1
+            continue
+        ys.append(height(value) if value is not None else -0.12)
         style = dict(STYLES[state])
         if state == "complete":
             style["color"] = cmap(score.place(value))
         ax.plot(range(len(columns)), ys, linewidth=1.6, alpha=0.9, markersize=5, **style)
+    if unplaced:
+        title += f"; {unplaced} without a value for every option, not drawn"
     for i, axis in enumerate(columns):
         ax.axvline(i, color="0.8", linewidth=1, zorder=0)
         positions, names = axis.ticks()
+        if axis is score and not maximize:
+            positions = [1 - p for p in positions]
         for y, name in zip(positions, names):
             ax.annotate(name, (i, y), xytext=(4, 0), textcoords="offset points", fontsize=8, va="center")
     if any(state == "failed" for _, state, _ in rows):
@@ -204,9 +224,9 @@ def _importances(study: optuna.Study, params: list, rows, objective: str):
     return figure
 
 
-def _history(rows, objective: str, direction, name: str):
+def _history(rows, objective: str, maximize: bool, name: str):
     figure, ax = plt.subplots(figsize=(7, 4.2))
-    bottom = _floor(rows)
+    bottom = _worse_side(rows, maximize)
     for state in STYLES:
         points = [(t.number, v) for t, s, v in rows if s == state]
         if not points:
@@ -220,7 +240,7 @@ def _history(rows, objective: str, direction, name: str):
     complete = sorted((t.number, v) for t, s, v in rows if s == "complete")
     best, line = None, []
     for number, value in complete:
-        better = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+        better = max if maximize else min
         best = value if best is None else better(best, value)
         line.append((number, best))
     if line:
@@ -230,21 +250,20 @@ def _history(rows, objective: str, direction, name: str):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)
-    ax.set_title(
-        f"Optimization history: {name} (failed trials, without a value, below the axis' values)", fontsize=9
-    )
+    ax.set_title(f"Optimization history: {name} (failed trials, without a value, past the worst)", fontsize=9)
     ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
 
-def _slice(rows, axis: Axis, objective: str):
+def _slice(rows, axis: Axis, objective: str, maximize: bool):
     figure, ax = plt.subplots(figsize=(6, 4))
-    bottom = min((v for _, _, v in rows if v is not None), default=0.0)
+    bottom = _worse_side(rows, maximize)
     for state in STYLES:
         points = [
             (axis.place(t.user_attrs.get("values", {}).get(axis.key)), v) for t, s, v in rows if s == state
         ]
+        points = [(x, v) for x, v in points if x is not None]
         if points:
             style = STYLES[state]
             ax.scatter([x for x, _ in points], [v if v is not None else bottom for _, v in points], label=state,
@@ -313,11 +332,13 @@ SESSION_SUFFIX = ".sweep_hparams"  # the events file holding a trial's session: 
 
 
 def write_hparams_session(
-    trial_dir: Path, values: dict, state: str, best: float | None, objective: str
+    trial_dir: Path, values: dict, state: str, best: float | None, objective: str, started: float
 ) -> None:
     """One trial's session in its run: its values, its state, its best objective (once: a trial
-    that has one keeps it)."""
-    if trial_dir.is_dir() and any(trial_dir.glob(f"*{SESSION_SUFFIX}")):
+    that has one keeps it; ``started``, the trial's start time, tells it from an earlier study's
+    trial of the same number in the same directory)."""
+    suffix = f"{SESSION_SUFFIX}_{int(started)}"
+    if trial_dir.is_dir() and any(trial_dir.glob(f"*{suffix}")):
         return
     from tensorboard.plugins.hparams.api_pb2 import Status
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
@@ -331,7 +352,7 @@ def write_hparams_session(
             session_end_info=SessionEndInfo(status=Status.Value("STATUS_FAILURE")), version=0
         )
         end.value[0].metadata.plugin_data.content = content.SerializeToString()
-    writer = FileWriter(str(trial_dir), filename_suffix=SESSION_SUFFIX)
+    writer = FileWriter(str(trial_dir), filename_suffix=suffix)
     writer.add_summary(start)
     if best is not None:
         writer.add_summary(scalar(best_tag(objective), best), global_step=0)

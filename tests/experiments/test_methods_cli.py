@@ -125,7 +125,7 @@ def test_lora_ga_starts_from_the_training_batches_and_its_checkpoint_rebuilds_th
     for (key, ours), (_, theirs) in zip(trained.state_dict().items(), rebuilt.model.state_dict().items()):
         assert torch.equal(ours, theirs), key
 
-    # A resumed fit takes the checkpoint's start (no second estimate) and trains on.
+    # A resumed fit takes the checkpoint's start (no second estimate: with one batch it would differ).
     resumed = lightning_cli(
         [
             "fit",
@@ -133,6 +133,7 @@ def test_lora_ga_starts_from_the_training_batches_and_its_checkpoint_rebuilds_th
             DEMO,
             *SMALL,
             LORA_GA,
+            "--model.lora_ga_batches=1",
             "--trainer.max_epochs=2",
             "--ckpt_path",
             str(run / "checkpoints/last.ckpt"),
@@ -145,6 +146,11 @@ def test_lora_ga_starts_from_the_training_batches_and_its_checkpoint_rebuilds_th
     fresh = build_model("bundled:t5-tiny-dialogue", None, False, False, 0.0)
     peftcore.load_adapter(fresh, run / "best_adapter")  # saved converted: loads over the original base
     assert type(fresh.peftcore_config) is peftcore.LoRAConfig
+    for source in (["--adapter", str(run / "best_adapter")], ["--base_model", "true"]):  # no data needed
+        name = source[0].removeprefix("--")
+        main(["evaluate", "--train_config", DEMO, "--run_name", name, "--bertscore_model", "null",
+              "--overrides", json.dumps([*SMALL, LORA_GA]), "--output_dir", str(tmp_path / "eval"), *source])  # fmt: skip
+        assert (tmp_path / "eval" / name / "eval_record.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_the_study_runs_every_stage_and_a_rerun_skips_them(tmp_path, monkeypatch
     plots = sorted(p.name for p in (root / "sweeps/lora/plots").glob("*.png"))
     assert {"parallel_coordinates.png", "importances.png", "history.png"} <= set(plots)
     assert "## Sweeps" in report and "sweeps/lora/plots/parallel_coordinates.png" in report
-    assert all(any(trial.glob("*.sweep_hparams")) for trial in (root / "sweeps/lora").glob("trial_*"))
+    assert all(any(trial.glob("*.sweep_hparams_*")) for trial in (root / "sweeps/lora").glob("trial_*"))
     for path in records.values():  # the evaluation's own overrides, after the runs'
         record = json.loads(path.read_text())
         assert record["settings"]["examples"] == 1 and record["settings"]["max_new_tokens"] == 3
