@@ -82,7 +82,7 @@ def test_the_plots_show_choices_by_name_and_tell_failed_and_pruned_trials_apart(
         sweep_views.Axis(p.key, p.choices, p.log, [t.user_attrs["values"][p.key] for t, _, _ in rows])
         for p in params
     ]
-    figure = sweep_views._parallel(rows, axes, "val/rougeL", "views")
+    figure = sweep_views._parallel(rows, axes, "val/rougeL", "views", maximize=True)
     ax = figure.axes[0]
     texts = {t.get_text() for t in ax.texts}
     assert {"q,v", "q,k,v,o,wi,wo", "nope", "failed"} <= texts  # choices by name

@@ -114,6 +114,10 @@ def worker(rank: int, method: str, out: str) -> None:
                 torch.save(trained_tensors(model, method, out_dir / "adapter"), out_dir / "sharded.pt")
         record["dtensors_after"] = sum(isinstance(p, DTensor) for p in model.parameters())
         (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+        # Both ranks done before either tears gloo down: a rank destroying the group while the
+        # other still talks to it aborted the process now and then ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
