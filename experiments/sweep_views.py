@@ -226,17 +226,7 @@ def _importances(study: optuna.Study, params: list, rows, objective: str):
 
 def _history(rows, objective: str, maximize: bool, name: str):
     figure, ax = plt.subplots(figsize=(7, 4.2))
-    bottom = _worse_side(rows, maximize)
-    for state in STYLES:
-        points = [(t.number, v) for t, s, v in rows if s == state]
-        if not points:
-            continue
-        xs = [x for x, _ in points]
-        ys = [v if v is not None else bottom for _, v in points]
-        style = {k: v for k, v in STYLES[state].items() if k != "linestyle"}
-        ax.scatter(
-            xs, ys, label=state, color=style.get("color", "tab:blue"), marker=style["marker"], zorder=3
-        )
+    _scatter(ax, rows, lambda trial: trial.number, _worse_side(rows, maximize))
     complete = sorted((t.number, v) for t, s, v in rows if s == "complete")
     best, line = None, []
     for number, value in complete:
@@ -258,16 +248,11 @@ def _history(rows, objective: str, maximize: bool, name: str):
 
 def _slice(rows, axis: Axis, objective: str, maximize: bool):
     figure, ax = plt.subplots(figsize=(6, 4))
-    bottom = _worse_side(rows, maximize)
-    for state in STYLES:
-        points = [
-            (axis.place(t.user_attrs.get("values", {}).get(axis.key)), v) for t, s, v in rows if s == state
-        ]
-        points = [(x, v) for x, v in points if x is not None]
-        if points:
-            style = STYLES[state]
-            ax.scatter([x for x, _ in points], [v if v is not None else bottom for _, v in points], label=state,
-                       color=style.get("color", "tab:blue"), marker=style["marker"], zorder=3)  # fmt: skip
+
+    def place(trial: FrozenTrial) -> float | None:
+        return axis.place(trial.user_attrs.get("values", {}).get(axis.key))
+
+    _scatter(ax, rows, place, _worse_side(rows, maximize))
     positions, names = axis.ticks()
     ax.set_xticks(positions, names, fontsize=8, rotation=20 if axis.choices else 0)
     ax.set_xlim(-0.1, 1.1)
@@ -277,6 +262,18 @@ def _slice(rows, axis: Axis, objective: str, maximize: bool):
     ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def _scatter(ax, rows, x_of, worse: float) -> None:
+    """One marker per trial at (``x_of(trial)``, its objective), by state; failed trials, without
+    a value, at ``worse``; trials ``x_of`` cannot place (None) left out."""
+    for state in STYLES:
+        points = [(x_of(t), v) for t, s, v in rows if s == state]
+        points = [(x, v) for x, v in points if x is not None]
+        if points:
+            xs, ys = [x for x, _ in points], [v if v is not None else worse for _, v in points]
+            color = STYLES[state].get("color", "tab:blue")
+            ax.scatter(xs, ys, label=state, color=color, marker=STYLES[state]["marker"], zorder=3)
 
 
 def _legend(ax, rows) -> None:

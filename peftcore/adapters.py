@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftcore import methods
+# surgery imports this module too; its functions are looked up when called, so the cycle is harmless
+from peftcore import methods, surgery
 from peftcore.contract import AdapterLayer, InputMethod
 
 __all__ = [
@@ -71,7 +72,7 @@ def _registry(model: nn.Module) -> dict[str, Adapter]:
         model.peftcore_adapters, model.peftcore_active = registry, DEFAULT
     active = registry[model.peftcore_active]
     active.config = config
-    active.layers = {n: layer for n, layer in model.named_modules() if isinstance(layer, AdapterLayer)}
+    active.layers = dict(surgery.wrapped_layers(model))
     return registry
 
 
@@ -140,10 +141,10 @@ def add_adapter(model: nn.Module, config: object, name: str, place: Callable[[nn
     _take_out(model, registry[active])
     try:
         place(model)
-        added = Adapter(model.peftcore_config, dict(_layers_in(model)))
+        added = Adapter(model.peftcore_config, dict(surgery.wrapped_layers(model)))
         _take_out(model, added)
     except BaseException:
-        _take_out(model, Adapter(None, dict(_layers_in(model))))
+        _take_out(model, Adapter(None, dict(surgery.wrapped_layers(model))))
         model.peftcore_adapters = registry  # a refused load unloads, which forgets the names
         _put_in(model, registry[active], active)
         raise
@@ -186,8 +187,6 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``. Deleting the active one activates the first remaining by name (as
     peft does); deleting the last leaves the bare model."""
-    from peftcore.surgery import unload
-
     refuse_in_rows(model, "delete_adapter")
     registry = _registry(model)
     if name not in registry:
@@ -196,7 +195,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del registry[name]
         return
     if len(registry) == 1:
-        unload(model, merge=False)
+        surgery.unload(model, merge=False)
         return
     set_adapter(model, sorted(n for n in registry if n != name)[0])
     del registry[name]
@@ -292,7 +291,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
             for layer in layers.values():
                 _follow(model, layer, reference)
             placed[path] = held
-            _replace(model, path, RowDispatch(base, layers, names))
+            surgery.replace_module(model, path, RowDispatch(base, layers, names))
         encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
         if encoder is not None:  # before generate repeats each row for its beams: one name a row
             hooks.append(encoder.register_forward_pre_hook(_one_name_per_row(len(names)), with_kwargs=True))
@@ -303,7 +302,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
             hook.remove()
         model.__dict__.pop("peftcore_rows", None)
         for path, held in placed.items():
-            _replace(model, path, held)
+            surgery.replace_module(model, path, held)
 
 
 def _one_name_per_row(count: int):
@@ -335,14 +334,10 @@ def _follow(model: nn.Module, layer: AdapterLayer, reference: torch.Tensor | Non
 # --- swapping -----------------------------------------------------------------------------------
 
 
-def _layers_in(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
-
-
 def _take_out(model: nn.Module, adapter: Adapter) -> None:
     """Put each of the adapter's bases back where its layer stood."""
     for path, layer in adapter.layers.items():
-        _replace(model, path, layer.base)
+        surgery.replace_module(model, path, layer.base)
     model.__dict__.pop("peftcore_config", None)
 
 
@@ -353,7 +348,7 @@ def _put_in(model: nn.Module, adapter: Adapter, name: str) -> None:
             raise RuntimeError(
                 f"{path!r} holds another module than adapter {name!r}'s base: the model was changed"
             )
-        _replace(model, path, layer)
+        surgery.replace_module(model, path, layer)
     model.peftcore_config = adapter.config
     model.peftcore_active = name
 
@@ -362,8 +357,3 @@ def _freeze(adapter: Adapter) -> None:
     for layer in adapter.layers.values():
         for param in layer.adapter_params().values():
             param.requires_grad_(False)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)

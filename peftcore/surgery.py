@@ -99,13 +99,14 @@ def _inject(model: nn.Module, method: methods.Method, config: AdapterConfig, ini
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
-        _replace(model, name, method.wrap(modules[name], config, name, initialise))
+        replace_module(model, name, method.wrap(modules[name], config, name, initialise))
     for name in to_save:
-        _replace(model, name, TrainedCopy(model.get_submodule(name)))
+        replace_module(model, name, TrainedCopy(model.get_submodule(name)))
     model.peftcore_config = config
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the model holds the module named ``name``."""
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, module)
 
@@ -168,7 +169,7 @@ def quantize(model: nn.Module, config: NF4Config, keep: Sequence[str] = ()) -> n
         raise ValueError(f"found no nn.Linear (or Conv1D) to quantize (skip_modules={skip!r})")
     replacements = [(name, NF4Linear.from_linear(module, config)) for name, module in targets]
     for name, layer in replacements:
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -234,9 +235,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.fold_into_base()
         elif layer.merged:
             layer.unmerge()
-        _replace(model, name, layer.base)
+        replace_module(model, name, layer.base)
     for name, saved in list(trained_copies(model)):  # merged: the trained copy stays; else the original
-        _replace(model, name, saved.trained if merge else saved.original)
+        replace_module(model, name, saved.trained if merge else saved.original)
     if "peftcore_config" in model.__dict__:
         del model.peftcore_config
     adapters.forget(model)  # the inactive named adapters go with it
