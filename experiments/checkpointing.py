@@ -27,6 +27,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import threading
 import zipfile
 from collections.abc import Callable
@@ -58,12 +59,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (
+    except (  # what torch's unpickler raises on garbage varies with the bytes (random ones: any of these)
         EOFError,
         RuntimeError,
         OSError,
         ValueError,
         KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        struct.error,
         zipfile.BadZipFile,
         pickle.UnpicklingError,
     ) as err:

@@ -328,3 +328,15 @@ def test_the_cli_starts_without_the_rouge_and_nltk_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_any_garbage_is_named_damaged(tmp_path):
+    """Random bytes make torch's unpickler raise all sorts of errors (IndexError, TypeError...):
+    each is the same named refusal."""
+    import random
+
+    path = tmp_path / "last.ckpt"
+    for seed in range(200):
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(DamagedCheckpoint):
+            read_checkpoint(path)
